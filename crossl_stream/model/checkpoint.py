@@ -1,0 +1,99 @@
+"""Checkpoint I/O: a directory with ``model.safetensors`` (tensors only, no pickle) and
+``model.json`` (architecture, modality specs, class names, training provenance).
+
+Normalisation statistics are model buffers, so they travel in the weights file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from crossl_stream.errors import CheckpointError
+from crossl_stream.model.crossl import CroSSL, ModelConfig
+from crossl_stream.model.specs import ModalitySpec
+
+FORMAT = "crossl-stream/checkpoint"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "model.json"
+
+
+def save_model(model: CroSSL, directory: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``directory`` (created if needed); ``info`` lands in model.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model.config.model_dump(mode="json"),
+        "modalities": [m.model_dump(mode="json") for m in model.modalities],
+        "classes": model.classes,
+        "info": info or {},
+    }
+    (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """Read and check model.json of a checkpoint directory."""
+    path = Path(directory) / META
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: not a directory (a checkpoint is a model directory)")
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {META}; not a crossl-stream checkpoint")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: 'format' is not {FORMAT!r}; not a crossl-stream checkpoint")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r}, need {VERSION}")
+    for key in ("model", "modalities", "classes"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: missing key {key!r}")
+    return meta
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> CroSSL:
+    """Rebuild a model from ``directory`` without unpickling anything, in eval mode."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    try:
+        config = ModelConfig(**meta["model"])
+        specs = [ModalitySpec(**m) for m in meta["modalities"]]
+        model = CroSSL(specs, meta["classes"], config)
+    except (ValidationError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / META}: invalid model description: {exc}") from exc
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: no {WEIGHTS}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: not a safetensors file ({exc})") from exc
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{weights}: tensors do not match model.json: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{weights}: tensor {name!r} has shape {list(tensor.shape)}, "
+                f"model.json implies {list(expected[name].shape)}"
+            )
+    model.load_state_dict(state)
+    return model.to(device).eval()

@@ -1,0 +1,69 @@
+"""Per-modality convolutional encoder from the CroSSL reference code."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _ConvBlock(nn.Module):
+    """Conv1d (valid) -> LayerNorm over channels at each time step -> PReLU -> Dropout."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, dropout: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel)
+        self.norm_weight = nn.Parameter(torch.ones(out_channels, 1))
+        self.norm_bias = nn.Parameter(torch.zeros(out_channels, 1))
+        self.act = nn.PReLU(out_channels)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        # LayerNorm over the channel axis, computed in place of layout: no transposed copies.
+        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+        x = (x - mean) * torch.rsqrt(var + 1e-5) * self.norm_weight + self.norm_bias
+        return self.drop(self.act(x))
+
+
+class ConvEncoder(nn.Module):
+    """Owns one modality's three conv blocks; maps [B, C, T] to a feature map [B, D, T'].
+
+    Widths are code/4, code/2, code with kernels 24, 16, 8 and no padding, as in the
+    reference, so T' = T - 45 for the default kernels; temporal masking acts on T'.
+
+    >>> enc = ConvEncoder(in_channels=3, code_size=96)
+    >>> enc(torch.zeros(2, 3, 100)).shape
+    torch.Size([2, 96, 55])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        code_size: int = 96,
+        kernels: tuple[int, int, int] = (24, 16, 8),
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        widths = (code_size // 4, code_size // 2, code_size)
+        blocks, width_in = [], in_channels
+        for width, kernel in zip(widths, kernels, strict=True):
+            blocks.append(_ConvBlock(width_in, width, kernel, dropout))
+            width_in = width
+        self.blocks = nn.Sequential(*blocks)
+        self.min_samples = sum(k - 1 for k in kernels) + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def masked_mean_pool(features: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Average a feature map [B, D, T] over the kept time steps (keep: [B, T] bool).
+
+    >>> f = torch.tensor([[[1.0, 2.0, 9.0]]])
+    >>> masked_mean_pool(f, torch.tensor([[True, True, False]]))
+    tensor([[1.5000]])
+    """
+    if keep is None:
+        return features.mean(dim=2)
+    weights = keep.to(features.dtype).unsqueeze(1)
+    return (features * weights).sum(dim=2) / weights.sum(dim=2).clamp_min(1.0)

@@ -1,0 +1,35 @@
+"""Shared fixtures. LSL discovery is pinned to this machine before anything imports pylsl."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("LSLAPICFG", str(ROOT / "tools" / "lsl_api.cfg"))
+torch.set_num_threads(2)
+
+from crossl_stream.model import CroSSL, ModalitySpec  # noqa: E402
+
+
+@pytest.fixture
+def specs() -> list[ModalitySpec]:
+    return [
+        ModalitySpec(name="acc", channels=3, rate_hz=50, samples=100),
+        ModalitySpec(name="gyro", channels=3, rate_hz=50, samples=100),
+    ]
+
+
+@pytest.fixture
+def model(specs: list[ModalitySpec]) -> CroSSL:
+    torch.manual_seed(0)
+    return CroSSL(specs, ["a", "b", "c"]).eval()
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"acc": torch.randn(5, 3, 100, generator=g), "gyro": torch.randn(5, 3, 100, generator=g)}
