@@ -1,0 +1,50 @@
+"""Configs: the shipped ones load; bad ones name the file, the key and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crossl_stream.config import TrainConfig, load_config
+from crossl_stream.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["train-watch.yaml", "train-basicmotions.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_watch_config_holds_out_the_demo_subject():
+    assert load_config(CONFIGS / "train-watch.yaml").holdout_subject == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("pretrain: {stepz: 3}\n", "pretrain.stepz: unknown key"),
+        ("masking: {strategy: sideways}\n", "masking.strategy: Input should be"),
+        ("masking: {keep: 1.5}\n", "masking.keep: Input should be less than or equal to 1"),
+        ("window_s: -2\n", "window_s: Input should be greater than 0"),
+        ("pretrain: {batch_size: 8}\n", "pretrain.batch_size: Input should be greater than"),
+        ("model: {aggregator: gru}\n", "model.aggregator: Input should be 'mlp' or 'attention'"),
+        ("seed: abc\n", "seed: Input should be a valid integer"),
+        ("- a list\n", "top level must be a mapping"),
+        ("a: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_file_key_and_reason(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert message in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
