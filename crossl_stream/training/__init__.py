@@ -1,0 +1,1 @@
+"""Training and evaluation on real recordings: datasets, loops, the protocol, the report."""
