@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build that lies on this machine's disk; a GPU box can pass its own CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# LSL discovery stays on this machine in everything make runs.
+export LSLAPICFG := $(CURDIR)/tools/lsl_api.cfg
+
+.PHONY: demo test install data lint train results clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+## demo: the shipped default model over the shipped held-out recording excerpt
+demo: $(STAMP)
+	$(BIN)/crossl-stream predict
+
+## data: fetch the real recordings (PyPI packages seglearn and aeon) into the data cache
+data: $(STAMP)
+	$(BIN)/python tools/fetch_datasets.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## test: lint, then the suite inside a private network namespace (loopback only)
+test: $(STAMP) data lint
+	tools/in-netns $(BIN)/python -m pytest
+
+## train: retrain the default model (models/default)
+train: data
+	$(BIN)/crossl-stream train configs/train-watch.yaml --out models/default
+
+## results: the whole evaluation protocol -> docs/results.md, models/default/metrics.json
+results: data
+	$(BIN)/crossl-stream eval configs/train-watch.yaml configs/train-basicmotions.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

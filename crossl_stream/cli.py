@@ -1,0 +1,193 @@
+"""The ``crossl-stream`` command: train, eval, predict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from crossl_stream.errors import CrosslError
+
+log = logging.getLogger("crossl_stream")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_model_dir() -> Path:
+    """``models/default`` of this checkout."""
+    return REPO_ROOT / "models" / "default"
+
+
+def _git_sha() -> str:
+    head = REPO_ROOT / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            return (REPO_ROOT / ".git" / ref[5:]).read_text().strip()[:12]
+        return ref[:12]
+    except OSError:
+        return "unknown"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from crossl_stream.config import load_config
+    from crossl_stream.model.checkpoint import save_model
+    from crossl_stream.training.datasets import load_basicmotions, load_watch, make_windows
+    from crossl_stream.training.experiments import set_threads, train_crossl
+
+    cfg = load_config(args.config)
+    set_threads(args.threads)
+    start = time.perf_counter()
+    if cfg.dataset == "seglearn-watch":
+        dataset = load_watch()
+        recordings = [r for r in dataset.recordings if r.subject != cfg.holdout_subject]
+    else:
+        dataset = load_basicmotions()
+        recordings = [r for r in dataset.recordings if r.split == "train"]
+    specs = dataset.specs(cfg.window_s)
+    train = make_windows(recordings, specs, cfg.hop_s)
+    log.info("training on %d windows from %d recordings", len(train), len(recordings))
+    model, curves = train_crossl(specs, dataset.classes, cfg, train, 1.0, not args.quiet)
+    seconds = time.perf_counter() - start
+    info = {
+        "dataset": cfg.dataset,
+        "holdout_subject": cfg.holdout_subject,
+        "train_subjects": sorted({r.subject for r in recordings}),
+        "train_windows": len(train),
+        "train_seconds": round(seconds, 1),
+        "config": cfg.model_dump(mode="json"),
+        "code_version": _git_sha(),
+        "final_pretrain_loss": curves["pretrain"][-1]["loss"] if curves["pretrain"] else None,
+        "final_finetune_loss": curves["finetune"][-1]["loss"],
+    }
+    save_model(model, args.out, info)
+    (Path(args.out) / "curves.json").write_text(json.dumps(curves) + "\n")
+    print(f"saved model to {args.out} ({seconds:.0f} s, {len(train)} training windows)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from crossl_stream.config import load_config
+    from crossl_stream.training import report
+    from crossl_stream.training.experiments import (
+        run_basicmotions,
+        run_loso,
+        run_masking_grid,
+        set_threads,
+    )
+
+    set_threads(args.threads)
+    raw_dir = Path(args.results)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for path in args.configs:
+        cfg = load_config(path)
+        progress = not args.quiet
+        if cfg.dataset == "basicmotions":
+            report.save_json(raw_dir / "basicmotions.json", run_basicmotions(cfg, progress))
+            continue
+        if not args.skip_loso:
+            report.save_json(raw_dir / "loso.json", run_loso(cfg, progress, log.info))
+        if cfg.evaluation.masking_grid or cfg.evaluation.compare_attention:
+            report.save_json(raw_dir / "masking.json", run_masking_grid(cfg, progress, log.info))
+    metrics = report.write_all(raw_dir, Path(args.model_dir), Path(args.report))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from crossl_stream.model.checkpoint import load_model
+    from crossl_stream.training.datasets import load_watch, make_windows, shipped_excerpt
+    from crossl_stream.training.metrics import accuracy, macro_f1
+
+    model = load_model(args.model)
+    dataset = load_watch(args.recording or shipped_excerpt())
+    if dataset.classes != model.classes:
+        raise CrosslError(
+            f"{args.model}: classes {model.classes} differ from the recording's {dataset.classes}"
+        )
+    specs = {s.name: s for s in model.modalities}
+    window_s = next(iter(specs.values())).window_s
+    print(
+        f"model {args.model} ({', '.join(specs)}), recording "
+        f"{args.recording or 'shipped excerpt'}: {len(dataset.recordings)} recordings, "
+        f"{window_s:g} s windows every {args.hop:g} s"
+    )
+    print(f"{'recording':<16}{'true':>6}{'predicted':>11}{'windows':>9}{'correct':>9}")
+    y_true, y_pred = [], []
+    for rec in dataset.recordings:
+        w = make_windows([rec], dataset.specs(window_s), args.hop)
+        probs = model.predict_proba(w.x)
+        pred = probs.argmax(1)
+        vote = int(np.bincount(pred, minlength=len(model.classes)).argmax())
+        y_true.append(w.y)
+        y_pred.append(pred)
+        print(
+            f"{rec.key:<16}{model.classes[rec.label]:>6}{model.classes[vote]:>11}"
+            f"{len(pred):>9}{float(np.mean(pred == w.y)):>9.0%}"
+        )
+    yt, yp = np.concatenate(y_true), np.concatenate(y_pred)
+    print(
+        f"accuracy {accuracy(yt, yp):.3f} over {len(yt)} windows "
+        f"(macro-F1 {macro_f1(yt, yp, len(model.classes)):.3f})"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crossl-stream", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a CroSSL model (SSL pretraining + fine-tuning)")
+    p.add_argument("config", help="training YAML, e.g. configs/train-watch.yaml")
+    p.add_argument("--out", default=str(default_model_dir()), help="model directory to write")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="run the evaluation protocol and write the report")
+    p.add_argument("configs", nargs="+", help="training YAMLs (watch and/or basicmotions)")
+    p.add_argument("--model-dir", default=str(default_model_dir()), help="where metrics.json goes")
+    p.add_argument("--report", default=str(REPO_ROOT / "docs" / "results.md"))
+    p.add_argument(
+        "--results",
+        default=str(REPO_ROOT / "docs" / "results"),
+        help="folder for the raw results JSON (kept, so the report can be rebuilt)",
+    )
+    p.add_argument("--skip-loso", action="store_true", help="reuse the saved LOSO results")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict a watch recording file and score it")
+    p.add_argument("--model", default=str(default_model_dir()), help="model directory")
+    p.add_argument(
+        "--recording",
+        default=None,
+        help="watch-format .npz (default: the shipped held-out excerpt)",
+    )
+    p.add_argument("--hop", type=float, default=1.0, help="seconds between windows")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except CrosslError as exc:
+        print(f"crossl-stream {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
