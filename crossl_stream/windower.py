@@ -13,6 +13,7 @@ sensors that have not delivered yet hold the watermark for a short grace period.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from enum import Enum
 import numpy as np
 
 from crossl_stream.buffer import RingBuffer
+from crossl_stream.clock import host_clock
 from crossl_stream.errors import InputError
 from crossl_stream.model.specs import ModalitySpec
 
@@ -48,7 +50,8 @@ class Window:
     available: dict[str, bool]
     coverage: dict[str, float]
     states: dict[str, StreamState]
-    t_last_arrival: float  # host time the newest sample used by this window arrived
+    t_last_arrival: float  # host clock: receipt of the data that completed this window
+    t_emitted: float = field(default=0.0, compare=False)  # host clock: when it was cut
 
 
 @dataclass
@@ -115,7 +118,8 @@ class Windower:
             for m in modalities
         }
         self._grid = {m.name: np.arange(m.samples) / m.rate_hz - self.window_s for m in modalities}
-        self._arrival = dict.fromkeys(self.buffers, -np.inf)
+        self._receipt_ts: dict[str, list[float]] = {n: [] for n in self.buffers}
+        self._receipt_at: dict[str, list[float]] = {n: [] for n in self.buffers}
         self._next_end: float | None = None
         self._seq = 0
         self.counters = WindowerCounters(
@@ -124,9 +128,18 @@ class Windower:
             future_samples=dict.fromkeys(self.buffers, 0),
         )
 
-    def push(self, name: str, values: np.ndarray, timestamps: np.ndarray, arrival: float) -> None:
-        """Add a chunk ([n, channels], host timestamps [n]) that arrived at host time ``arrival``.
+    def push(
+        self,
+        name: str,
+        values: np.ndarray,
+        timestamps: np.ndarray,
+        arrival: float,
+        received: float | None = None,
+    ) -> None:
+        """Add a chunk ([n, channels], host timestamps [n]) that arrived at time ``arrival``.
 
+        ``arrival`` is on the clock that drives the windows (the host clock live, a virtual
+        clock in replay); ``received`` is the host clock at receipt, for latency (default: now).
         Samples stamped more than ``max_future_s`` after their arrival are refused and counted
         (a clock that jumped, or a Unix-epoch clock where the host clock was expected).
         """
@@ -142,7 +155,9 @@ class Windower:
         before = buffer.counters.written
         buffer.write(values, timestamps)
         if buffer.counters.written > before:
-            self._arrival[name] = arrival
+            # Newest timestamp of each chunk and its host receipt time, for window latency.
+            self._receipt_ts[name].append(buffer.latest_time)
+            self._receipt_at[name].append(host_clock() if received is None else received)
             self._started = min(self._started, arrival)
 
     def states(self, now: float) -> dict[str, StreamState]:
@@ -197,9 +212,18 @@ class Windower:
             if window is not None:
                 out.append(window)
         release = self._next_end - self.window_s - max(self._tolerance.values())
-        for buffer in self.buffers.values():
+        for name, buffer in self.buffers.items():
             buffer.release(release)
+            old = bisect.bisect_left(self._receipt_ts[name], release) - 1
+            if old > 0:
+                del self._receipt_ts[name][:old], self._receipt_at[name][:old]
         return out
+
+    def _receipt_of(self, name: str, t_end: float) -> float:
+        """Host receipt time of the data that completed the window ending at ``t_end``: the
+        first chunk reaching ``t_end``, or the newest one when none does (end of stream)."""
+        i = bisect.bisect_left(self._receipt_ts[name], t_end)
+        return self._receipt_at[name][min(i, len(self._receipt_at[name]) - 1)]
 
     def _build(self, t_end: float, states: dict[str, StreamState]) -> Window | None:
         data, available, coverage = {}, {}, {}
@@ -211,7 +235,7 @@ class Windower:
             available[m.name] = cov >= self.min_coverage
             data[m.name] = x if available[m.name] else np.zeros_like(x)
             if available[m.name]:
-                newest_arrival = max(newest_arrival, self._arrival[m.name])
+                newest_arrival = max(newest_arrival, self._receipt_of(m.name, t_end))
             else:
                 self.counters.masked[m.name] += 1
         if not any(available.values()):
@@ -219,7 +243,9 @@ class Windower:
             return None
         self._seq += 1
         self.counters.windows += 1
-        return Window(self._seq, t_end, data, available, coverage, dict(states), newest_arrival)
+        return Window(
+            self._seq, t_end, data, available, coverage, dict(states), newest_arrival, host_clock()
+        )
 
     def _resample(self, m: ModalitySpec, grid: np.ndarray) -> tuple[np.ndarray, float]:
         """Linear interpolation of the buffered samples onto ``grid``; coverage = fraction of

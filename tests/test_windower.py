@@ -207,3 +207,21 @@ def test_modalities_must_share_the_window_length():
     short = ModalitySpec(name="imu", channels=2, rate_hz=20, samples=10)
     with pytest.raises(ValueError, match="disagree on the window length"):
         Windower([EEG, short], hop_s=HOP)
+
+
+def test_each_window_knows_when_the_data_completing_it_was_received():
+    w = Windower([EEG], hop_s=0.5, lateness_s=0.0, source_rates=SOURCE)
+    windows = []
+    for k in range(8):  # 0.5 s chunks, received 10 ms after their last sample
+        x, t = regular(100, k * 0.5, (k + 1) * 0.5, 3)
+        w.push("eeg", x, t, arrival=t[-1], received=1000 + k)
+        windows += w.poll(now=t[-1])
+    # window [0, 1) is complete once a sample at or after 1.0 is in: chunk 2, received at 1002
+    assert [(x.t_end, x.t_last_arrival) for x in windows] == [
+        (1.0, 1002),
+        (1.5, 1003),
+        (2.0, 1004),
+        (2.5, 1005),
+        (3.0, 1006),
+        (3.5, 1007),
+    ]

@@ -1,0 +1,208 @@
+"""Inference: windows in, predictions out, in batches on the model's device.
+
+``Predictor`` is the synchronous core (one forward pass over a batch of windows);
+``InferenceWorker`` wraps it in a bounded asyncio queue with batching and a backpressure
+policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from crossl_stream.clock import host_clock
+from crossl_stream.errors import InputError
+from crossl_stream.model.crossl import CroSSL
+from crossl_stream.windower import Window
+
+Policy = Literal["drop_oldest", "block"]
+
+
+@dataclass
+class Prediction:
+    """One published prediction: the wire contract of DESIGN.md plus coverage and states."""
+
+    seq: int
+    t_window_end: float
+    label: str
+    probs: dict[str, float]
+    mask: dict[str, bool]  # True: the modality was used
+    model: str
+    latency_ms: dict[str, float]
+    coverage: dict[str, float] = field(default_factory=dict)
+    states: dict[str, str] = field(default_factory=dict)
+    t_last_arrival: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-ready record (what JSONL, MQTT and the LSL marker stream carry)."""
+        out = asdict(self)
+        out.pop("t_last_arrival")
+        return out
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} requested but CUDA is not available here")
+    return device
+
+
+class Predictor:
+    """Owns the model on its device and preallocated input tensors for one batch.
+
+    On CUDA the staging tensors are pinned and copied with ``non_blocking=True``.
+    """
+
+    def __init__(
+        self, model: CroSSL, device: str = "auto", max_batch: int = 32, model_id: str = "crossl"
+    ) -> None:
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.model_id = model_id
+        self.max_batch = max_batch
+        pin = self.device.type == "cuda"
+        self._inputs = {
+            m.name: torch.zeros((max_batch, m.channels, m.samples)).pin_memory()
+            if pin
+            else torch.zeros((max_batch, m.channels, m.samples))
+            for m in model.modalities
+        }
+        self._mask = torch.zeros((max_batch, len(model.modalities)), dtype=torch.bool)
+        self._names = model.modality_names
+
+    def check(self, window: Window) -> None:
+        """Raise InputError when a window does not match the model's modalities."""
+        if sorted(window.data) != sorted(self._names):
+            raise InputError(
+                f"window modalities {sorted(window.data)} do not match the model's {self._names}"
+            )
+
+    @torch.inference_mode()
+    def __call__(self, windows: Sequence[Window]) -> list[Prediction]:
+        out: list[Prediction] = []
+        for start in range(0, len(windows), self.max_batch):
+            out += self._batch(windows[start : start + self.max_batch])
+        return out
+
+    def _batch(self, windows: Sequence[Window]) -> list[Prediction]:
+        t0 = host_clock()
+        n = len(windows)
+        for i, w in enumerate(windows):
+            self.check(w)
+            for j, name in enumerate(self._names):
+                self._mask[i, j] = w.available[name]
+                if w.available[name]:
+                    self._inputs[name][i].copy_(torch.from_numpy(w.data[name]))
+        nb = self.device.type == "cuda"
+        inputs = {k: v[:n].to(self.device, non_blocking=nb) for k, v in self._inputs.items()}
+        probs = self.model(inputs, self._mask[:n].to(self.device)).probs.cpu().numpy()
+        t1 = host_clock()
+        classes = self.model.classes
+        preds = []
+        for w, p in zip(windows, probs, strict=True):
+            latency = {
+                "window": 1000 * (w.t_emitted - w.t_last_arrival),
+                "queue": 1000 * (t0 - w.t_emitted),
+                "infer": 1000 * (t1 - t0),
+            }
+            preds.append(
+                Prediction(
+                    seq=w.seq,
+                    t_window_end=w.t_end,
+                    label=classes[int(p.argmax())],
+                    probs={c: float(v) for c, v in zip(classes, p, strict=True)},
+                    mask=dict(w.available),
+                    model=self.model_id,
+                    latency_ms=latency,
+                    coverage=dict(w.coverage),
+                    states={k: str(v.value) for k, v in w.states.items()},
+                    t_last_arrival=w.t_last_arrival,
+                )
+            )
+        return preds
+
+
+@dataclass
+class WorkerCounters:
+    windows_in: int = 0
+    dropped: int = 0  # oldest windows dropped by the drop_oldest policy
+    predictions: int = 0
+    batches: int = 0
+    errors: int = 0
+
+
+class InferenceWorker:
+    """Owns a bounded queue of windows and the task that turns them into predictions.
+
+    ``drop_oldest`` (live use) never makes the producer wait and counts what it drops;
+    ``block`` (replay) makes ``put`` wait for room. A batch is every queued window, up to
+    ``max_batch``; ``max_wait_ms`` > 0 waits that long for more when the queue is short
+    (throughput over latency).
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        queue_size: int = 64,
+        max_wait_ms: float = 0.0,
+        policy: Policy = "drop_oldest",
+    ) -> None:
+        if policy not in ("drop_oldest", "block"):
+            raise ValueError(f"unknown backpressure policy {policy!r}")
+        self.predictor = predictor
+        self.queue_size = queue_size
+        self.max_wait = max_wait_ms / 1000
+        self.policy = policy
+        self.counters = WorkerCounters()
+        self._queue: collections.deque[Window] = collections.deque()
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._closed = False
+
+    async def put(self, window: Window) -> None:
+        """Queue a window, under the backpressure policy."""
+        self.predictor.check(window)
+        self.counters.windows_in += 1
+        if self.policy == "block":
+            while len(self._queue) >= self.queue_size:
+                self._room.clear()
+                await self._room.wait()
+        elif len(self._queue) >= self.queue_size:
+            self._queue.popleft()
+            self.counters.dropped += 1
+        self._queue.append(window)
+        self._ready.set()
+
+    def close(self) -> None:
+        """No more windows: ``predictions`` ends once the queue is drained."""
+        self._closed = True
+        self._ready.set()
+
+    async def predictions(self):
+        """Yield predictions in window order until closed and drained."""
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            if self.max_wait and len(self._queue) < self.predictor.max_batch and not self._closed:
+                await asyncio.sleep(self.max_wait)  # let a batch gather
+            n = min(len(self._queue), self.predictor.max_batch)
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._room.set()
+            preds = self.predictor(batch)
+            self.counters.batches += 1
+            self.counters.predictions += len(preds)
+            for p in preds:
+                yield p
