@@ -1,8 +1,11 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build that lies on this machine's disk; a GPU box can pass its own CUDA build.
+# The CPU build that lies on this machine's disk. Elsewhere PyPI's Linux wheel of the same
+# version is a CUDA build: pass PIP_TORCH_ARGS="--index-url <PyTorch's CPU wheel index>" to
+# avoid it, or TORCH_SPEC for the build you want.
 TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # LSL discovery stays on this machine in everything make runs.
@@ -12,7 +15,7 @@ export LSLAPICFG := $(CURDIR)/tools/lsl_api.cfg
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 

@@ -14,7 +14,7 @@ class BufferCounters:
     """What a buffer had to refuse or lose, for logs and metrics."""
 
     written: int = 0
-    out_of_order: int = 0  # timestamp not after the previous sample (late, duplicate, NaN)
+    out_of_order: int = 0  # timestamp not after the previous one (late, duplicate, NaN, Inf)
     overwritten: int = 0  # evicted by newer samples before the consumer released them
 
 
@@ -78,9 +78,10 @@ class RingBuffer:
         if n == 0:
             return
         # A sample is kept when its time exceeds every earlier one (in the buffer or the chunk).
-        finite = np.nan_to_num(timestamps, nan=-np.inf)
-        previous = np.maximum.accumulate(np.concatenate(([self.latest_time], finite[:-1])))
-        keep = timestamps > previous  # False for NaN as well
+        finite = np.isfinite(timestamps)
+        floor = np.where(finite, timestamps, -np.inf)
+        previous = np.maximum.accumulate(np.concatenate(([self.latest_time], floor[:-1])))
+        keep = finite & (timestamps > previous)
         if not keep.all():
             self.counters.out_of_order += int(n - keep.sum())
             values, timestamps = values[keep], timestamps[keep]
@@ -94,7 +95,7 @@ class RingBuffer:
         evict = len(self) + n - self.capacity
         if evict > 0:
             oldest = self._count - len(self)
-            self._count_evicted(self._logical_times(oldest, oldest + evict))
+            self._count_evicted(self._gather(self._times, oldest, oldest + evict))
         head = self._count % self.capacity
         first = min(n, self.capacity - head)
         self._values[head : head + first] = values[:first]
@@ -104,6 +105,11 @@ class RingBuffer:
             self._times[: n - first] = timestamps[first:]
         self._count += n
         self.counters.written += n
+
+    def first_time_at_or_after(self, t: float) -> float:
+        """Timestamp of the oldest held sample at or after ``t`` (inf when there is none)."""
+        i = self._first_index_at_or_after(t)
+        return float(self._times[i % self.capacity]) if i < self._count else np.inf
 
     def release(self, before: float) -> None:
         """Mark samples older than ``before`` as consumed: evicting them is no loss."""
@@ -115,24 +121,19 @@ class RingBuffer:
         hi = self._first_index_at_or_after(end)
         if hi <= lo:
             return np.empty(0), np.empty((0, self.channels), dtype=np.float32)
-        return self._logical_times(lo, hi), self._logical_values(lo, hi)
+        return self._gather(self._times, lo, hi), self._gather(self._values, lo, hi)
 
     # -- internals: logical index i is the i-th sample ever stored ------------------------
 
     def _count_evicted(self, times: np.ndarray) -> None:
         self.counters.overwritten += int(np.count_nonzero(times >= self._released))
 
-    def _segments(self, lo: int, hi: int) -> list[slice]:
+    def _gather(self, array: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """A copy of logical samples [lo, hi) of ``array`` (at most two slices)."""
         a, b = lo % self.capacity, (hi - 1) % self.capacity + 1
-        return [slice(a, b)] if a < b else [slice(a, self.capacity), slice(0, b)]
-
-    def _logical_times(self, lo: int, hi: int) -> np.ndarray:
-        parts = [self._times[s] for s in self._segments(lo, hi)]
-        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
-
-    def _logical_values(self, lo: int, hi: int) -> np.ndarray:
-        parts = [self._values[s] for s in self._segments(lo, hi)]
-        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+        if a < b:
+            return array[a:b].copy()
+        return np.concatenate((array[a:], array[:b]))
 
     def _first_index_at_or_after(self, t: float) -> int:
         """Smallest logical index whose time is >= t (the end index when none is)."""

@@ -104,8 +104,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from crossl_stream.training.datasets import load_watch, make_windows, shipped_excerpt
     from crossl_stream.training.metrics import accuracy, macro_f1
 
-    model = load_model(args.model)
     dataset = load_watch(args.recording or shipped_excerpt())
+    model = load_model(args.model)
     if dataset.classes != model.classes:
         raise CrosslError(
             f"{args.model}: classes {model.classes} differ from the recording's {dataset.classes}"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from crossl_stream.errors import ConfigError
 from crossl_stream.model.crossl import ModelConfig
@@ -54,15 +54,27 @@ class FinetuneConfig(_Strict):
     probe_lr: float = Field(1e-2, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
 
+    @model_validator(mode="after")
+    def _steps_in_order(self) -> FinetuneConfig:
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
 
 class EvaluationConfig(_Strict):
     """What `crossl-stream eval` runs."""
 
-    label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
+    label_fractions: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = (0.01, 0.1, 1.0)
     folds: tuple[int, ...] | None = Field(None, description="subjects to hold out; None = all")
     masking_grid: tuple[MaskingConfig, ...] = ()
     masking_folds: tuple[int, ...] = ()
     compare_attention: bool = False
+
+    @model_validator(mode="after")
+    def _full_labels_included(self) -> EvaluationConfig:
+        if 1.0 not in self.label_fractions:
+            raise ValueError("label_fractions must include 1.0 (missing-modality metrics use it)")
+        return self
 
 
 class TrainConfig(_Strict):

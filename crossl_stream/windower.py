@@ -9,6 +9,9 @@ give the same windows whether they arrive live, in a fast replay, or all at once
 A sensor that is stale or lost leaves the watermark, so it never blocks the others; its part
 of a window is masked when too little of the window is covered by its samples. At start-up,
 sensors that have not delivered yet hold the watermark for a short grace period.
+
+Live and replay give the same windows as long as no sensor is judged stale merely because
+its chunks are far apart: ``stale_s`` must exceed every sensor's longest chunk interval.
 """
 
 from __future__ import annotations
@@ -108,6 +111,9 @@ class Windower:
         self.connect_grace_s = connect_grace_s
         self._started = np.inf  # arrival of the first sample of any sensor
         rates = dict(source_rates or {})
+        unknown = sorted(set(rates) - {m.name for m in modalities})
+        if unknown:
+            raise ValueError(f"source_rates for unknown sensors {unknown}")
         self.source_rates = {m.name: float(rates.get(m.name, m.rate_hz)) for m in modalities}
         self._tolerance = {n: gap_periods / r for n, r in self.source_rates.items()}
         span = buffer_s or (2 * self.window_s + lateness_s + lost_s)
@@ -154,6 +160,8 @@ class Windower:
             values, timestamps = np.asarray(values)[keep], timestamps[keep]
         before = buffer.counters.written
         buffer.write(values, timestamps)
+        bad = ~np.isfinite(np.asarray(values, dtype=np.float32)).all(axis=1)
+        self.counters.nan_samples[name] += int(bad.sum())
         if buffer.counters.written > before:
             # Newest timestamp of each chunk and its host receipt time, for window latency.
             self._receipt_ts[name].append(buffer.latest_time)
@@ -206,6 +214,7 @@ class Windower:
             first = min(b.oldest_time for b in self.buffers.values() if len(b))
             self._next_end = math.ceil((first + self.window_s) / self.hop_s) * self.hop_s
         out = []
+        self._skip_silence(mark)
         while self._next_end <= mark + 1e-9:
             window = self._build(self._next_end, states)
             self._next_end = round((self._next_end + self.hop_s) / self.hop_s) * self.hop_s
@@ -218,6 +227,18 @@ class Windower:
             if old > 0:
                 del self._receipt_ts[name][:old], self._receipt_at[name][:old]
         return out
+
+    def _skip_silence(self, mark: float) -> None:
+        """Jump over due grid ends whose windows hold no sample at all (after a long
+        silence), counting them as empty instead of resampling each one."""
+        start = self._next_end - self.window_s - max(self._tolerance.values())
+        first = min(b.first_time_at_or_after(start) for b in self.buffers.values())
+        first_end = (math.floor(first / self.hop_s) + 1) * self.hop_s if first < np.inf else np.inf
+        last_due = math.floor((mark + 1e-9) / self.hop_s) * self.hop_s
+        skipped = round((min(first_end, last_due + self.hop_s) - self._next_end) / self.hop_s)
+        if skipped > 0:
+            self.counters.empty_windows += skipped
+            self._next_end = round(self._next_end / self.hop_s + skipped) * self.hop_s
 
     def _receipt_of(self, name: str, t_end: float) -> float:
         """Host receipt time of the data that completed the window ending at ``t_end``: the
@@ -252,9 +273,8 @@ class Windower:
         grid points with a sample within the gap tolerance."""
         tol = self._tolerance[m.name]
         t, x = self.buffers[m.name].read(grid[0] - tol, grid[-1] + 1.0 / m.rate_hz)
-        finite = np.isfinite(x).all(axis=1)
+        finite = np.isfinite(x).all(axis=1)  # NaN / Inf samples were counted in push
         if not finite.all():
-            self.counters.nan_samples[m.name] += int((~finite).sum())
             t, x = t[finite], x[finite]
         out = np.zeros((m.channels, len(grid)), dtype=np.float32)
         if len(t) == 0:

@@ -7,10 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("LSLAPICFG", str(ROOT / "tools" / "lsl_api.cfg"))
+# Forced, not defaulted: a user's own liblsl config must not widen discovery in tests.
+os.environ["LSLAPICFG"] = str(ROOT / "tools" / "lsl_api.cfg")
 torch.set_num_threads(2)
+# CI runs the same hypothesis examples every time; locally they vary.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 from crossl_stream.model import CroSSL, ModalitySpec  # noqa: E402
 

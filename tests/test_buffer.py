@@ -15,6 +15,7 @@ steps = st.one_of(
     st.just(0.0),  # duplicate timestamp
     st.floats(-0.3, -0.001),  # goes backwards
     st.just(float("nan")),
+    st.just(float("inf")),  # a broken clock: refused, and must not block later samples
 )
 chunks = st.lists(st.lists(steps, min_size=0, max_size=40), min_size=1, max_size=25)
 

@@ -34,6 +34,9 @@ def test_watch_config_holds_out_the_demo_subject():
         ("seed: abc\n", "seed: Input should be a valid integer"),
         ("- a list\n", "top level must be a mapping"),
         ("a: [unclosed\n", "not valid YAML"),
+        ("finetune: {min_steps: 500, max_steps: 200}\n", "min_steps (500) exceeds max_steps"),
+        ("evaluation: {label_fractions: [0.1, 2.0]}\n", "label_fractions.1: Input should be less"),
+        ("evaluation: {label_fractions: [0.1]}\n", "must include 1.0"),
     ],
 )
 def test_bad_config_names_file_key_and_reason(tmp_path, text, message):

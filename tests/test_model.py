@@ -79,9 +79,10 @@ def test_bad_inputs_name_what_and_where(model, inputs, available, message):
     assert message in str(err.value)
 
 
-def test_nan_in_an_available_window_is_an_error_naming_it(model, batch):
-    batch["gyro"][3, 1, 50] = float("nan")
-    with pytest.raises(InputError, match=r"'gyro': NaN in available windows \[3\]"):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_in_an_available_window_are_an_error_naming_it(model, batch, bad):
+    batch["gyro"][3, 1, 50] = bad
+    with pytest.raises(InputError, match=r"'gyro': NaN or Inf in available windows \[3\]"):
         model(batch)
 
 
@@ -98,9 +99,11 @@ def test_bad_model_definitions_are_rejected(specs):
 def test_spatial_masking_keeps_at_least_one_available_modality():
     g = torch.Generator().manual_seed(0)
     available = torch.rand(2000, 3, generator=g) < 0.7
-    available[:, 0] |= ~available.any(dim=1)
+    nothing = ~available.any(dim=1)
+    assert nothing.any()
     kept = LatentMasker("spatial", keep=0.3).modality_mask(available, g)
-    assert kept.any(dim=1).all()
+    assert kept[~nothing].any(dim=1).all()
+    assert not kept[nothing].any()  # nothing available: nothing to keep
     assert not (kept & ~available).any()  # never un-hides a missing modality
     assert 0.2 < kept.sum() / available.sum() < 0.55
 

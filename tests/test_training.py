@@ -59,3 +59,17 @@ def test_probe_trains_only_the_head():
     assert changed == {"head.weight", "head.bias"}
     assert np.mean([h["loss"] for h in history[-10:]]) < history[0]["loss"]
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_same_seed_same_model():
+    ds, specs, train, _ = _split()
+    small = train.take(np.arange(0, len(train), 8))
+    cfg = TINY.model_copy(update={"pretrain": TINY.pretrain.model_copy(update={"steps": 3})})
+    cfg = cfg.model_copy(
+        update={"finetune": TINY.finetune.model_copy(update={"min_steps": 3, "max_steps": 3})}
+    )
+    a, _ = train_crossl(specs, ds.classes, cfg, small, 0.5, progress=False)
+    b, _ = train_crossl(specs, ds.classes, cfg, small, 0.5, progress=False)
+    c, _ = train_crossl(specs, ds.classes, cfg.model_copy(update={"seed": 1}), small, 0.5, False)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert not torch.equal(a.head.weight, c.head.weight)

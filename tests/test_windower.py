@@ -134,7 +134,8 @@ def test_streaming_equals_the_offline_reference(seed, gaps_eeg, gaps_imu, chunk,
                 assert not win.data[name].any()
     assert emitted == len(windows) == w.counters.windows
     assert w.counters.empty_windows == empty
-    assert sum(w.counters.nan_samples.values()) >= 0
+    for name, (_, x) in streams.items():  # each bad sample counted once, not once per window
+        assert w.counters.nan_samples[name] == int((~np.isfinite(x).all(axis=1)).sum())
 
 
 @settings(max_examples=10, deadline=None)
@@ -184,7 +185,7 @@ def test_a_sensor_that_stops_is_masked_and_never_blocks_the_others():
 
 
 def test_duplicates_late_chunks_and_jumped_clocks_are_refused_and_counted():
-    w = Windower([EEG], hop_s=HOP, source_rates=SOURCE)
+    w = Windower([EEG], hop_s=HOP, source_rates={"eeg": 100.0})
     x, t = regular(100, 0.0, 2.0, 3)
     w.push("eeg", x, t, arrival=2.0)
     w.push("eeg", x[:50], t[:50], arrival=2.1)  # duplicate / late chunk
@@ -210,7 +211,7 @@ def test_modalities_must_share_the_window_length():
 
 
 def test_each_window_knows_when_the_data_completing_it_was_received():
-    w = Windower([EEG], hop_s=0.5, lateness_s=0.0, source_rates=SOURCE)
+    w = Windower([EEG], hop_s=0.5, lateness_s=0.0, source_rates={"eeg": 100.0})
     windows = []
     for k in range(8):  # 0.5 s chunks, received 10 ms after their last sample
         x, t = regular(100, k * 0.5, (k + 1) * 0.5, 3)
@@ -225,3 +226,22 @@ def test_each_window_knows_when_the_data_completing_it_was_received():
         (3.0, 1006),
         (3.5, 1007),
     ]
+
+
+def test_a_long_silence_is_skipped_not_resampled_window_by_window():
+    w = Windower([EEG], hop_s=HOP, lateness_s=0.0, source_rates={"eeg": 100.0})
+    x, t = regular(100, 0.0, 2.0, 3)
+    w.push("eeg", x, t, arrival=2.0)
+    first = w.poll(now=2.0)
+    x, t = regular(100, 1000.0, 1002.0, 3)  # 1000 s later
+    w.push("eeg", x, t, arrival=1002.0)
+    later = w.poll(now=1002.0)
+    assert [x.t_end for x in first] == [1.0, 1.25, 1.5, 1.75]
+    # [1, 2) completes with the new data; then nothing until windows covered >= 80% again
+    assert [x.t_end for x in later] == [2.0, 1001.0, 1001.25, 1001.5, 1001.75]
+    assert w.counters.empty_windows == round((1001.0 - 2.25) / HOP)
+
+
+def test_source_rates_for_unknown_sensors_are_refused():
+    with pytest.raises(ValueError, match=r"unknown sensors \['ecg'\]"):
+        Windower([EEG], hop_s=HOP, source_rates={"ecg": 250.0})

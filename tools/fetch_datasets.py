@@ -17,7 +17,6 @@ Usage: python tools/fetch_datasets.py [--cache DIR]   (default: $CROSSL_STREAM_D
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -27,12 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from crossl_stream.training.datasets import data_cache
+
 PACKAGES = {"seglearn": "1.2.5", "aeon": "1.6.0"}
 BASICMOTIONS = ("BasicMotions_TRAIN.ts", "BasicMotions_TEST.ts")
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("CROSSL_STREAM_DATA", Path.home() / ".cache" / "crossl-stream"))
 
 
 def download_wheel(name: str, version: str, dest: Path) -> Path:
@@ -57,12 +54,16 @@ def download_wheel(name: str, version: str, dest: Path) -> Path:
 
 
 def convert_watch(npy: Path, out: Path) -> None:
-    """Rewrite seglearn's pickled dict as a pickle-free npz (concatenated samples + offsets)."""
+    """Rewrite seglearn's pickled dict as a pickle-free npz (concatenated samples + offsets).
+
+    Written to a temporary name and renamed, so an interrupted run leaves nothing half-done.
+    """
     data = np.load(npy, allow_pickle=True).item()
     series = [np.asarray(x, dtype=np.float32) for x in data["X"]]
     offsets = np.cumsum([0] + [len(x) for x in series]).astype(np.int64)
+    partial = out.with_suffix(".partial.npz")
     np.savez_compressed(
-        out,
+        partial,
         samples=np.concatenate(series),
         offsets=offsets,
         label=np.asarray(data["y"], dtype=np.int64),
@@ -72,6 +73,7 @@ def convert_watch(npy: Path, out: Path) -> None:
         channel_names=np.asarray(data["X_labels"]),
         rate_hz=np.float64(50.0),
     )
+    partial.replace(out)
 
 
 def fetch(cache: Path) -> None:
@@ -91,18 +93,20 @@ def fetch(cache: Path) -> None:
             bm_dir.mkdir(exist_ok=True)
             with zipfile.ZipFile(wheel) as zf:
                 for name in BASICMOTIONS:
+                    partial = bm_dir / f"{name}.partial"
                     with (
                         zf.open(f"aeon/datasets/data/BasicMotions/{name}") as src,
-                        open(bm_dir / name, "wb") as dst,
+                        open(partial, "wb") as dst,
                     ):
                         shutil.copyfileobj(src, dst)
+                    partial.replace(bm_dir / name)
             print(f"wrote {bm_dir}")
     print(f"data cache ready: {cache}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=default_cache())
+    parser.add_argument("--cache", type=Path, default=data_cache())
     fetch(parser.parse_args().cache)
 
 

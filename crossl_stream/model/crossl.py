@@ -76,7 +76,7 @@ class CroSSL(nn.Module):
         if len(classes) < 2 or len(set(classes)) != len(classes):
             raise InputError(f"need at least two distinct class names, got {list(classes)}")
         self.config = config or ModelConfig()
-        min_samples = sum(k - 1 for k in self.config.kernels) + 1
+        min_samples = ConvEncoder.receptive_field(self.config.kernels)
         short = [m.name for m in modalities if m.samples < min_samples]
         if short:
             raise InputError(
@@ -165,10 +165,10 @@ class CroSSL(nn.Module):
         for i, name in enumerate(self.modality_names):
             if name in tensors:
                 rows = avail[:, i]
-                bad = torch.isnan(tensors[name]).flatten(1).any(dim=1) & rows
+                bad = ~torch.isfinite(tensors[name]).flatten(1).all(dim=1) & rows
                 if bad.any():
                     raise InputError(
-                        f"modality {name!r}: NaN in available windows "
+                        f"modality {name!r}: NaN or Inf in available windows "
                         f"{bad.nonzero().flatten().tolist()[:10]}; mark them unavailable instead"
                     )
         return tensors, avail

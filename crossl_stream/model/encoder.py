@@ -50,7 +50,11 @@ class ConvEncoder(nn.Module):
             blocks.append(_ConvBlock(width_in, width, kernel, dropout))
             width_in = width
         self.blocks = nn.Sequential(*blocks)
-        self.min_samples = sum(k - 1 for k in kernels) + 1
+
+    @staticmethod
+    def receptive_field(kernels: tuple[int, ...]) -> int:
+        """Fewest input samples that give one output step (46 for kernels 24, 16, 8)."""
+        return sum(k - 1 for k in kernels) + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)

@@ -46,7 +46,7 @@ class LatentMasker:
         draw = torch.rand(available.shape, generator=generator, device="cpu")
         kept = available & (draw.to(available.device) < self.keep)
         # Never hide everything: where all were dropped, keep one available modality at random.
-        empty = ~kept.any(dim=1)
+        empty = ~kept.any(dim=1) & available.any(dim=1)
         if empty.any():
             scores = torch.rand(available.shape, generator=generator).to(available.device)
             scores = torch.where(available, scores, torch.full_like(scores, -1.0))

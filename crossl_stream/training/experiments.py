@@ -40,7 +40,8 @@ def masker_of(cfg: MaskingConfig) -> LatentMasker:
 def new_model(
     specs: list[ModalitySpec], classes: list[str], cfg: TrainConfig, windows: Windows
 ) -> CroSSL:
-    """A fresh model with normalisation fitted on ``windows``."""
+    """A fresh model, initialised from ``cfg.seed``, with normalisation fitted on ``windows``."""
+    torch.manual_seed(cfg.seed)
     model = CroSSL(specs, classes, cfg.model)
     model.set_normalisation(fit_normalisation(windows))
     return model
