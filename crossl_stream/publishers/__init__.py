@@ -1,0 +1,7 @@
+"""Publishers: where predictions go (JSONL file and console now; LSL and MQTT next)."""
+
+from crossl_stream.publishers.base import Publisher
+from crossl_stream.publishers.console import ConsolePublisher
+from crossl_stream.publishers.jsonl import JsonlPublisher
+
+__all__ = ["ConsolePublisher", "JsonlPublisher", "Publisher"]

@@ -1,0 +1,41 @@
+"""The reader protocol: one async iterator of chunks, already on the host time base."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SensorInfo:
+    """What a reader promises about one sensor stream."""
+
+    name: str
+    channels: int
+    rate_hz: float
+
+
+@dataclass
+class Chunk:
+    """Samples of one sensor: values [n, channels] float32 and timestamps [n] on the stream
+    clock that drives the windows (the host clock live, a virtual one in replay); ``arrival``
+    is when the chunk arrived on that clock, ``received`` the host clock then (for latency)."""
+
+    sensor: str
+    values: np.ndarray
+    timestamps: np.ndarray
+    arrival: float
+    received: float
+
+
+class Reader(ABC):
+    """Owns its sources (streams, files, a broker connection) and yields their chunks."""
+
+    sensors: dict[str, SensorInfo]
+
+    @abstractmethod
+    def chunks(self) -> AsyncIterator[Chunk]:
+        """Chunks in arrival order, until the source ends or the task is cancelled."""

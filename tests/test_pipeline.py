@@ -1,0 +1,80 @@
+"""Simulated sensors through the whole spine into a JSONL file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+
+from crossl_stream.inference import InferenceWorker, Predictor
+from crossl_stream.pipeline import run_pipeline
+from crossl_stream.publishers import JsonlPublisher
+from crossl_stream.readers import SimulatedSensor, Simulator
+from crossl_stream.readers.base import Chunk, Reader
+from crossl_stream.windower import Windower
+
+SENSORS = [
+    SimulatedSensor("acc", 3, 50.0, chunk_s=0.1, jitter_s=0.01),
+    # gyro runs at 100 Hz (resampled to the model's 50 Hz) and drops out for 2 s
+    SimulatedSensor("gyro", 3, 100.0, chunk_s=0.05, jitter_s=0.01, dropouts=((3.0, 2.0),)),
+]
+
+
+def run(model, reader, path, policy="block"):
+    windower = Windower(
+        model.modalities, hop_s=0.25, lateness_s=0.02, stale_s=0.5, source_rates={"gyro": 100.0}
+    )
+    worker = InferenceWorker(Predictor(model, "cpu", max_batch=16), policy=policy)
+    counters = asyncio.run(run_pipeline(reader, windower, worker, [JsonlPublisher(path)]))
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return counters, windower, records
+
+
+def test_simulated_session_is_predicted_with_the_dropout_masked(model, tmp_path):
+    counters, windower, records = run(model, Simulator(SENSORS, 8.0), tmp_path / "p.jsonl")
+    assert counters.predictions == counters.windows == len(records) > 20
+    assert [r["seq"] for r in records] == sorted(r["seq"] for r in records)
+    ends = np.array([r["t_window_end"] for r in records])
+    assert np.allclose(np.diff(ends), 0.25)
+    # 2 s windows; gyro is silent over [1003, 1005): a window missing more than 20% of its
+    # gyro samples is masked, one missing none uses gyro.
+    during = [r for r in records if 1003.6 <= r["t_window_end"] <= 1006.4]
+    clear = [r for r in records if r["t_window_end"] <= 1003.0 or r["t_window_end"] >= 1007.0]
+    assert during and all(r["mask"] == {"acc": True, "gyro": False} for r in during)
+    assert clear and all(r["mask"] == {"acc": True, "gyro": True} for r in clear)
+    for r in records:
+        assert abs(sum(r["probs"].values()) - 1) < 1e-5
+        assert set(r["latency_ms"]) == {"window", "queue", "infer", "total"}
+        assert r["latency_ms"]["total"] >= r["latency_ms"]["infer"] >= 0
+    assert windower.counters.masked["gyro"] >= len(during)
+
+
+def test_real_time_and_max_speed_give_the_same_predictions(model, tmp_path):
+    fast = run(model, Simulator(SENSORS, 3.0), tmp_path / "fast.jsonl")[2]
+    real = run(model, Simulator(SENSORS, 3.0, speed=4.0), tmp_path / "real.jsonl")[2]
+    strip = [{k: r[k] for k in ("seq", "t_window_end", "label", "probs", "mask")} for r in fast]
+    assert strip == [{k: r[k] for k in strip[0]} for r in real]
+
+
+class BrokenReader(Reader):
+    """Real chunks with bad ones in between: wrong channel count and an unknown sensor."""
+
+    def __init__(self, inner: Simulator) -> None:
+        self.inner = inner
+        self.sensors = inner.sensors
+
+    async def chunks(self):
+        async for c in self.inner.chunks():
+            yield c
+            if c.sensor == "acc":
+                yield Chunk("acc", np.zeros((5, 4), np.float32), c.timestamps[:5], c.arrival, 0)
+                yield Chunk("ecg", c.values, c.timestamps, c.arrival, c.received)
+
+
+def test_bad_chunks_are_counted_and_the_stream_goes_on(model, tmp_path):
+    good = run(model, Simulator(SENSORS, 3.0), tmp_path / "good.jsonl")
+    bad = run(model, BrokenReader(Simulator(SENSORS, 3.0)), tmp_path / "bad.jsonl")
+    acc_chunks = round(3.0 / 0.1)
+    assert bad[0].bad_chunks == 2 * acc_chunks
+    assert [r["probs"] for r in bad[2]] == [r["probs"] for r in good[2]]
