@@ -138,6 +138,79 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dropout(text: str) -> tuple[str, float, float]:
+    """``SENSOR:START:LENGTH`` (seconds from the recording start)."""
+    try:
+        sensor, start, length = text.split(":")
+        return sensor, float(start), float(length)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--drop {text!r}: expected SENSOR:START_S:LENGTH_S, e.g. gyro:120:30"
+        ) from None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from crossl_stream.inference import InferenceWorker, Predictor
+    from crossl_stream.model.checkpoint import load_model
+    from crossl_stream.pipeline import run_pipeline
+    from crossl_stream.publishers import ConsolePublisher, JsonlPublisher, MemoryPublisher
+    from crossl_stream.readers.replay import Recording, Replay
+    from crossl_stream.training.datasets import shipped_excerpt
+    from crossl_stream.windower import Windower
+
+    path = Path(args.recording) if args.recording else shipped_excerpt().with_suffix(".xdf")
+    recording = Recording.load(path)
+    model = load_model(args.model)
+    dropouts: dict[str, list[tuple[float, float]]] = {}
+    for sensor, start, length in args.drop:
+        dropouts.setdefault(sensor, []).append((start, length))
+    speed = None if args.speed == "max" else float(args.speed)
+    pace = "as fast as possible" if speed is None else f"at {speed:g}x real time"
+    section = (args.start, args.start + args.duration) if args.duration else None
+    reader = Replay(recording, model.modality_names, speed, dropouts=dropouts, section=section)
+    rates = {s: info.rate_hz for s, info in reader.sensors.items()}
+    windower = Windower(model.modalities, hop_s=args.hop, source_rates=rates)
+    worker = InferenceWorker(Predictor(model, args.device, max_batch=64), 256, policy="block")
+    memory = MemoryPublisher()
+    publishers = [memory, ConsolePublisher(every=args.print_every)]
+    if args.out:
+        publishers.append(JsonlPublisher(args.out))
+    print(
+        f"replaying {path.name} ({recording.end - recording.start:.0f} s, streams "
+        f"{', '.join(reader.names.values())}) {pace} through {args.model}"
+    )
+    start = time.perf_counter()
+    counters = asyncio.run(run_pipeline(reader, windower, worker, publishers))
+    wall = time.perf_counter() - start
+    print_summary(memory.records, recording, model.window_s, windower, counters, wall)
+    return 0
+
+
+def print_summary(records, recording, window_s, windower, counters, wall) -> None:
+    """Accuracy against the recording's labels, masks, latency and replay speed."""
+    scored = [
+        (r, recording.label_at(r["t_window_end"] - window_s, r["t_window_end"])) for r in records
+    ]
+    scored = [(r, label) for r, label in scored if label is not None]
+    correct = sum(r["label"] == label for r, label in scored)
+    total = np.array([r["latency_ms"]["total"] for r in records]) if records else np.zeros(1)
+    masked = {m: n for m, n in windower.counters.masked.items() if n}
+    span = recording.end - recording.start
+    print(
+        f"windows {len(records)} ({len(scored)} inside a labelled exercise), masked "
+        f"{masked or 'none'}, refused chunks {counters.bad_chunks}"
+    )
+    if scored:
+        print(f"accuracy {correct / len(scored):.3f} over {len(scored)} labelled windows")
+    print(
+        f"latency total p50 {np.percentile(total, 50):.2f} ms, p99 "
+        f"{np.percentile(total, 99):.2f} ms; replayed {span:.0f} s in {wall:.1f} s "
+        f"({span / wall:.0f}x real time)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crossl-stream", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -163,6 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("replay", help="stream an XDF recording through the model")
+    p.add_argument(
+        "recording",
+        nargs="?",
+        default=None,
+        help="XDF file (default: the shipped held-out session)",
+    )
+    p.add_argument("--model", default=str(default_model_dir()), help="model directory")
+    p.add_argument("--speed", default="max", help="1 (real time), k (k times), or max")
+    p.add_argument("--out", default=None, help="also write predictions to this JSONL file")
+    p.add_argument("--hop", type=float, default=0.5, help="seconds between windows")
+    p.add_argument(
+        "--drop",
+        type=_dropout,
+        action="append",
+        default=[],
+        help="rehearse a sensor loss: SENSOR:START_S:LENGTH_S (repeatable)",
+    )
+    p.add_argument("--start", type=float, default=0.0, help="seconds into the recording")
+    p.add_argument("--duration", type=float, default=None, help="seconds to play (default: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--print-every", type=int, default=10, help="print every n-th prediction")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("predict", help="predict a watch recording file and score it")
     p.add_argument("--model", default=str(default_model_dir()), help="model directory")

@@ -100,6 +100,11 @@ class CroSSL(nn.Module):
             self.register_buffer(f"norm_std_{m.name}", torch.ones(m.channels))
 
     @property
+    def window_s(self) -> float:
+        """Window length in seconds (the same for every modality)."""
+        return self.modalities[0].window_s
+
+    @property
     def modality_names(self) -> list[str]:
         return [m.name for m in self.modalities]
 

@@ -3,5 +3,6 @@
 from crossl_stream.publishers.base import Publisher
 from crossl_stream.publishers.console import ConsolePublisher
 from crossl_stream.publishers.jsonl import JsonlPublisher
+from crossl_stream.publishers.memory import MemoryPublisher
 
-__all__ = ["ConsolePublisher", "JsonlPublisher", "Publisher"]
+__all__ = ["ConsolePublisher", "JsonlPublisher", "MemoryPublisher", "Publisher"]

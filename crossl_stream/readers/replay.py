@@ -1,0 +1,186 @@
+"""Replay: plays the streams of an XDF recording as chunks, with their own timestamps.
+
+Timestamps are kept as recorded (jitter, gaps, chunking) after pyxdf's clock-offset
+correction; no dejittering. String marker streams carry labels: a marker ``label:NAME``
+starts a labelled segment, ``label:none`` ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from crossl_stream.clock import host_clock
+from crossl_stream.errors import DatasetError
+from crossl_stream.readers.base import Chunk, Reader, SensorInfo
+
+log = logging.getLogger(__name__)
+LABEL_PREFIX = "label:"
+
+
+class Recording:
+    """Owns the numeric streams and label markers of one XDF file.
+
+    >>> from crossl_stream.training.datasets import shipped_excerpt
+    >>> rec = Recording.load(shipped_excerpt().with_suffix(".xdf"))
+    >>> sorted(rec.streams), rec.label_at(rec.start + 0.5, rec.start + 1.5)
+    (['acc', 'gyro'], 'FEL')
+    """
+
+    def __init__(
+        self,
+        streams: dict[str, tuple[np.ndarray, np.ndarray, float]],
+        markers: list[tuple[float, str]],
+        path: Path,
+        dropped: dict[str, int] | None = None,
+    ) -> None:
+        self.streams = streams  # name -> (timestamps [n], values [n, c] float32, nominal rate)
+        self.markers = markers
+        self.path = path
+        self._label_t = np.array([t for t, _ in markers])
+        self.dropped = dropped or {}  # samples cut after a clock jump, per stream
+
+    @classmethod
+    def load(cls, path: str | Path, max_gap_s: float = 600.0) -> Recording:
+        """Read ``path`` with pyxdf; numeric streams by name, string streams as markers.
+
+        A stream whose clock jumps forward by more than ``max_gap_s`` between two samples
+        (a reset, or a switch to Unix time) is cut at the jump; the cut is logged and
+        counted in ``dropped``. Backward steps are left to the ring buffers, which refuse
+        and count them.
+        """
+        import pyxdf
+
+        path = Path(path)
+        if not path.is_file():
+            raise DatasetError(f"recording not found: {path}")
+        try:
+            raw, _ = pyxdf.load_xdf(str(path), dejitter_timestamps=False, verbose=False)
+        except Exception as exc:  # pyxdf raises bare Exceptions on damaged files
+            raise DatasetError(f"{path}: not a readable XDF recording ({exc})") from exc
+        streams, markers, dropped = {}, [], {}
+        for s in raw:
+            info = s["info"]
+            name = info["name"][0]
+            if info["channel_format"][0] == "string":
+                markers += [
+                    (float(t), str(v[0]))
+                    for t, v in zip(s["time_stamps"], s["time_series"], strict=True)
+                ]
+                continue
+            values = np.asarray(s["time_series"], dtype=np.float32)
+            if values.ndim != 2 or not len(values):
+                log.warning("%s: stream %r has no samples; skipped", path, name)
+                continue
+            t = np.asarray(s["time_stamps"], np.float64)
+            jumps = np.flatnonzero(np.diff(t) > max_gap_s)
+            if len(jumps):
+                cut = int(jumps[0]) + 1
+                dropped[name] = len(t) - cut
+                log.warning(
+                    "%s: stream %r clock jumps %+.1f s after sample %d; the %d samples after "
+                    "it are dropped",
+                    path,
+                    name,
+                    t[cut] - t[cut - 1],
+                    cut,
+                    len(t) - cut,
+                )
+                t, values = t[:cut], values[:cut]
+            streams[name] = (t, values, float(info["nominal_srate"][0]))
+        if not streams:
+            raise DatasetError(f"{path}: no numeric stream (is it an XDF recording?)")
+        markers.sort()
+        return cls(streams, markers, path, dropped)
+
+    @property
+    def start(self) -> float:
+        return min(t[0] for t, _, _ in self.streams.values())
+
+    @property
+    def end(self) -> float:
+        return max(t[-1] for t, _, _ in self.streams.values())
+
+    def label_at(self, t0: float, t1: float) -> str | None:
+        """The label covering all of [t0, t1), or None (no label, or it changes inside)."""
+        i = int(np.searchsorted(self._label_t, t0, side="right")) - 1
+        if i < 0 or not self.markers[i][1].startswith(LABEL_PREFIX):
+            return None
+        if i + 1 < len(self.markers) and self.markers[i + 1][0] < t1:
+            return None
+        label = self.markers[i][1][len(LABEL_PREFIX) :]
+        return None if label == "none" else label
+
+
+class Replay(Reader):
+    """Owns a recording and plays the streams named by ``sensors`` (sensor -> stream name).
+
+    ``speed=None`` plays as fast as possible on the recording's own clock (virtual time); a
+    number paces chunks at that multiple of real time. ``dropouts`` removes samples of a
+    sensor over (start, length) seconds from the recording start, to rehearse a sensor loss;
+    ``section`` = (from, to) seconds from the start plays only that part.
+    """
+
+    def __init__(
+        self,
+        recording: Recording,
+        sensors: Mapping[str, str] | Sequence[str],
+        speed: float | None = None,
+        chunk_s: float = 0.04,
+        dropouts: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+        section: tuple[float, float] | None = None,
+    ) -> None:
+        names = dict(sensors) if isinstance(sensors, Mapping) else {s: s for s in sensors}
+        missing = {s: n for s, n in names.items() if n not in recording.streams}
+        if missing:
+            raise DatasetError(
+                f"{recording.path}: no stream named {sorted(missing.values())} "
+                f"(for sensors {sorted(missing)}); the recording has {sorted(recording.streams)}"
+            )
+        self.recording = recording
+        self.names = names
+        self.speed = speed
+        self.chunk_s = chunk_s
+        self.dropouts = {k: list(v) for k, v in (dropouts or {}).items()}
+        self.section = section or (0.0, np.inf)
+        unknown = sorted(set(self.dropouts) - set(names))
+        if unknown:
+            raise DatasetError(f"dropouts for unknown sensors {unknown}")
+        self.sensors = {
+            s: SensorInfo(s, recording.streams[n][1].shape[1], recording.streams[n][2])
+            for s, n in names.items()
+        }
+
+    def _schedule(self) -> list[tuple[float, str, np.ndarray, np.ndarray]]:
+        start = self.recording.start
+        events = []
+        for sensor, name in self.names.items():
+            t, x, _ = self.recording.streams[name]
+            keep = (t >= start + self.section[0]) & (t < start + self.section[1])
+            for a, length in self.dropouts.get(sensor, []):
+                keep &= ~((t >= start + a) & (t < start + a + length))
+            t, x = t[keep], x[keep]
+            if not len(t):
+                continue
+            # chunk boundaries on the recording's clock, so every speed cuts the same chunks
+            edges = np.searchsorted(t, np.arange(start, t[-1] + self.chunk_s, self.chunk_s)[1:])
+            for lo, hi in zip(np.r_[0, edges[:-1]], edges, strict=True):
+                if hi > lo:
+                    events.append((float(t[hi - 1]), sensor, t[lo:hi], x[lo:hi]))
+        events.sort(key=lambda e: e[0])
+        return events
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        wall0, start = host_clock(), self.recording.start
+        for arrival, sensor, t, x in self._schedule():
+            if self.speed is not None:
+                delay = wall0 + (arrival - start) / self.speed - host_clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            else:
+                await asyncio.sleep(0)
+            yield Chunk(sensor, x, t, arrival, host_clock())
