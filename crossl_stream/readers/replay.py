@@ -20,6 +20,7 @@ from crossl_stream.readers.base import Chunk, Reader, SensorInfo
 
 log = logging.getLogger(__name__)
 LABEL_PREFIX = "label:"
+YIELD_EVERY = 256  # chunks between yields to the event loop at max speed
 
 
 class Recording:
@@ -176,11 +177,11 @@ class Replay(Reader):
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         wall0, start = host_clock(), self.recording.start
-        for arrival, sensor, t, x in self._schedule():
+        for i, (arrival, sensor, t, x) in enumerate(self._schedule()):
             if self.speed is not None:
                 delay = wall0 + (arrival - start) / self.speed - host_clock()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            else:
-                await asyncio.sleep(0)
+            elif i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # as fast as possible, but let the consumers batch
             yield Chunk(sensor, x, t, arrival, host_clock())
