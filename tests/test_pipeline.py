@@ -53,8 +53,16 @@ def test_simulated_session_is_predicted_with_the_dropout_masked(model, tmp_path)
 def test_real_time_and_max_speed_give_the_same_predictions(model, tmp_path):
     fast = run(model, Simulator(SENSORS, 3.0), tmp_path / "fast.jsonl")[2]
     real = run(model, Simulator(SENSORS, 3.0, speed=4.0), tmp_path / "real.jsonl")[2]
-    strip = [{k: r[k] for k in ("seq", "t_window_end", "label", "probs", "mask")} for r in fast]
-    assert strip == [{k: r[k] for k in strip[0]} for r in real]
+    assert_same_predictions(fast, real)
+
+
+def assert_same_predictions(a, b):
+    """Same windows, labels and masks; probabilities equal up to float rounding (batches of
+    different sizes take different kernel paths)."""
+    keys = ("seq", "t_window_end", "label", "mask")
+    assert [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
+    probs = [list(r["probs"].values()) for r in a], [list(r["probs"].values()) for r in b]
+    np.testing.assert_allclose(*probs, rtol=0, atol=1e-6)
 
 
 class BrokenReader(Reader):
