@@ -23,6 +23,14 @@ def default_model_dir() -> Path:
     return REPO_ROOT / "models" / "default"
 
 
+def _shown(path: str | Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _git_sha() -> str:
     head = REPO_ROOT / ".git" / "HEAD"
     try:
@@ -113,7 +121,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     specs = {s.name: s for s in model.modalities}
     window_s = next(iter(specs.values())).window_s
     print(
-        f"model {args.model} ({', '.join(specs)}), recording "
+        f"model {_shown(args.model)} ({', '.join(specs)}), recording "
         f"{args.recording or 'shipped excerpt'}: {len(dataset.recordings)} recordings, "
         f"{window_s:g} s windows every {args.hop:g} s"
     )
@@ -179,7 +187,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         publishers.append(JsonlPublisher(args.out))
     print(
         f"replaying {path.name} ({recording.end - recording.start:.0f} s, streams "
-        f"{', '.join(reader.names.values())}) {pace} through {args.model}"
+        f"{', '.join(reader.names.values())}) {pace} through {_shown(args.model)}"
     )
     start = time.perf_counter()
     counters = asyncio.run(run_pipeline(reader, windower, worker, publishers))
