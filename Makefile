@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # LSL discovery stays on this machine in everything make runs.
 export LSLAPICFG := $(CURDIR)/tools/lsl_api.cfg
 
-.PHONY: demo test install data lint train results clean
+.PHONY: demo replay test install data lint train results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 ## demo: the shipped default model over the shipped held-out recording excerpt
 demo: $(STAMP)
 	$(BIN)/crossl-stream predict
+
+## replay: stream the shipped XDF session through the model, with a 60 s gyroscope loss
+replay: $(STAMP)
+	$(BIN)/crossl-stream replay --drop gyro:200:60
 
 ## data: fetch the real recordings (PyPI packages seglearn and aeon) into the data cache
 data: $(STAMP)

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Benchmark the streaming spine; prints figures (no pass/fail).
+
+1. Ingest: RingBuffer + Windower throughput in channel-samples per second, three sensors
+   (32 ch at 500 Hz, 8 ch at 2 kHz, 6 ch at 100 Hz) in 20 ms chunks, 2 s windows every
+   100 ms, against a naive baseline (np.roll per chunk, resample by np.interp per channel).
+2. Worker: windows per second of the default model, one window at a time and in batches.
+3. Replay: the shipped XDF session through the whole pipeline at max speed, in times real
+   time (the target is >= 1000x on CPU for the default model).
+
+Usage: python tools/bench_spine.py [--seconds 60] [--model models/default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("LSLAPICFG", str(Path(__file__).with_name("lsl_api.cfg")))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from crossl_stream.inference import InferenceWorker, Predictor  # noqa: E402
+from crossl_stream.model import ModalitySpec, load_model  # noqa: E402
+from crossl_stream.pipeline import run_pipeline  # noqa: E402
+from crossl_stream.publishers import MemoryPublisher  # noqa: E402
+from crossl_stream.readers.replay import Recording, Replay  # noqa: E402
+from crossl_stream.training.datasets import shipped_excerpt  # noqa: E402
+from crossl_stream.windower import Windower  # noqa: E402
+
+SENSORS = {"eeg": (32, 500.0), "emg": (8, 2000.0), "imu": (6, 100.0)}
+TARGET_HZ = {"eeg": 250.0, "emg": 1000.0, "imu": 50.0}
+
+
+def chunks(seconds: float, chunk_s: float = 0.02):
+    rng = np.random.default_rng(0)
+    out = []
+    for k in range(int(seconds / chunk_s)):
+        for name, (ch, rate) in SENSORS.items():
+            n = int(rate * chunk_s)
+            t = k * chunk_s + np.arange(n) / rate
+            out.append((name, rng.normal(size=(n, ch)).astype(np.float32), t, t[-1]))
+    return out
+
+
+def bench_windower(data) -> tuple[float, int]:
+    specs = [
+        ModalitySpec(
+            name=n, channels=SENSORS[n][0], rate_hz=TARGET_HZ[n], samples=int(2 * TARGET_HZ[n])
+        )
+        for n in SENSORS
+    ]
+    w = Windower(
+        specs, hop_s=0.1, lateness_s=0.0, source_rates={n: r for n, (_, r) in SENSORS.items()}
+    )
+    start = time.perf_counter()
+    windows = 0
+    for name, x, t, now in data:
+        w.push(name, x, t, now, now)
+        windows += len(w.poll(now))
+    return time.perf_counter() - start, windows
+
+
+def bench_naive(data) -> tuple[float, int]:
+    """What a first attempt looks like: np.roll per chunk, np.interp per channel."""
+    bufs = {
+        n: (np.zeros((int(6 * r), ch), np.float32), np.full(int(6 * r), -np.inf))
+        for n, (ch, r) in SENSORS.items()
+    }
+    next_end, windows = 2.0, 0
+    start = time.perf_counter()
+    for name, x, t, _ in data:
+        v, ts = bufs[name]
+        v = np.roll(v, -len(x), axis=0)
+        ts = np.roll(ts, -len(t))
+        v[-len(x) :], ts[-len(t) :] = x, t
+        bufs[name] = (v, ts)
+        mark = min(b[1][-1] for b in bufs.values())
+        while next_end <= mark:
+            for n, (vv, tt) in bufs.items():
+                grid = next_end - 2.0 + np.arange(int(2 * TARGET_HZ[n])) / TARGET_HZ[n]
+                np.stack([np.interp(grid, tt, vv[:, c]) for c in range(vv.shape[1])])
+            windows += 1
+            next_end += 0.1
+    return time.perf_counter() - start, windows
+
+
+def bench_worker(model, n: int = 512) -> dict[str, float]:
+    from crossl_stream.windower import Window
+
+    rng = np.random.default_rng(0)
+    windows = [
+        Window(
+            i,
+            float(i),
+            {
+                m.name: rng.normal(size=(m.channels, m.samples)).astype(np.float32)
+                for m in model.modalities
+            },
+            {m.name: True for m in model.modalities},
+            {},
+            {},
+            0.0,
+        )
+        for i in range(n)
+    ]
+    out = {}
+    for batch in (1, 32):
+        predictor = Predictor(model, "cpu", max_batch=batch)
+        predictor(windows[:batch])  # warm up
+        start = time.perf_counter()
+        for i in range(0, n, batch):
+            predictor(windows[i : i + batch])
+        out[batch] = n / (time.perf_counter() - start)
+    return out
+
+
+def bench_replay(model) -> tuple[float, float, int]:
+    recording = Recording.load(shipped_excerpt().with_suffix(".xdf"))
+    reader = Replay(recording, model.modality_names)
+    windower = Windower(model.modalities, hop_s=0.5, source_rates={"acc": 50.0, "gyro": 50.0})
+    worker = InferenceWorker(Predictor(model, "cpu", max_batch=64), 256, policy="block")
+    memory = MemoryPublisher()
+    start = time.perf_counter()
+    asyncio.run(run_pipeline(reader, windower, worker, [memory]))
+    wall = time.perf_counter() - start
+    return recording.end - recording.start, wall, len(memory.records)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="stream length to ingest")
+    parser.add_argument("--model", default="models/default")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    data = chunks(args.seconds)
+    samples = sum(x.size for _, x, _, _ in data)
+    fast, n_fast = bench_windower(data)
+    slow, n_slow = bench_naive(data)
+    print(
+        f"ingest (buffer + windower), {args.seconds:g} s of 3 sensors, {samples / 1e6:.1f} M "
+        f"channel-samples, {n_fast} windows:"
+    )
+    for name, took, n in (("crossl-stream", fast, n_fast), ("naive", slow, n_slow)):
+        print(
+            f"  {name:<14}{samples / took / 1e6:8.1f} M ch-samples/s "
+            f"({args.seconds / took:7.0f}x real time, {n} windows)"
+        )
+    print(f"  ratio         {slow / fast:8.1f}x faster than the naive baseline")
+    model = load_model(args.model)
+    rates = bench_worker(model)
+    print(
+        f"worker, {args.model} on cpu: {rates[1]:.0f} windows/s one at a time, "
+        f"{rates[32]:.0f} windows/s in batches of 32 ({rates[32] / rates[1]:.1f}x)"
+    )
+    span, wall, n = bench_replay(model)
+    print(
+        f"replay, shipped session ({span:.0f} s, {n} windows) at max speed: {wall:.2f} s, "
+        f"{span / wall:.0f}x real time"
+    )
+
+
+if __name__ == "__main__":
+    main()
