@@ -189,7 +189,9 @@ class Windower:
         For ``connect_grace_s`` after the first sample, a sensor that has not delivered yet
         holds the watermark, so a slow start is not mistaken for a missing sensor.
         """
-        states = self.states(now)
+        return self._watermark(now, self.states(now))
+
+    def _watermark(self, now: float, states: dict[str, StreamState]) -> float:
         waiting = StreamState.CONNECTING in states.values()
         if waiting and now - self._started < self.connect_grace_s:
             return -np.inf
@@ -198,7 +200,8 @@ class Windower:
 
     def poll(self, now: float) -> list[Window]:
         """Every window whose end the watermark has passed, oldest first."""
-        return self._emit(self.watermark(now), self.states(now))
+        states = self.states(now)  # once per poll: this runs for every chunk
+        return self._emit(self._watermark(now, states), states)
 
     def flush(self) -> list[Window]:
         """At the end of a stream: every window up to the newest sample of any sensor."""
