@@ -234,6 +234,8 @@ class Windower:
     def _skip_silence(self, mark: float) -> None:
         """Jump over due grid ends whose windows hold no sample at all (after a long
         silence), counting them as empty instead of resampling each one."""
+        if mark - self._next_end < self.window_s:
+            return  # the usual case, checked per chunk: at most a window's worth is due
         start = self._next_end - self.window_s - max(self._tolerance.values())
         first = min(b.first_time_at_or_after(start) for b in self.buffers.values())
         first_end = (math.floor(first / self.hop_s) + 1) * self.hop_s if first < np.inf else np.inf
