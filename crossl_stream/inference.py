@@ -136,7 +136,6 @@ class WorkerCounters:
     dropped: int = 0  # oldest windows dropped by the drop_oldest policy
     predictions: int = 0
     batches: int = 0
-    errors: int = 0
 
 
 class InferenceWorker:
