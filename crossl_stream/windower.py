@@ -4,7 +4,14 @@ Window ends lie on a fixed grid (multiples of the hop on the host clock), so the
 give the same windows whether they arrive live, in a fast replay, or all at once. A window
 ``[t_end - W, t_end)`` is emitted once the watermark passes ``t_end``:
 
-    watermark = min over LIVE sensors of (newest timestamp) - allowed lateness
+    watermark = min over LIVE sensors of (newest finite sample's time) - allowed lateness
+
+Each modality is resampled onto its target grid (multiples of the target period) by linear
+interpolation between the nearest finite samples on either side, which is ``np.interp`` of the
+whole stream, held at its ends; a grid point is covered when a sample lies within the gap
+tolerance (``gap_periods`` source periods). Resampled points that no later sample can change
+are kept, so overlapping windows resample each point once (when the hop is a whole number of
+target periods).
 
 A sensor that is stale or lost leaves the watermark, so it never blocks the others; its part
 of a window is masked when too little of the window is covered by its samples. At start-up,
@@ -33,7 +40,7 @@ from crossl_stream.model.specs import ModalitySpec
 class StreamState(str, Enum):
     """Where a sensor stands, judged from the age of its newest sample."""
 
-    CONNECTING = "connecting"  # no sample yet
+    CONNECTING = "connecting"  # no usable sample yet
     LIVE = "live"
     STALE = "stale"  # silent for longer than stale_s: out of the watermark
     LOST = "lost"  # silent for longer than lost_s
@@ -66,6 +73,112 @@ class WindowerCounters:
     masked: dict[str, int] = field(default_factory=dict)
     nan_samples: dict[str, int] = field(default_factory=dict)
     future_samples: dict[str, int] = field(default_factory=dict)
+
+
+class _Resampler:
+    """Owns one modality's target grid: each grid point is the linear interpolation of the
+    nearest finite samples before and after it (held at the ends), and counts as covered when
+    a sample lies within ``tol`` of it.
+
+    Grid points lie at multiples of the target period on the stream clock. A point that no
+    later sample can change (a finite sample at or after it is in) is kept, so overlapping
+    windows resample each point once and a window is a slice of the kept points.
+    """
+
+    def __init__(self, spec: ModalitySpec, buffer: RingBuffer, tol: float, hop_s: float) -> None:
+        self.spec = spec
+        self.buffer = buffer
+        self.tol = tol
+        self.final = -np.inf  # newest finite sample: grid points up to it are final
+        self.last_bad = -np.inf  # newest NaN / Inf sample
+        hop_points = hop_s * spec.rate_hz
+        # windows share grid points only when the hop is a whole number of target periods
+        self.aligned = abs(hop_points - round(hop_points)) < 1e-6
+        capacity = 2 * spec.samples + 4 * max(1, round(hop_points))
+        self._values = np.zeros((spec.channels, capacity), dtype=np.float32)
+        self._near = np.zeros(capacity, dtype=bool)
+        self._k0 = 0  # grid index of column 0
+        self._kept = 0  # columns [0, kept) hold final points
+
+    def window(self, t_end: float) -> tuple[np.ndarray, float]:
+        """The window ending at ``t_end``: [channels, samples] float32 and its coverage."""
+        n = self.spec.samples
+        if not self.aligned:
+            grid = t_end - self.spec.window_s + np.arange(n) / self.spec.rate_hz
+            x, near = self._interpolate(grid)
+            return np.ascontiguousarray(x), float(np.count_nonzero(near)) / n
+        k_end = round(t_end * self.spec.rate_hz)
+        k_start = k_end - n
+        if not self._k0 <= k_start <= self._k0 + self._kept:
+            self._k0, self._kept = k_start, 0  # the first window, or after a skipped silence
+        if k_end - self._k0 > self._near.size:  # slide the kept points to the front
+            a = k_start - self._k0
+            self._values[:, : self._kept - a] = self._values[:, a : self._kept]
+            self._near[: self._kept - a] = self._near[a : self._kept]
+            self._k0, self._kept = k_start, self._kept - a
+        k_new = self._k0 + self._kept
+        if k_new < k_end:
+            grid = np.arange(k_new, k_end) / self.spec.rate_hz
+            x, near = self._interpolate(grid)
+            self._values[:, self._kept : k_end - self._k0] = x
+            self._near[self._kept : k_end - self._k0] = near
+            self._kept += int(np.searchsorted(grid, self.final, side="right"))
+        a = k_start - self._k0
+        coverage = float(np.count_nonzero(self._near[a : a + n])) / n
+        return self._values[:, a : a + n].copy(), coverage
+
+    def _interpolate(self, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Values [channels, len(grid)] at ``grid`` and whether a sample is within tol.
+
+        This runs once per modality per window: it keeps to few numpy calls.
+        """
+        buf = self.buffer
+        lo, hi = buf.index_at(grid[0]) - 1, buf.index_at(grid[-1]) + 1
+        t, x = buf.read_index(lo, hi, copy=False)
+        if len(t) and t[0] <= self.last_bad:  # NaN / Inf rows may be in range: skip them
+            t, x = self._finite_neighbours(grid, lo, hi)
+        if len(t) < 2:
+            if not len(t):
+                shape = (self.spec.channels, len(grid))
+                return np.zeros(shape, np.float32), np.zeros(len(grid), bool)
+            return np.repeat(x.T, len(grid), axis=1), np.abs(grid - t[0]) <= self.tol
+        right = t.searchsorted(grid)
+        inside = t[0] < grid[0] and t[-1] >= grid[-1]
+        if not inside:  # grid points beyond the first or last sample: held
+            right = right.clip(1, len(t) - 1)
+        left = right - 1
+        t_left, t_right = t.take(left), t.take(right)
+        since = grid - t_left
+        until = t_right - grid
+        w = since / (t_right - t_left)
+        if not inside:
+            w = w.clip(0.0, 1.0)
+            np.abs(since, out=since)
+            np.abs(until, out=until)
+        x_left = x.take(left, axis=0)
+        out = x.take(right, axis=0)
+        out -= x_left
+        out *= w.astype(np.float32)[:, None]
+        out += x_left
+        return out.T, np.minimum(since, until) <= self.tol
+
+    def _finite_neighbours(
+        self, grid: np.ndarray, lo: int, hi: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The finite samples of [lo, hi), widened until they bracket ``grid`` where the
+        buffer allows."""
+        buf = self.buffer
+        oldest = buf.count - len(buf)
+        while True:
+            t, x = buf.read_index(lo, hi)
+            finite = np.isfinite(x).all(axis=1)
+            t, x = t[finite], x[finite]
+            left_ok = lo <= oldest or (len(t) > 0 and t[0] < grid[0])
+            right_ok = hi >= buf.count or (len(t) > 0 and t[-1] >= grid[-1])
+            if left_ok and right_ok:
+                return t, x
+            width = hi - lo
+            lo, hi = (lo if left_ok else lo - width), (hi if right_ok else hi + width)
 
 
 class Windower:
@@ -123,7 +236,11 @@ class Windower:
             )
             for m in modalities
         }
-        self._grid = {m.name: np.arange(m.samples) / m.rate_hz - self.window_s for m in modalities}
+        self._resamplers = {
+            m.name: _Resampler(m, self.buffers[m.name], self._tolerance[m.name], hop_s)
+            for m in modalities
+        }
+        self._newest = -np.inf  # newest finite sample of any sensor
         self._receipt_ts: dict[str, list[float]] = {n: [] for n in self.buffers}
         self._receipt_at: dict[str, list[float]] = {n: [] for n in self.buffers}
         self._next_end: float | None = None
@@ -152,28 +269,39 @@ class Windower:
         buffer = self.buffers.get(name)
         if buffer is None:
             raise InputError(f"unknown sensor {name!r}; the windower has {list(self.buffers)}")
-        timestamps = np.asarray(timestamps, dtype=np.float64)
-        future = timestamps > arrival + self.max_future_s
-        if future.any():
-            self.counters.future_samples[name] += int(future.sum())
-            keep = ~future
-            values, timestamps = np.asarray(values)[keep], timestamps[keep]
         before = buffer.counters.written
-        buffer.write(values, timestamps)
-        bad = ~np.isfinite(np.asarray(values, dtype=np.float32)).all(axis=1)
-        self.counters.nan_samples[name] += int(bad.sum())
-        if buffer.counters.written > before:
-            # Newest timestamp of each chunk and its host receipt time, for window latency.
-            self._receipt_ts[name].append(buffer.latest_time)
-            self._receipt_at[name].append(host_clock() if received is None else received)
-            self._started = min(self._started, arrival)
+        future = buffer.write(values, timestamps, until=arrival + self.max_future_s)
+        if future:
+            self.counters.future_samples[name] += future
+        new = buffer.counters.written - before
+        if not new:
+            return
+        resampler = self._resamplers[name]
+        if np.isfinite(np.add.reduce(values, axis=None)):  # one pass; overflow -> exact check
+            resampler.final = buffer.latest_time
+        else:
+            t, x = buffer.read_index(buffer.count - new, buffer.count)
+            finite = np.isfinite(x).all(axis=1)
+            if finite.all():
+                resampler.final = buffer.latest_time
+            else:  # NaN / Inf rows stay in the buffer, counted here, skipped by the resampler
+                self.counters.nan_samples[name] += int(new - finite.sum())
+                resampler.last_bad = float(t[~finite][-1])
+                if finite.any():
+                    resampler.final = max(resampler.final, float(t[finite][-1]))
+        # Newest timestamp of each chunk and its host receipt time, for window latency.
+        self._receipt_ts[name].append(buffer.latest_time)
+        self._receipt_at[name].append(host_clock() if received is None else received)
+        self._started = min(self._started, arrival)
+        self._newest = max(self._newest, resampler.final)
 
     def states(self, now: float) -> dict[str, StreamState]:
-        """Each sensor's state at host time ``now``."""
+        """Each sensor's state at host time ``now``, from the age of its newest usable
+        (finite) sample: a sensor sending only NaN is as good as silent."""
         out = {}
-        for name, buffer in self.buffers.items():
-            age = now - buffer.latest_time
-            if not len(buffer):
+        for name, resampler in self._resamplers.items():
+            age = now - resampler.final
+            if resampler.final == -np.inf:
                 out[name] = StreamState.CONNECTING
             elif age <= self.stale_s:
                 out[name] = StreamState.LIVE
@@ -195,17 +323,19 @@ class Windower:
         waiting = StreamState.CONNECTING in states.values()
         if waiting and now - self._started < self.connect_grace_s:
             return -np.inf
-        live = [self.buffers[n].latest_time for n, s in states.items() if s == StreamState.LIVE]
+        live = [self._resamplers[n].final for n, s in states.items() if s == StreamState.LIVE]
         return min(live) - self.lateness_s if live else -np.inf
 
     def poll(self, now: float) -> list[Window]:
         """Every window whose end the watermark has passed, oldest first."""
+        if self._next_end is not None and self._newest - self.lateness_s < self._next_end - 1e-9:
+            return []  # the usual case: no window can be due yet
         states = self.states(now)  # once per poll: this runs for every chunk
         return self._emit(self._watermark(now, states), states)
 
     def flush(self) -> list[Window]:
         """At the end of a stream: every window up to the newest sample of any sensor."""
-        newest = max(b.latest_time for b in self.buffers.values())
+        newest = self._newest
         return self._emit(newest, self.states(newest))
 
     def _emit(self, mark: float, states: dict[str, StreamState]) -> list[Window]:
@@ -255,8 +385,7 @@ class Windower:
         data, available, coverage = {}, {}, {}
         newest_arrival = -np.inf
         for m in self.modalities:
-            grid = t_end + self._grid[m.name]
-            x, cov = self._resample(m, grid)
+            x, cov = self._resamplers[m.name].window(t_end)
             coverage[m.name] = cov
             available[m.name] = cov >= self.min_coverage
             data[m.name] = x if available[m.name] else np.zeros_like(x)
@@ -272,26 +401,3 @@ class Windower:
         return Window(
             self._seq, t_end, data, available, coverage, dict(states), newest_arrival, host_clock()
         )
-
-    def _resample(self, m: ModalitySpec, grid: np.ndarray) -> tuple[np.ndarray, float]:
-        """Linear interpolation of the buffered samples onto ``grid``; coverage = fraction of
-        grid points with a sample within the gap tolerance."""
-        tol = self._tolerance[m.name]
-        t, x = self.buffers[m.name].read(grid[0] - tol, grid[-1] + 1.0 / m.rate_hz)
-        finite = np.isfinite(x).all(axis=1)  # NaN / Inf samples were counted in push
-        if not finite.all():
-            t, x = t[finite], x[finite]
-        out = np.zeros((m.channels, len(grid)), dtype=np.float32)
-        if len(t) == 0:
-            return out, 0.0
-        right = np.searchsorted(t, grid, side="left").clip(1, len(t) - 1) if len(t) > 1 else None
-        if right is None:
-            out[:] = x[0][:, None]
-            near = np.abs(grid - t[0])
-        else:
-            left = right - 1
-            span = t[right] - t[left]
-            w = np.clip((grid - t[left]) / span, 0.0, 1.0)
-            out[:] = (x[left] * (1 - w)[:, None] + x[right] * w[:, None]).T
-            near = np.minimum(np.abs(grid - t[left]), np.abs(t[right] - grid))
-        return out, float(np.mean(near <= tol))

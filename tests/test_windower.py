@@ -20,20 +20,21 @@ HOP = 0.25
 
 
 def reference_window(t, x, spec, t_end, source_rate, gap_periods=2.0):
-    """Plain loops: nearest samples around each grid point among those in [start - tol, t_end)."""
+    """Plain loops over the whole stream: each grid point interpolates the nearest finite
+    samples before and after it (held at the ends); covered when one is within tolerance."""
     tol = gap_periods / source_rate
     grid = [t_end - spec.window_s + k / spec.rate_hz for k in range(spec.samples)]
-    sel = [i for i in range(len(t)) if grid[0] - tol <= t[i] < t_end and np.isfinite(x[i]).all()]
+    sel = [i for i in range(len(t)) if np.isfinite(x[i]).all()]
     out = np.zeros((spec.channels, spec.samples))
     covered = 0
     if not sel:
         return out, 0.0
     for k, g in enumerate(grid):
-        before = [i for i in sel if t[i] <= g]
+        before = [i for i in sel if t[i] < g]
         after = [i for i in sel if t[i] >= g]
         if before and after:
             a, b = before[-1], after[0]
-            w = 0.0 if t[b] == t[a] else (g - t[a]) / (t[b] - t[a])
+            w = (g - t[a]) / (t[b] - t[a])
             out[:, k] = x[a] * (1 - w) + x[b] * w
             near = min(g - t[a], t[b] - g)
         else:
