@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # LSL discovery stays on this machine in everything make runs.
 export LSLAPICFG := $(CURDIR)/tools/lsl_api.cfg
 
-.PHONY: demo replay test install data lint train results clean
+.PHONY: demo replay predict test install data lint train results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## demo: the shipped default model over the shipped held-out recording excerpt
+## demo: stream the shipped held-out session through the shipped model at 20x real time,
+## with a 60 s gyroscope loss mid-replay (configs/replay.yaml); about 30 s
 demo: $(STAMP)
-	$(BIN)/crossl-stream predict
+	$(BIN)/crossl-stream run configs/replay.yaml
 
-## replay: stream the shipped XDF session through the model, with a 60 s gyroscope loss
+## replay: the same session as fast as possible (virtual clock), then the summary
 replay: $(STAMP)
-	$(BIN)/crossl-stream replay --drop gyro:200:60
+	$(BIN)/crossl-stream replay --speed max --drop gyro:200:60 --print-every 50
+
+## predict: offline batch prediction of the held-out recordings, scored per recording
+predict: $(STAMP)
+	$(BIN)/crossl-stream predict
 
 ## data: fetch the real recordings (PyPI packages seglearn and aeon) into the data cache
 data: $(STAMP)

@@ -1,4 +1,4 @@
-"""The ``crossl-stream`` command: train, eval, predict."""
+"""The ``crossl-stream`` command: train, eval, predict, replay, run."""
 
 from __future__ import annotations
 
@@ -11,16 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from crossl_stream import default_model_dir
 from crossl_stream.errors import CrosslError
 
 log = logging.getLogger("crossl_stream")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_model_dir() -> Path:
-    """``models/default`` of this checkout."""
-    return REPO_ROOT / "models" / "default"
 
 
 def _shown(path: str | Path) -> str:
@@ -157,66 +153,156 @@ def _dropout(text: str) -> tuple[str, float, float]:
         ) from None
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    import asyncio
+def cmd_run(args: argparse.Namespace) -> int:
+    from crossl_stream.config import JsonlPublisherConfig, PipelineConfig, load_config
 
-    from crossl_stream.inference import InferenceWorker, Predictor
-    from crossl_stream.model.checkpoint import load_model
-    from crossl_stream.pipeline import run_pipeline
-    from crossl_stream.publishers import ConsolePublisher, JsonlPublisher, MemoryPublisher
-    from crossl_stream.readers.replay import Recording, Replay
+    cfg = load_config(args.config, PipelineConfig)
+    if args.out:
+        out = JsonlPublisherConfig(kind="jsonl", path=Path(args.out).resolve())
+        cfg = cfg.model_copy(update={"publishers": (*cfg.publishers, out)})
+    return _play(cfg, Path(args.config).parent, _shown(args.config))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from crossl_stream.config import PipelineConfig, ReplayReaderConfig
+    from crossl_stream.model.checkpoint import read_meta
+    from crossl_stream.readers.replay import Recording
     from crossl_stream.training.datasets import shipped_excerpt
-    from crossl_stream.windower import Windower
 
     path = Path(args.recording) if args.recording else shipped_excerpt().with_suffix(".xdf")
+    modalities = [m["name"] for m in read_meta(Path(args.model))["modalities"]]
     recording = Recording.load(path)
-    model = load_model(args.model)
-    dropouts: dict[str, list[tuple[float, float]]] = {}
-    for sensor, start, length in args.drop:
-        dropouts.setdefault(sensor, []).append((start, length))
-    speed = None if args.speed == "max" else float(args.speed)
-    pace = "as fast as possible" if speed is None else f"at {speed:g}x real time"
-    section = (args.start, args.start + args.duration) if args.duration else None
-    reader = Replay(recording, model.modality_names, speed, dropouts=dropouts, section=section)
-    rates = {s: info.rate_hz for s, info in reader.sensors.items()}
-    windower = Windower(model.modalities, hop_s=args.hop, source_rates=rates)
-    worker = InferenceWorker(Predictor(model, args.device, max_batch=64), 256, policy="block")
-    memory = MemoryPublisher()
-    publishers = [memory, ConsolePublisher(every=args.print_every)]
+    sensors = {}
+    for name in modalities:  # one sensor per model modality, from the stream of that name
+        if name in recording.streams:
+            _, values, rate = recording.streams[name]
+            sensors[name] = {"channels": values.shape[1], "rate_hz": rate or 1.0}
+    missing = [m for m in modalities if m not in sensors]
+    if missing:
+        raise CrosslError(
+            f"{path}: no stream for the model's modalities {missing}; the recording has "
+            f"{sorted(recording.streams)}"
+        )
+    publishers: list[dict] = [{"kind": "console", "every": args.print_every}]
     if args.out:
-        publishers.append(JsonlPublisher(args.out))
-    print(
-        f"replaying {path.name} ({recording.end - recording.start:.0f} s, streams "
-        f"{', '.join(reader.names.values())}) {pace} through {_shown(args.model)}"
+        publishers.append({"kind": "jsonl", "path": str(Path(args.out).resolve())})
+    reader = ReplayReaderConfig(
+        kind="replay",
+        path=path.resolve(),
+        speed="max" if args.speed == "max" else float(args.speed),
+        dropouts=tuple({"sensor": s, "start_s": a, "length_s": n} for s, a, n in args.drop),
+        start_s=args.start,
+        duration_s=args.duration,
     )
+    cfg = PipelineConfig.model_validate(
+        {
+            "sensors": sensors,
+            "readers": [reader],
+            "window": {"hop_s": args.hop},
+            "inference": {
+                "model": str(Path(args.model).resolve()),
+                "device": args.device,
+                "max_batch": 64,
+                "queue_size": 256,
+                "backpressure": "block",
+            },
+            "publishers": publishers,
+        }
+    )
+    return _play(cfg, Path.cwd(), "replay")
+
+
+def _play(cfg, base: Path, source: str) -> int:
+    """Build the pipeline of ``cfg``, run it (Ctrl-C stops and drains), print a summary."""
+    import asyncio
+    import signal
+
+    from crossl_stream.pipeline import Pipeline
+    from crossl_stream.publishers import MemoryPublisher
+
+    pipeline = Pipeline.from_config(cfg, base, source)
+    memory = MemoryPublisher()
+    pipeline.publishers.append(memory)
+    print(describe(pipeline))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, pipeline.stop)
+        await pipeline.run()
+
     start = time.perf_counter()
-    counters = asyncio.run(run_pipeline(reader, windower, worker, publishers))
-    wall = time.perf_counter() - start
-    print_summary(memory.records, recording, model.window_s, windower, counters, wall)
+    asyncio.run(main())
+    print_summary(pipeline, memory.records, time.perf_counter() - start)
     return 0
 
 
-def print_summary(records, recording, window_s, windower, counters, wall) -> None:
-    """Accuracy against the recording's labels, masks, latency and replay speed."""
-    scored = [
-        (r, recording.label_at(r["t_window_end"] - window_s, r["t_window_end"])) for r in records
-    ]
-    scored = [(r, label) for r, label in scored if label is not None]
-    correct = sum(r["label"] == label for r, label in scored)
-    total = np.array([r["latency_ms"]["total"] for r in records]) if records else np.zeros(1)
+def describe(pipeline) -> str:
+    """One line: what plays, at what pace, through which model."""
+    from crossl_stream.readers.replay import Replay
+
+    parts = []
+    for reader in pipeline.readers:
+        speed = getattr(reader, "speed", "live")  # replay and simulator: None = max speed
+        if speed == "live":
+            pace = "live"
+        else:
+            pace = "as fast as possible" if speed is None else f"at {speed:g}x real time"
+        if isinstance(reader, Replay):
+            rec = reader.recording
+            parts.append(
+                f"replaying {rec.path.name} ({rec.end - rec.start:.0f} s, streams "
+                f"{', '.join(reader.names.values())}) {pace}"
+            )
+        else:
+            parts.append(f"{type(reader).__name__.lower()} ({', '.join(reader.sensors)}) {pace}")
+    model = pipeline.worker.predictor
+    return f"{'; '.join(parts)} through {model.model_id} on {model.device}"
+
+
+def print_summary(pipeline, records, wall: float) -> None:
+    """Windows, masks, refusals, accuracy against a replay's labels, latency, speed."""
+    from crossl_stream.readers.replay import Replay
+
+    windower, counters = pipeline.windower, pipeline.counters
     masked = {m: n for m, n in windower.counters.masked.items() if n}
-    span = recording.end - recording.start
-    print(
-        f"windows {len(records)} ({len(scored)} inside a labelled exercise), masked "
-        f"{masked or 'none'}, refused chunks {counters.bad_chunks}"
-    )
-    if scored:
-        print(f"accuracy {correct / len(scored):.3f} over {len(scored)} labelled windows")
-    print(
-        f"latency total p50 {np.percentile(total, 50):.2f} ms, p99 "
-        f"{np.percentile(total, 99):.2f} ms; replayed {span:.0f} s in {wall:.1f} s "
-        f"({span / wall:.0f}x real time)"
-    )
+    refused = {
+        "chunks": counters.bad_chunks,
+        "out-of-order samples": sum(b.counters.out_of_order for b in windower.buffers.values()),
+        "future samples": sum(windower.counters.future_samples.values()),
+        "NaN samples": sum(windower.counters.nan_samples.values()),
+        "dropped windows": pipeline.worker.counters.dropped,
+    }
+    refused_text = ", ".join(f"{k} {v}" for k, v in refused.items() if v) or "nothing"
+    print(f"windows {len(records)}, masked {masked or 'none'}, refused {refused_text}")
+    replays = [r for r in pipeline.readers if isinstance(r, Replay)]
+    span = None
+    if replays:
+        recording = replays[0].recording
+        window_s = pipeline.model.window_s
+        scored = [
+            (r, recording.label_at(r["t_window_end"] - window_s, r["t_window_end"]))
+            for r in records
+        ]
+        scored = [(r, label) for r, label in scored if label is not None]
+        if scored:
+            correct = sum(r["label"] == label for r, label in scored)
+            partial = [(r, label) for r, label in scored if not all(r["mask"].values())]
+            line = f"accuracy {correct / len(scored):.3f} over {len(scored)} labelled windows"
+            if partial:
+                ok = sum(r["label"] == label for r, label in partial)
+                line += f" ({ok / len(partial):.3f} over the {len(partial)} with a masked sensor)"
+            print(line)
+        span = recording.end - recording.start
+    if records:
+        total = np.array([r["latency_ms"]["total"] for r in records])
+        infer = np.array([r["latency_ms"]["infer"] for r in records])
+        print(
+            f"latency total p50 {np.percentile(total, 50):.2f} ms, p99 "
+            f"{np.percentile(total, 99):.2f} ms (inference p50 {np.percentile(infer, 50):.2f} ms)"
+        )
+    pace = f" ({span / wall:.0f}x real time)" if span else ""
+    print(f"ran {wall:.1f} s{pace}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--print-every", type=int, default=10, help="print every n-th prediction")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("run", help="run a streaming pipeline from a YAML config")
+    p.add_argument("config", help="pipeline YAML, e.g. configs/replay.yaml")
+    p.add_argument("--out", default=None, help="also write predictions to this JSONL file")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("predict", help="predict a watch recording file and score it")
     p.add_argument("--model", default=str(default_model_dir()), help="model directory")

@@ -95,6 +95,184 @@ class TrainConfig(_Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
 
 
+# -- the streaming pipeline (`crossl-stream run CONFIG`) -------------------------------------
+
+Speed = Literal["max"] | Annotated[float, Field(gt=0.0)]
+
+
+class SensorConfig(_Strict):
+    """One sensor stream: the model modality it feeds, its shape, nominal rate and clock.
+
+    ``clock``: ``source`` keeps the reader's timestamps (already on the host time base: XDF
+    replay, LSL after clock correction); ``receipt`` stamps each chunk at its arrival and
+    spreads its samples back at the nominal rate (devices without usable timestamps).
+    """
+
+    modality: str | None = Field(None, description="model modality; default: the sensor name")
+    channels: int = Field(gt=0)
+    rate_hz: float = Field(gt=0.0, description="nominal sampling rate")
+    clock: Literal["source", "receipt"] = "source"
+    stale_s: float | None = Field(None, gt=0.0, description="default: window.stale_s")
+
+
+class WindowConfig(_Strict):
+    """Windowing on the host clock. Length and per-modality target rates come from the model;
+    when given here they must agree with it."""
+
+    length_s: float | None = Field(None, gt=0.0)
+    hop_s: float = Field(0.5, gt=0.0)
+    lateness_s: float = Field(0.05, ge=0.0)
+    stale_s: float = Field(0.5, gt=0.0, description="silence that takes a sensor out")
+    lost_s: float = Field(5.0, gt=0.0)
+    min_coverage: float = Field(0.8, gt=0.0, le=1.0)
+    connect_grace_s: float = Field(2.0, ge=0.0)
+    max_future_s: float = Field(1.0, gt=0.0)
+    target_rates: dict[str, Annotated[float, Field(gt=0.0)]] = {}
+
+    @model_validator(mode="after")
+    def _lost_after_stale(self) -> WindowConfig:
+        if self.lost_s < self.stale_s:
+            raise ValueError(f"lost_s ({self.lost_s}) is shorter than stale_s ({self.stale_s})")
+        return self
+
+
+class InferenceConfig(_Strict):
+    """The model, where it runs, and how windows queue for it."""
+
+    model: Path | None = Field(None, description="model directory; default: models/default")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    max_batch: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(0.0, ge=0.0, description="wait this long for a fuller batch")
+    queue_size: int = Field(64, ge=1)
+    backpressure: Literal["drop_oldest", "block"] = "drop_oldest"
+    threads: int | None = Field(None, ge=1, description="torch threads; default: torch's")
+
+
+class DropoutConfig(_Strict):
+    """Rehearse a sensor loss: no samples of ``sensor`` for ``length_s`` from ``start_s``."""
+
+    sensor: str
+    start_s: float = Field(ge=0.0)
+    length_s: float = Field(gt=0.0)
+
+
+class ReplayReaderConfig(_Strict):
+    """Plays an XDF recording (default: the shipped held-out session)."""
+
+    kind: Literal["replay"]
+    path: Path | None = None
+    speed: Speed = "max"
+    chunk_s: float = Field(0.04, gt=0.0)
+    streams: dict[str, str] = Field({}, description="sensor -> stream name; default: same")
+    dropouts: tuple[DropoutConfig, ...] = ()
+    start_s: float = Field(0.0, ge=0.0)
+    duration_s: float | None = Field(None, gt=0.0)
+    sensors: tuple[str, ...] | None = Field(None, description="default: every sensor")
+
+
+class SimulatedSensorConfig(_Strict):
+    """How one configured sensor is synthesised."""
+
+    kind: Literal["eeg", "emg", "imu"] = "imu"
+    chunk_s: float = Field(0.02, gt=0.0)
+    jitter_s: float = Field(0.0, ge=0.0)
+    dropouts: tuple[tuple[float, float], ...] = ()
+
+
+class SimulateReaderConfig(_Strict):
+    """Synthetic streams for the configured sensors (their channels and rates)."""
+
+    kind: Literal["simulate"]
+    duration_s: float = Field(gt=0.0)
+    speed: Speed = 1.0
+    seed: int = 0
+    sensors: dict[str, SimulatedSensorConfig]
+
+
+ReaderConfig = Annotated[
+    ReplayReaderConfig | SimulateReaderConfig,
+    Field(discriminator="kind"),
+]
+
+
+class JsonlPublisherConfig(_Strict):
+    """One prediction record per line, appended and flushed."""
+
+    kind: Literal["jsonl"]
+    path: Path
+
+
+class ConsolePublisherConfig(_Strict):
+    """A live line per prediction (or every n-th)."""
+
+    kind: Literal["console"]
+    every: int = Field(1, ge=1)
+
+
+PublisherConfig = Annotated[
+    JsonlPublisherConfig | ConsolePublisherConfig,
+    Field(discriminator="kind"),
+]
+
+
+class PipelineConfig(_Strict):
+    """A whole streaming pipeline: sensors, readers, windows, inference, publishers.
+
+    Relative paths are relative to the config file's folder.
+    """
+
+    sensors: dict[str, SensorConfig] = Field(min_length=1)
+    readers: tuple[ReaderConfig, ...] = Field(min_length=1)
+    window: WindowConfig = WindowConfig()
+    inference: InferenceConfig = InferenceConfig()
+    publishers: tuple[PublisherConfig, ...] = (ConsolePublisherConfig(kind="console"),)
+
+    def modality_of(self, sensor: str) -> str:
+        """The model modality a sensor feeds."""
+        return self.sensors[sensor].modality or sensor
+
+    def reader_sensors(self, reader: ReplayReaderConfig | SimulateReaderConfig) -> list[str]:
+        """The sensors one reader feeds."""
+        if isinstance(reader, SimulateReaderConfig):
+            return list(reader.sensors)
+        return list(reader.sensors) if reader.sensors is not None else list(self.sensors)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        modalities = [self.modality_of(s) for s in self.sensors]
+        twice = sorted({m for m in modalities if modalities.count(m) > 1})
+        if twice:
+            raise ValueError(f"modalities {twice} are fed by more than one sensor")
+        fed: dict[str, int] = {}
+        for i, reader in enumerate(self.readers):
+            names = self.reader_sensors(reader)
+            unknown = sorted(set(names) - set(self.sensors))
+            if unknown:
+                raise ValueError(
+                    f"readers.{i}: unknown sensors {unknown}; known {list(self.sensors)}"
+                )
+            for name in names:
+                if name in fed:
+                    raise ValueError(f"sensor {name!r} is fed by readers {fed[name]} and {i}")
+                fed[name] = i
+            if isinstance(reader, ReplayReaderConfig):
+                drops = sorted({d.sensor for d in reader.dropouts} - set(names))
+                if drops:
+                    raise ValueError(f"readers.{i}.dropouts: sensors {drops} are not replayed")
+                extra = sorted(set(reader.streams) - set(names))
+                if extra:
+                    raise ValueError(f"readers.{i}.streams: sensors {extra} are not replayed")
+            if reader.speed == "max" and len(self.readers) > 1:
+                raise ValueError(
+                    f"readers.{i}: speed max runs on its own virtual clock; it cannot be "
+                    "combined with other readers"
+                )
+        unfed = sorted(set(self.sensors) - set(fed))
+        if unfed:
+            raise ValueError(f"sensors {unfed} are fed by no reader")
+        return self
+
+
 T = TypeVar("T", bound=BaseModel)
 
 

@@ -1,16 +1,36 @@
-"""Pipeline: reader -> windower -> inference worker -> publishers, as two asyncio tasks."""
+"""Pipeline: readers -> windower -> inference worker -> publishers, as asyncio tasks.
+
+``Pipeline.from_config`` wires a validated ``PipelineConfig`` into running parts, checking
+the config against the model it loads; ``run`` plays until every reader ends (or ``stop``),
+then drains: every window cut is predicted and published.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from crossl_stream.errors import InputError
-from crossl_stream.inference import InferenceWorker
+import numpy as np
+
+from crossl_stream import default_model_dir
+from crossl_stream.config import (
+    ConsolePublisherConfig,
+    JsonlPublisherConfig,
+    PipelineConfig,
+    ReplayReaderConfig,
+    SimulateReaderConfig,
+)
+from crossl_stream.errors import ConfigError, InputError
+from crossl_stream.inference import InferenceWorker, Predictor
+from crossl_stream.model.checkpoint import load_model, model_id
+from crossl_stream.model.crossl import CroSSL
+from crossl_stream.publishers import ConsolePublisher, JsonlPublisher
 from crossl_stream.publishers.base import Publisher
-from crossl_stream.readers.base import Reader
+from crossl_stream.readers.base import Chunk, Reader
 from crossl_stream.windower import Windower
 
 log = logging.getLogger(__name__)
@@ -18,54 +38,290 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PipelineCounters:
+    """What went through the pipeline, and what it refused."""
+
     chunks: int = 0
     bad_chunks: int = 0  # refused with an InputError (wrong shape, unknown sensor, ...)
     windows: int = 0
     predictions: int = 0
 
 
-async def run_pipeline(
-    reader: Reader,
-    windower: Windower,
-    worker: InferenceWorker,
-    publishers: Sequence[Publisher],
-) -> PipelineCounters:
-    """Run until the reader ends, then drain: every window cut is predicted and published.
+class Pipeline:
+    """Owns the running parts of one stream: its readers, the windower, the inference worker
+    and the publishers, and what they counted.
 
-    A bad chunk is logged with its sensor and counted; it never stops the pipeline.
+    ``modality_of`` maps a reader's sensor names onto the windower's modalities (default:
+    the same names); sensors in ``receipt_rates`` get receipt-time stamps (their samples
+    spread back from the chunk's arrival at that rate).
     """
-    counters = PipelineCounters()
 
-    async def ingest() -> None:
+    def __init__(
+        self,
+        readers: Sequence[Reader],
+        windower: Windower,
+        worker: InferenceWorker,
+        publishers: Sequence[Publisher],
+        modality_of: Mapping[str, str] | None = None,
+        receipt_rates: Mapping[str, float] | None = None,
+    ) -> None:
+        if not readers:
+            raise ValueError("a pipeline needs at least one reader")
+        self.readers = list(readers)
+        self.windower = windower
+        self.worker = worker
+        self.publishers = list(publishers)
+        self.modality_of = dict(modality_of or {})
+        self.receipt_rates = dict(receipt_rates or {})
+        self.counters = PipelineCounters()
+        self._stopping: asyncio.Event | None = None
+
+    @classmethod
+    def from_config(
+        cls, cfg: PipelineConfig, base: str | Path = ".", source: str = "config"
+    ) -> Pipeline:
+        """Build every part of ``cfg``; relative paths resolve against ``base``.
+
+        Raises ConfigError (naming ``source`` and the key) when the config and the model
+        disagree, and the readers' own errors for missing or unreadable recordings.
+        """
+        return _build(cfg, Path(base), source)
+
+    @property
+    def model(self) -> CroSSL:
+        return self.worker.predictor.model
+
+    def stop(self) -> None:
+        """End the readers; what was already read is still windowed, predicted, published."""
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def run(self) -> PipelineCounters:
+        """Play until every reader ends or ``stop`` is called, then drain."""
+        self._stopping = asyncio.Event()
+        readers = [asyncio.create_task(self._ingest(r)) for r in self.readers]
+        publishing = asyncio.create_task(self._publish())
+        ticking = asyncio.create_task(self._tick())
+        stopping = asyncio.create_task(self._stopping.wait())
         try:
-            async for chunk in reader.chunks():
-                counters.chunks += 1
-                try:
-                    windower.push(
-                        chunk.sensor, chunk.values, chunk.timestamps, chunk.arrival, chunk.received
-                    )
-                except InputError as exc:
-                    counters.bad_chunks += 1
-                    log.warning("chunk refused: %s", exc)
-                    continue
-                for window in windower.poll(now=chunk.arrival):
-                    counters.windows += 1
-                    await worker.put(window)
-            for window in windower.flush():
-                counters.windows += 1
-                await worker.put(window)
+            pending = set(readers)
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending | {stopping}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done & set(readers):
+                    task.result()  # a reader that failed fails the run, after the drain
+                if stopping in done:
+                    break
+                pending -= {stopping}
         finally:
-            worker.close()
+            for task in (*readers, ticking, stopping):
+                task.cancel()
+            for task in (*readers, ticking):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            try:
+                for window in self.windower.flush():
+                    await self._put(window)
+            finally:
+                self.worker.close()
+            try:
+                await publishing
+            finally:
+                for publisher in self.publishers:
+                    publisher.close()
+        return self.counters
 
-    async def publish() -> None:
-        async for prediction in worker.predictions():
-            counters.predictions += 1
-            for publisher in publishers:
-                publisher.publish(prediction)
+    async def _put(self, window) -> None:
+        self.counters.windows += 1
+        await self.worker.put(window)
 
-    try:
-        await asyncio.gather(ingest(), publish())
-    finally:
-        for publisher in publishers:
-            publisher.close()
-    return counters
+    async def _ingest(self, reader: Reader) -> None:
+        windower, counters = self.windower, self.counters
+        async for chunk in reader.chunks():
+            counters.chunks += 1
+            try:
+                windower.push(
+                    self.modality_of.get(chunk.sensor, chunk.sensor),
+                    chunk.values,
+                    self._timestamps(chunk),
+                    chunk.arrival,
+                    chunk.received,
+                )
+            except InputError as exc:
+                counters.bad_chunks += 1
+                log.warning("chunk of %r refused: %s", chunk.sensor, exc)
+                continue
+            for window in windower.poll(now=chunk.arrival):
+                await self._put(window)
+
+    def _timestamps(self, chunk: Chunk) -> np.ndarray:
+        rate = self.receipt_rates.get(chunk.sensor)
+        if rate is None:
+            return chunk.timestamps
+        n = len(chunk.values)
+        return chunk.arrival - np.arange(n - 1, -1, -1, dtype=np.float64) / rate
+
+    async def _tick(self) -> None:
+        """Poll on the readers' clock between chunks, so windows and stream states move on
+        while every sensor is silent (live sources only: a virtual clock has no 'between')."""
+        period = min(max(self.windower.hop_s / 4, 0.01), 0.25)
+        while True:
+            await asyncio.sleep(period)
+            now = self.readers[0].now()
+            if now is not None:
+                for window in self.windower.poll(now):
+                    await self._put(window)
+
+    async def _publish(self) -> None:
+        async for prediction in self.worker.predictions():
+            self.counters.predictions += 1
+            for publisher in self.publishers:
+                try:
+                    publisher.publish(prediction)
+                except Exception:  # one broken destination must not stop the others
+                    log.exception("publisher %s failed", type(publisher).__name__)
+
+
+def run_pipeline(
+    reader: Reader, windower: Windower, worker: InferenceWorker, publishers: Sequence[Publisher]
+):
+    """One reader through the spine (a coroutine giving the counters): for tests and tools."""
+    return Pipeline([reader], windower, worker, publishers).run()
+
+
+def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
+    def resolve(path: Path) -> Path:
+        return path if path.is_absolute() else base / path
+
+    model_dir = resolve(cfg.inference.model) if cfg.inference.model else default_model_dir()
+    model = load_model(model_dir)
+    check_against_model(cfg, model, source)
+    modality_of = {s: cfg.modality_of(s) for s in cfg.sensors}
+    sensor_of = {m: s for s, m in modality_of.items()}
+    w = cfg.window
+    windower = Windower(
+        model.modalities,
+        hop_s=w.hop_s,
+        lateness_s=w.lateness_s,
+        stale_s={m: cfg.sensors[s].stale_s or w.stale_s for m, s in sensor_of.items()},
+        lost_s=w.lost_s,
+        min_coverage=w.min_coverage,
+        source_rates={m: cfg.sensors[s].rate_hz for m, s in sensor_of.items()},
+        max_future_s=w.max_future_s,
+        connect_grace_s=w.connect_grace_s,
+    )
+    inf = cfg.inference
+    if inf.threads:
+        import torch
+
+        torch.set_num_threads(inf.threads)
+    predictor = Predictor(model, inf.device, inf.max_batch, model_id(model_dir))
+    worker = InferenceWorker(predictor, inf.queue_size, inf.max_wait_ms, inf.backpressure)
+    readers = [_reader(cfg, r, resolve, source) for r in cfg.readers]
+    publishers: list[Publisher] = []
+    for p in cfg.publishers:
+        if isinstance(p, JsonlPublisherConfig):
+            publishers.append(JsonlPublisher(resolve(p.path)))
+        elif isinstance(p, ConsolePublisherConfig):
+            publishers.append(ConsolePublisher(every=p.every))
+    receipt = {s: c.rate_hz for s, c in cfg.sensors.items() if c.clock == "receipt"}
+    return Pipeline(readers, windower, worker, publishers, modality_of, receipt)
+
+
+def check_against_model(cfg: PipelineConfig, model: CroSSL, source: str) -> None:
+    """ConfigError, naming the key, wherever the config and the model disagree."""
+    specs = {m.name: m for m in model.modalities}
+    problems = []
+    fed = {}
+    for name, sensor in cfg.sensors.items():
+        modality = cfg.modality_of(name)
+        fed[modality] = name
+        spec = specs.get(modality)
+        if spec is None:
+            problems.append(
+                f"sensors.{name}: modality {modality!r} is not one of the model's {list(specs)}"
+            )
+        elif sensor.channels != spec.channels:
+            problems.append(
+                f"sensors.{name}.channels: {sensor.channels}, but the model's {modality!r} "
+                f"has {spec.channels}"
+            )
+    for modality in specs:
+        if modality not in fed:
+            problems.append(
+                f"sensors: no sensor feeds the model's modality {modality!r} (a sensor that "
+                "drops out at run time is masked, but each modality needs one configured)"
+            )
+    for modality, rate in cfg.window.target_rates.items():
+        spec = specs.get(modality)
+        if spec is None:
+            problems.append(f"window.target_rates.{modality}: not a modality of the model")
+        elif abs(rate - spec.rate_hz) > 1e-9:
+            problems.append(
+                f"window.target_rates.{modality}: {rate:g} Hz, but the model was trained on "
+                f"{spec.rate_hz:g} Hz"
+            )
+    if cfg.window.length_s is not None and abs(cfg.window.length_s - model.window_s) > 1e-9:
+        problems.append(
+            f"window.length_s: {cfg.window.length_s:g} s, but the model's windows are "
+            f"{model.window_s:g} s"
+        )
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+
+
+def _reader(cfg: PipelineConfig, rc, resolve, source: str) -> Reader:
+    if isinstance(rc, ReplayReaderConfig):
+        from crossl_stream.readers.replay import Recording, Replay
+        from crossl_stream.training.datasets import shipped_excerpt
+
+        path = resolve(rc.path) if rc.path else shipped_excerpt().with_suffix(".xdf")
+        recording = Recording.load(path)
+        names = {s: rc.streams.get(s, s) for s in cfg.reader_sensors(rc)}
+        dropouts: dict[str, list[tuple[float, float]]] = {}
+        for d in rc.dropouts:
+            dropouts.setdefault(d.sensor, []).append((d.start_s, d.length_s))
+        end = rc.start_s + rc.duration_s if rc.duration_s else np.inf
+        reader = Replay(
+            recording,
+            names,
+            None if rc.speed == "max" else float(rc.speed),
+            chunk_s=rc.chunk_s,
+            dropouts=dropouts,
+            section=(rc.start_s, end),
+        )
+        for sensor, info in reader.sensors.items():
+            want = cfg.sensors[sensor]
+            if info.channels != want.channels:
+                raise ConfigError(
+                    f"{source}: sensors.{sensor}.channels: {want.channels}, but stream "
+                    f"{names[sensor]!r} of {path.name} has {info.channels}"
+                )
+            if info.rate_hz > 0 and abs(info.rate_hz - want.rate_hz) > 0.01 * want.rate_hz:
+                log.warning(
+                    "sensors.%s.rate_hz is %g Hz; stream %r of %s says %g Hz",
+                    sensor,
+                    want.rate_hz,
+                    names[sensor],
+                    path.name,
+                    info.rate_hz,
+                )
+        return reader
+    if isinstance(rc, SimulateReaderConfig):
+        from crossl_stream.readers.simulate import SimulatedSensor, Simulator
+
+        sims = [
+            SimulatedSensor(
+                name,
+                cfg.sensors[name].channels,
+                cfg.sensors[name].rate_hz,
+                kind=s.kind,
+                chunk_s=s.chunk_s,
+                jitter_s=s.jitter_s,
+                dropouts=s.dropouts,
+            )
+            for name, s in rc.sensors.items()
+        ]
+        speed = None if rc.speed == "max" else float(rc.speed)
+        return Simulator(sims, rc.duration_s, speed=speed, seed=rc.seed)
+    raise ConfigError(f"{source}: unknown reader {rc!r}")

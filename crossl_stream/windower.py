@@ -197,7 +197,7 @@ class Windower:
         modalities: Sequence[ModalitySpec],
         hop_s: float,
         lateness_s: float = 0.05,
-        stale_s: float = 0.5,
+        stale_s: float | Mapping[str, float] = 0.5,
         lost_s: float = 5.0,
         min_coverage: float = 0.8,
         source_rates: Mapping[str, float] | None = None,
@@ -217,7 +217,12 @@ class Windower:
         self.window_s = modalities[0].window_s
         self.hop_s = hop_s
         self.lateness_s = lateness_s
-        self.stale_s = stale_s
+        names = [m.name for m in modalities]
+        stale = dict(stale_s) if isinstance(stale_s, Mapping) else dict.fromkeys(names, stale_s)
+        unknown = sorted(set(stale) - set(names))
+        if unknown:
+            raise ValueError(f"stale_s for unknown sensors {unknown}")
+        self.stale_s = {n: float(stale.get(n, 0.5)) for n in names}  # per sensor
         self.lost_s = lost_s
         self.min_coverage = min_coverage
         self.max_future_s = max_future_s
@@ -303,7 +308,7 @@ class Windower:
             age = now - resampler.final
             if resampler.final == -np.inf:
                 out[name] = StreamState.CONNECTING
-            elif age <= self.stale_s:
+            elif age <= self.stale_s[name]:
                 out[name] = StreamState.LIVE
             elif age <= self.lost_s:
                 out[name] = StreamState.STALE

@@ -246,3 +246,14 @@ def test_a_long_silence_is_skipped_not_resampled_window_by_window():
 def test_source_rates_for_unknown_sensors_are_refused():
     with pytest.raises(ValueError, match=r"unknown sensors \['ecg'\]"):
         Windower([EEG], hop_s=HOP, source_rates={"ecg": 250.0})
+
+
+def test_staleness_is_judged_per_sensor():
+    w = Windower(
+        [EEG, IMU], hop_s=HOP, stale_s={"eeg": 0.2, "imu": 1.0}, lost_s=5.0, source_rates=SOURCE
+    )
+    w.push("eeg", *regular(100, 0.0, 2.0, 3), arrival=2.0)
+    w.push("imu", *regular(25, 0.0, 2.0, 2), arrival=2.0)
+    assert w.states(2.5) == {"eeg": StreamState.STALE, "imu": StreamState.LIVE}
+    with pytest.raises(ValueError, match=r"stale_s for unknown sensors \['ecg'\]"):
+        Windower([EEG], hop_s=HOP, stale_s={"ecg": 1.0})

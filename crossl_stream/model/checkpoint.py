@@ -6,6 +6,7 @@ Normalisation statistics are model buffers, so they travel in the weights file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,13 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         if key not in meta:
             raise CheckpointError(f"{path}: missing key {key!r}")
     return meta
+
+
+def model_id(directory: str | Path) -> str:
+    """``<folder>@<first 12 hex of the weights' sha256>``: names the exact weights."""
+    directory = Path(directory)
+    digest = hashlib.sha256((directory / WEIGHTS).read_bytes()).hexdigest()[:12]
+    return f"{directory.resolve().name}@{digest}"
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> CroSSL:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crossl_stream.clock import host_clock
+
 
 @dataclass(frozen=True)
 class SensorInfo:
@@ -39,3 +41,8 @@ class Reader(ABC):
     @abstractmethod
     def chunks(self) -> AsyncIterator[Chunk]:
         """Chunks in arrival order, until the source ends or the task is cancelled."""
+
+    def now(self) -> float | None:
+        """The current time on the clock that drives the windows (the host clock for live
+        sources), or None when that clock only moves with the data (a virtual clock)."""
+        return host_clock()

@@ -155,6 +155,8 @@ class Replay(Reader):
             s: SensorInfo(s, recording.streams[n][1].shape[1], recording.streams[n][2])
             for s, n in names.items()
         }
+        self._wall0: float | None = None
+        self._origin = recording.start
 
     def _schedule(self) -> list[tuple[float, str, np.ndarray, np.ndarray]]:
         start = self.recording.start
@@ -175,8 +177,16 @@ class Replay(Reader):
         events.sort(key=lambda e: e[0])
         return events
 
+    def now(self) -> float | None:
+        """The recording's clock while paced; None at max speed or before playing."""
+        if self.speed is None or self._wall0 is None:
+            return None
+        return self._origin + (host_clock() - self._wall0) * self.speed
+
     async def chunks(self) -> AsyncIterator[Chunk]:
-        wall0, start = host_clock(), self.recording.start
+        self._wall0 = wall0 = host_clock()
+        # paced from the start of the section played, on the recording's clock
+        start = self._origin = self.recording.start + self.section[0]
         for i, (arrival, sensor, t, x) in enumerate(self._schedule()):
             if self.speed is not None:
                 delay = wall0 + (arrival - start) / self.speed - host_clock()

@@ -73,6 +73,7 @@ class Simulator(Reader):
         self.speed = speed
         self.seed = seed
         self.start = start
+        self._wall0: float | None = None
 
     def _schedule(self) -> list[tuple[float, SimulatedSensor, np.ndarray]]:
         """Every chunk as (delivery time, sensor, sample times), in delivery order."""
@@ -90,9 +91,15 @@ class Simulator(Reader):
         events.sort(key=lambda e: e[0])
         return events
 
+    def now(self) -> float | None:
+        """The simulated clock while paced; None at max speed or before playing."""
+        if self.speed is None or self._wall0 is None:
+            return None
+        return self.start + (host_clock() - self._wall0) * self.speed
+
     async def chunks(self) -> AsyncIterator[Chunk]:
         rng = np.random.default_rng(self.seed + 1)
-        wall0 = host_clock()
+        self._wall0 = wall0 = host_clock()
         for i, (delivery, s, times) in enumerate(self._schedule()):
             if self.speed is not None:
                 delay = wall0 + delivery / self.speed - host_clock()
