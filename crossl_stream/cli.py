@@ -71,7 +71,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     save_model(model, args.out, info)
     (Path(args.out) / "curves.json").write_text(json.dumps(curves) + "\n")
+    _export(Path(args.out))
     print(f"saved model to {args.out} ({seconds:.0f} s, {len(train)} training windows)")
+    return 0
+
+
+def _export(model_dir: Path) -> Path:
+    from crossl_stream.model.checkpoint import WEIGHTS, load_model
+    from crossl_stream.model.export import ONNX_FILE, export_onnx, weights_digest
+
+    return export_onnx(
+        load_model(model_dir), model_dir / ONNX_FILE, weights_digest(model_dir / WEIGHTS)
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    path = _export(Path(args.model))
+    print(f"exported {_shown(path)} (checked against the eager model)")
     return 0
 
 
@@ -257,7 +273,7 @@ def describe(pipeline) -> str:
         else:
             parts.append(f"{type(reader).__name__.lower()} ({', '.join(reader.sensors)}) {pace}")
     model = pipeline.worker.predictor
-    return f"{'; '.join(parts)} through {model.model_id} on {model.device}"
+    return f"{'; '.join(parts)} through {model.model_id} on {model.device} ({model.runtime})"
 
 
 def print_summary(pipeline, records, wall: float) -> None:
@@ -354,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--print-every", type=int, default=10, help="print every n-th prediction")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("export", help="write model.onnx next to a checkpoint (onnxruntime)")
+    p.add_argument("--model", default=str(default_model_dir()), help="model directory")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="run a streaming pipeline from a YAML config")
     p.add_argument("config", help="pipeline YAML, e.g. configs/replay.yaml")

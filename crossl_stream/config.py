@@ -141,6 +141,9 @@ class InferenceConfig(_Strict):
 
     model: Path | None = Field(None, description="model directory; default: models/default")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="auto: onnxruntime on the CPU when the model has a current export"
+    )
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(0.0, ge=0.0, description="wait this long for a fuller batch")
     queue_size: int = Field(64, ge=1)
@@ -162,7 +165,12 @@ class ReplayReaderConfig(_Strict):
     kind: Literal["replay"]
     path: Path | None = None
     speed: Speed = "max"
-    chunk_s: float = Field(0.04, gt=0.0)
+    chunk_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="default: 0.04 s paced; at max speed half the shortest stale_s, at most "
+        "0.25 s (the same windows from fewer chunks)",
+    )
     streams: dict[str, str] = Field({}, description="sensor -> stream name; default: same")
     dropouts: tuple[DropoutConfig, ...] = ()
     start_s: float = Field(0.0, ge=0.0)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from crossl_stream.clock import host_clock
 from crossl_stream.errors import InputError
 from crossl_stream.model.crossl import CroSSL
+from crossl_stream.model.export import OnnxModel
 from crossl_stream.windower import Window
 
 Policy = Literal["drop_oldest", "block"]
@@ -40,9 +42,17 @@ class Prediction:
 
     def record(self) -> dict[str, Any]:
         """The JSON-ready record (what JSONL, MQTT and the LSL marker stream carry)."""
-        out = asdict(self)
-        out.pop("t_last_arrival")
-        return out
+        return {  # by hand: dataclasses.asdict deep-copies, 30x slower on this hot path
+            "seq": self.seq,
+            "t_window_end": self.t_window_end,
+            "label": self.label,
+            "probs": dict(self.probs),
+            "mask": dict(self.mask),
+            "model": self.model,
+            "latency_ms": dict(self.latency_ms),
+            "coverage": dict(self.coverage),
+            "states": dict(self.states),
+        }
 
 
 def pick_device(name: str) -> torch.device:
@@ -56,18 +66,28 @@ def pick_device(name: str) -> torch.device:
 
 
 class Predictor:
-    """Owns the model on its device and preallocated input tensors for one batch.
+    """Owns the model on its device and preallocated input buffers for one batch.
 
-    On CUDA the staging tensors are pinned and copied with ``non_blocking=True``.
+    On CUDA the staging tensors are pinned and copied with ``non_blocking=True``. With
+    ``onnx`` (an exported session of the same weights) the forward pass runs in onnxruntime
+    on the CPU instead of eager torch: about 2x faster per window on small batches.
     """
 
     def __init__(
-        self, model: CroSSL, device: str = "auto", max_batch: int = 32, model_id: str = "crossl"
+        self,
+        model: CroSSL,
+        device: str = "auto",
+        max_batch: int = 32,
+        model_id: str = "crossl",
+        onnx: OnnxModel | None = None,
     ) -> None:
         self.device = pick_device(device)
+        if onnx is not None and self.device.type != "cpu":
+            raise InputError(f"the ONNX runtime runs on the CPU here, not on {self.device}")
         self.model = model.to(self.device).eval()
         self.model_id = model_id
         self.max_batch = max_batch
+        self.onnx = onnx
         pin = self.device.type == "cuda"
         self._inputs = {
             m.name: torch.zeros((max_batch, m.channels, m.samples)).pin_memory()
@@ -75,8 +95,14 @@ class Predictor:
             else torch.zeros((max_batch, m.channels, m.samples))
             for m in model.modalities
         }
-        self._mask = torch.zeros((max_batch, len(model.modalities)), dtype=torch.bool)
+        self._arrays = {k: v.numpy() for k, v in self._inputs.items()}  # views, for filling
+        self._mask = np.zeros((max_batch, len(model.modalities)), dtype=bool)
         self._names = model.modality_names
+
+    @property
+    def runtime(self) -> str:
+        """What runs the forward pass: ``onnxruntime`` or ``torch``."""
+        return "onnxruntime" if self.onnx is not None else "torch"
 
     def check(self, window: Window) -> None:
         """Raise InputError when a window does not match the model's modalities."""
@@ -99,11 +125,15 @@ class Predictor:
             self.check(w)
             for j, name in enumerate(self._names):
                 self._mask[i, j] = w.available[name]
-                if w.available[name]:
-                    self._inputs[name][i].copy_(torch.from_numpy(w.data[name]))
-        nb = self.device.type == "cuda"
-        inputs = {k: v[:n].to(self.device, non_blocking=nb) for k, v in self._inputs.items()}
-        probs = self.model(inputs, self._mask[:n].to(self.device)).probs.cpu().numpy()
+                if w.available[name]:  # an unavailable row is never looked at
+                    self._arrays[name][i] = w.data[name]
+        if self.onnx is not None:
+            probs = self.onnx({k: v[:n] for k, v in self._arrays.items()}, self._mask[:n])
+        else:
+            nb = self.device.type == "cuda"
+            inputs = {k: v[:n].to(self.device, non_blocking=nb) for k, v in self._inputs.items()}
+            mask = torch.from_numpy(self._mask[:n]).to(self.device)
+            probs = self.model(inputs, mask).probs.cpu().numpy()
         t1 = host_clock()
         classes = self.model.classes
         preds = []

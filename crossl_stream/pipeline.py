@@ -24,10 +24,11 @@ from crossl_stream.config import (
     ReplayReaderConfig,
     SimulateReaderConfig,
 )
-from crossl_stream.errors import ConfigError, InputError
-from crossl_stream.inference import InferenceWorker, Predictor
+from crossl_stream.errors import CheckpointError, ConfigError, InputError
+from crossl_stream.inference import InferenceWorker, Predictor, pick_device
 from crossl_stream.model.checkpoint import load_model, model_id
 from crossl_stream.model.crossl import CroSSL
+from crossl_stream.model.export import ONNX_FILE, OnnxModel, weights_digest
 from crossl_stream.publishers import ConsolePublisher, JsonlPublisher
 from crossl_stream.publishers.base import Publisher
 from crossl_stream.readers.base import Chunk, Reader
@@ -215,7 +216,8 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
         import torch
 
         torch.set_num_threads(inf.threads)
-    predictor = Predictor(model, inf.device, inf.max_batch, model_id(model_dir))
+    onnx = _onnx_session(model_dir, inf.runtime, pick_device(inf.device), source)
+    predictor = Predictor(model, inf.device, inf.max_batch, model_id(model_dir), onnx)
     worker = InferenceWorker(predictor, inf.queue_size, inf.max_wait_ms, inf.backpressure)
     readers = [_reader(cfg, r, resolve, source) for r in cfg.readers]
     publishers: list[Publisher] = []
@@ -226,6 +228,27 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
             publishers.append(ConsolePublisher(every=p.every))
     receipt = {s: c.rate_hz for s, c in cfg.sensors.items() if c.clock == "receipt"}
     return Pipeline(readers, windower, worker, publishers, modality_of, receipt)
+
+
+def _onnx_session(model_dir: Path, runtime: str, device, source: str) -> OnnxModel | None:
+    """The model's onnxruntime session when ``runtime`` asks for it (or ``auto`` finds a
+    current export and runs on the CPU); None: eager torch."""
+    if runtime == "torch" or (runtime == "auto" and device.type != "cpu"):
+        return None
+    if runtime == "onnx" and device.type != "cpu":
+        raise ConfigError(
+            f"{source}: inference.runtime: onnx runs on the CPU here; use torch on {device}"
+        )
+    path = model_dir / ONNX_FILE
+    if runtime == "auto" and not path.is_file():
+        return None
+    try:
+        return OnnxModel(path, weights_digest(model_dir / "model.safetensors"))
+    except CheckpointError as exc:
+        if runtime == "onnx":
+            raise
+        log.warning("%s; running the model in torch instead", exc)
+        return None
 
 
 def check_against_model(cfg: PipelineConfig, model: CroSSL, source: str) -> None:
@@ -282,11 +305,15 @@ def _reader(cfg: PipelineConfig, rc, resolve, source: str) -> Reader:
         for d in rc.dropouts:
             dropouts.setdefault(d.sensor, []).append((d.start_s, d.length_s))
         end = rc.start_s + rc.duration_s if rc.duration_s else np.inf
+        chunk_s = rc.chunk_s
+        if chunk_s is None:  # windows do not depend on chunking while chunks come < stale_s
+            stale = min(cfg.sensors[s].stale_s or cfg.window.stale_s for s in names)
+            chunk_s = 0.04 if rc.speed != "max" else min(0.25, stale / 2)
         reader = Replay(
             recording,
             names,
             None if rc.speed == "max" else float(rc.speed),
-            chunk_s=rc.chunk_s,
+            chunk_s=chunk_s,
             dropouts=dropouts,
             section=(rc.start_s, end),
         )

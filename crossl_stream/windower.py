@@ -36,6 +36,8 @@ from crossl_stream.clock import host_clock
 from crossl_stream.errors import InputError
 from crossl_stream.model.specs import ModalitySpec
 
+MAX_RECEIPTS = 8192  # chunk receipt times kept per sensor while no window is cut
+
 
 class StreamState(str, Enum):
     """Where a sensor stands, judged from the age of its newest sample."""
@@ -295,6 +297,11 @@ class Windower:
                 if finite.any():
                     resampler.final = max(resampler.final, float(t[finite][-1]))
         # Newest timestamp of each chunk and its host receipt time, for window latency.
+        if len(self._receipt_ts[name]) > MAX_RECEIPTS:  # no window for long: keep the newest
+            del (
+                self._receipt_ts[name][: MAX_RECEIPTS // 2],
+                self._receipt_at[name][: MAX_RECEIPTS // 2],
+            )
         self._receipt_ts[name].append(buffer.latest_time)
         self._receipt_at[name].append(host_clock() if received is None else received)
         self._started = min(self._started, arrival)
@@ -352,19 +359,25 @@ class Windower:
             first = min(b.oldest_time for b in self.buffers.values() if len(b))
             self._next_end = math.ceil((first + self.window_s) / self.hop_s) * self.hop_s
         out = []
+        before = self._next_end
         self._skip_silence(mark)
         while self._next_end <= mark + 1e-9:
             window = self._build(self._next_end, states)
             self._next_end = round((self._next_end + self.hop_s) / self.hop_s) * self.hop_s
             if window is not None:
                 out.append(window)
+        if self._next_end != before:
+            self._release()
+        return out
+
+    def _release(self) -> None:
+        """Mark what no future window needs as consumed; forget old receipt times."""
         release = self._next_end - self.window_s - max(self._tolerance.values())
         for name, buffer in self.buffers.items():
             buffer.release(release)
             old = bisect.bisect_left(self._receipt_ts[name], release) - 1
             if old > 0:
                 del self._receipt_ts[name][:old], self._receipt_at[name][:old]
-        return out
 
     def _skip_silence(self, mark: float) -> None:
         """Jump over due grid ends whose windows hold no sample at all (after a long

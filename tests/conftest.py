@@ -38,3 +38,12 @@ def model(specs: list[ModalitySpec]) -> CroSSL:
 def batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return {"acc": torch.randn(5, 3, 100, generator=g), "gyro": torch.randn(5, 3, 100, generator=g)}
+
+
+@pytest.fixture(scope="session")
+def excerpt():
+    """Windows of the first two held-out recordings (2 s, 1 s hop)."""
+    from crossl_stream.training.datasets import load_watch, make_windows, shipped_excerpt
+
+    ds = load_watch(shipped_excerpt())
+    return make_windows(ds.recordings[:2], ds.specs(2.0), 1.0)

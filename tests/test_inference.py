@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -10,15 +12,8 @@ import torch
 
 from crossl_stream.clock import host_clock
 from crossl_stream.errors import InputError
-from crossl_stream.inference import InferenceWorker, Predictor
-from crossl_stream.training.datasets import load_watch, make_windows, shipped_excerpt
+from crossl_stream.inference import InferenceWorker, Prediction, Predictor
 from crossl_stream.windower import StreamState, Window
-
-
-@pytest.fixture(scope="module")
-def excerpt():
-    ds = load_watch(shipped_excerpt())
-    return make_windows(ds.recordings[:2], ds.specs(2.0), 1.0)
 
 
 def windows_of(excerpt, drop_gyro_every=3):
@@ -57,6 +52,9 @@ def test_batched_predictions_equal_offline_inference(model, excerpt):
 def test_record_follows_the_wire_contract(model, excerpt):
     record = Predictor(model, device="cpu", model_id="test@1")(windows_of(excerpt)[:1])[0].record()
     assert {"t_window_end", "label", "probs", "mask", "model", "latency_ms", "seq"} <= set(record)
+    fields = {f.name for f in dataclasses.fields(Prediction)} - {"t_last_arrival"}
+    assert set(record) == fields  # the record is built by hand: it must not miss a field
+    json.dumps(record)
     assert record["model"] == "test@1"
     assert record["states"] == {"acc": "live", "gyro": "live"}
     assert set(record["latency_ms"]) == {"window", "queue", "infer"}

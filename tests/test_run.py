@@ -13,7 +13,7 @@ import pytest
 
 from crossl_stream import default_model_dir
 from crossl_stream.config import PipelineConfig, load_config
-from crossl_stream.errors import ConfigError, DatasetError
+from crossl_stream.errors import CheckpointError, ConfigError, DatasetError
 from crossl_stream.pipeline import Pipeline
 from crossl_stream.publishers import MemoryPublisher
 from crossl_stream.readers.base import Chunk, Reader, SensorInfo
@@ -233,3 +233,16 @@ def shipped_session_start() -> float:
     from crossl_stream.readers.replay import Recording
 
     return Recording.load(shipped_excerpt().with_suffix(".xdf")).start
+
+
+def test_runtime_auto_picks_the_current_onnx_export_on_the_cpu(tmp_path):
+    assert build(config()).worker.predictor.runtime == "onnxruntime"
+    torch_only = config(inference={"model": str(default_model_dir()), "runtime": "torch"})
+    assert build(torch_only).worker.predictor.runtime == "torch"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        (bare / name).write_bytes((default_model_dir() / name).read_bytes())
+    assert build(config(inference={"model": str(bare)})).worker.predictor.runtime == "torch"
+    with pytest.raises(CheckpointError, match="no ONNX export; run `crossl-stream export`"):
+        build(config(inference={"model": str(bare), "runtime": "onnx"}))

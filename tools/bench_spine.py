@@ -5,9 +5,11 @@
    (32 ch at 500 Hz, 8 ch at 2 kHz, 6 ch at 100 Hz) in 20 ms chunks (and 100 ms, to show the
    per-chunk share), 2 s windows every 100 ms, against a naive baseline (np.roll per chunk,
    resample by np.interp per channel). Best of --repeats runs, median beside it.
-2. Worker: windows per second of the default model, one window at a time and in batches.
-3. Replay: the shipped XDF session through the whole pipeline at max speed, in times real
-   time (the target is >= 1000x on CPU for the default model).
+2. Worker: windows per second of the default model, one window at a time and in batches, in
+   eager torch and in onnxruntime (the exported model.onnx).
+3. Replay: the shipped XDF session through the whole pipeline (built from a config, as
+   `crossl-stream run` does) at max speed, in times real time, with either runtime (the
+   target is >= 1000x on CPU for the default model).
 
 Usage: python tools/bench_spine.py [--seconds 60] [--model models/default]
 """
@@ -25,12 +27,11 @@ os.environ.setdefault("LSLAPICFG", str(Path(__file__).with_name("lsl_api.cfg")))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from crossl_stream.inference import InferenceWorker, Predictor  # noqa: E402
+from crossl_stream.config import PipelineConfig  # noqa: E402
+from crossl_stream.inference import Predictor  # noqa: E402
 from crossl_stream.model import ModalitySpec, load_model  # noqa: E402
-from crossl_stream.pipeline import run_pipeline  # noqa: E402
+from crossl_stream.pipeline import Pipeline  # noqa: E402
 from crossl_stream.publishers import MemoryPublisher  # noqa: E402
-from crossl_stream.readers.replay import Recording, Replay  # noqa: E402
-from crossl_stream.training.datasets import shipped_excerpt  # noqa: E402
 from crossl_stream.windower import Windower  # noqa: E402
 
 SENSORS = {"eeg": (32, 500.0), "emg": (8, 2000.0), "imu": (6, 100.0)}
@@ -91,10 +92,16 @@ def bench_naive(data) -> tuple[float, int]:
     return time.perf_counter() - start, windows
 
 
-def bench_worker(model, n: int = 512) -> dict[str, float]:
+def bench_worker(model_dir: str) -> dict[tuple[str, int], float]:
+    """Windows per second of the Predictor, eager torch and onnxruntime, batch 1 and 32."""
+    from crossl_stream.model.export import ONNX_FILE, OnnxModel, weights_digest
     from crossl_stream.windower import Window
 
+    model = load_model(model_dir)
+    digest = weights_digest(Path(model_dir) / "model.safetensors")
+    onnx = OnnxModel(Path(model_dir) / ONNX_FILE, digest)
     rng = np.random.default_rng(0)
+    n = 512
     windows = [
         Window(
             i,
@@ -111,24 +118,39 @@ def bench_worker(model, n: int = 512) -> dict[str, float]:
         for i in range(n)
     ]
     out = {}
-    for batch in (1, 32):
-        predictor = Predictor(model, "cpu", max_batch=batch)
-        predictor(windows[:batch])  # warm up
-        start = time.perf_counter()
-        for i in range(0, n, batch):
-            predictor(windows[i : i + batch])
-        out[batch] = n / (time.perf_counter() - start)
+    for runtime, session in (("torch", None), ("onnxruntime", onnx)):
+        for batch in (1, 32):
+            predictor = Predictor(model, "cpu", max_batch=batch, onnx=session)
+            predictor(windows[:batch])  # warm up
+            start = time.perf_counter()
+            for i in range(0, n, batch):
+                predictor(windows[i : i + batch])
+            out[runtime, batch] = n / (time.perf_counter() - start)
     return out
 
 
-def bench_replay(model) -> tuple[float, float, int]:
-    recording = Recording.load(shipped_excerpt().with_suffix(".xdf"))
-    reader = Replay(recording, model.modality_names)
-    windower = Windower(model.modalities, hop_s=0.5, source_rates={"acc": 50.0, "gyro": 50.0})
-    worker = InferenceWorker(Predictor(model, "cpu", max_batch=64), 256, policy="block")
+def bench_replay(model_dir: str, runtime: str) -> tuple[float, float, int]:
+    """The shipped session through the whole pipeline, built from a config as `run` does."""
+    cfg = PipelineConfig.model_validate(
+        {
+            "sensors": {s: {"channels": 3, "rate_hz": 50} for s in ("acc", "gyro")},
+            "readers": [{"kind": "replay", "speed": "max"}],
+            "inference": {
+                "model": model_dir,
+                "runtime": runtime,
+                "max_batch": 64,
+                "queue_size": 256,
+                "backpressure": "block",
+            },
+            "publishers": [],
+        }
+    )
+    pipeline = Pipeline.from_config(cfg)
     memory = MemoryPublisher()
+    pipeline.publishers.append(memory)
+    recording = pipeline.readers[0].recording
     start = time.perf_counter()
-    asyncio.run(run_pipeline(reader, windower, worker, [memory]))
+    asyncio.run(pipeline.run())
     wall = time.perf_counter() - start
     return recording.end - recording.start, wall, len(memory.records)
 
@@ -161,17 +183,27 @@ def main() -> None:
             )
         ratio = runs["naive"][0] / runs["crossl-stream"][0]
         print(f"  ratio         {ratio:8.1f}x the naive baseline")
-    model = load_model(args.model)
-    rates = bench_worker(model)
+    rates = bench_worker(args.model)
+    print(f"worker, {args.model} on cpu, windows/s:")
+    for runtime in ("torch", "onnxruntime"):
+        one, many = rates[runtime, 1], rates[runtime, 32]
+        print(
+            f"  {runtime:<12} {one:6.0f} one at a time ({1000 / one:.2f} ms each), "
+            f"{many:6.0f} in batches of 32"
+        )
     print(
-        f"worker, {args.model} on cpu: {rates[1]:.0f} windows/s one at a time, "
-        f"{rates[32]:.0f} windows/s in batches of 32 ({rates[32] / rates[1]:.1f}x)"
+        f"  onnxruntime / torch: {rates['onnxruntime', 1] / rates['torch', 1]:.1f}x one at a "
+        f"time, {rates['onnxruntime', 32] / rates['torch', 32]:.1f}x in batches"
     )
-    span, wall, n = bench_replay(model)
-    print(
-        f"replay, shipped session ({span:.0f} s, {n} windows) at max speed: {wall:.2f} s, "
-        f"{span / wall:.0f}x real time"
-    )
+    for runtime in ("torch", "onnx"):
+        runs = sorted(bench_replay(args.model, runtime) for _ in range(args.repeats))
+        span, wall, n = runs[0][0], min(r[1] for r in runs), runs[0][2]
+        median = sorted(r[1] for r in runs)[len(runs) // 2]
+        print(
+            f"replay, shipped session ({span:.0f} s, {n} windows) at max speed, {runtime}: "
+            f"{wall:.2f} s, {span / wall:.0f}x real time (best of {args.repeats}; median "
+            f"{span / median:.0f}x)"
+        )
 
 
 if __name__ == "__main__":
