@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -228,6 +229,39 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return _play(cfg, Path.cwd(), "replay")
 
 
+def cmd_play(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from crossl_stream.readers.replay import Recording
+    from crossl_stream.training.datasets import shipped_excerpt
+
+    path = Path(args.recording) if args.recording else shipped_excerpt().with_suffix(".xdf")
+    recording = Recording.load(path)
+    section = (args.start, args.start + args.duration) if args.duration else None
+    if args.to == "lsl":
+        from crossl_stream.players.lsl import LslPlayer
+
+        player = LslPlayer(recording, args.speed, args.chunk, section=section)
+        where = f"LSL outlets {', '.join(player.names)} (+ markers)"
+    else:
+        raise CrosslError(f"--to {args.to}: not a destination (lsl)")
+    print(f"playing {path.name} as {where} at {args.speed:g}x real time; Ctrl-C stops")
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        for _ in range(args.repeat):
+            pushed = await player.play()
+            print(f"played: {pushed} samples")
+
+    with contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(main())
+    return 0
+
+
 def _play(cfg, base: Path, source: str) -> int:
     """Build the pipeline of ``cfg``, run it (Ctrl-C stops and drains), print a summary."""
     import asyncio
@@ -374,6 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write model.onnx next to a checkpoint (onnxruntime)")
     p.add_argument("--model", default=str(default_model_dir()), help="model directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("play", help="play a recording as live sources (LSL outlets)")
+    p.add_argument("recording", nargs="?", default=None, help="XDF (default: shipped session)")
+    p.add_argument("--to", choices=["lsl"], default="lsl", help="what to play it as")
+    p.add_argument("--speed", type=float, default=1.0, help="times real time")
+    p.add_argument("--chunk", type=float, default=0.02, help="seconds of samples per push")
+    p.add_argument("--start", type=float, default=0.0, help="seconds into the recording")
+    p.add_argument("--duration", type=float, default=None, help="seconds to play")
+    p.add_argument("--repeat", type=int, default=1, help="play it this many times")
+    p.set_defaults(func=cmd_play)
 
     p = sub.add_parser("run", help="run a streaming pipeline from a YAML config")
     p.add_argument("config", help="pipeline YAML, e.g. configs/replay.yaml")

@@ -197,8 +197,37 @@ class SimulateReaderConfig(_Strict):
     sensors: dict[str, SimulatedSensorConfig]
 
 
+class LslStreamConfig(_Strict):
+    """Which LSL stream feeds a sensor (by name, type, source_id and/or an XPath predicate)
+    and how liblsl processes its timestamps."""
+
+    name: str | None = None
+    type: str | None = None
+    source_id: str | None = Field(None, description="also what liblsl recovers a stream by")
+    predicate: str | None = Field(None, description="XPath 1.0 over the stream info")
+    clocksync: bool = Field(True, description="clock-offset correction onto this host")
+    dejitter: bool = True
+    buffer_s: int = Field(2, ge=1, description="inlet buffer; small keeps a backlog short")
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> LslStreamConfig:
+        if not (self.name or self.type or self.source_id or self.predicate):
+            raise ValueError("give at least one of name, type, source_id, predicate")
+        return self
+
+
+class LslReaderConfig(_Strict):
+    """LSL inlets, one thread each; absent streams are resolved again until they appear."""
+
+    kind: Literal["lsl"]
+    streams: dict[str, LslStreamConfig] = Field(min_length=1, description="sensor -> stream")
+    watchdog_s: float = Field(0.1, gt=0.0, description="silence logged as STALE")
+    lost_s: float = Field(5.0, gt=0.0, description="silence after which the inlet is renewed")
+    resolve_s: float = Field(0.5, gt=0.0, description="how long each resolve attempt waits")
+
+
 ReaderConfig = Annotated[
-    ReplayReaderConfig | SimulateReaderConfig,
+    ReplayReaderConfig | SimulateReaderConfig | LslReaderConfig,
     Field(discriminator="kind"),
 ]
 
@@ -217,8 +246,16 @@ class ConsolePublisherConfig(_Strict):
     every: int = Field(1, ge=1)
 
 
+class LslPublisherConfig(_Strict):
+    """Predictions as an LSL stream (float32 per class) plus a marker stream of JSON records."""
+
+    kind: Literal["lsl"]
+    name: str = "crossl-stream"
+    source_id: str | None = None
+
+
 PublisherConfig = Annotated[
-    JsonlPublisherConfig | ConsolePublisherConfig,
+    JsonlPublisherConfig | ConsolePublisherConfig | LslPublisherConfig,
     Field(discriminator="kind"),
 ]
 
@@ -239,10 +276,12 @@ class PipelineConfig(_Strict):
         """The model modality a sensor feeds."""
         return self.sensors[sensor].modality or sensor
 
-    def reader_sensors(self, reader: ReplayReaderConfig | SimulateReaderConfig) -> list[str]:
+    def reader_sensors(self, reader: ReaderConfig) -> list[str]:
         """The sensors one reader feeds."""
         if isinstance(reader, SimulateReaderConfig):
             return list(reader.sensors)
+        if isinstance(reader, LslReaderConfig):
+            return list(reader.streams)
         return list(reader.sensors) if reader.sensors is not None else list(self.sensors)
 
     @model_validator(mode="after")
@@ -270,7 +309,7 @@ class PipelineConfig(_Strict):
                 extra = sorted(set(reader.streams) - set(names))
                 if extra:
                     raise ValueError(f"readers.{i}.streams: sensors {extra} are not replayed")
-            if reader.speed == "max" and len(self.readers) > 1:
+            if getattr(reader, "speed", None) == "max" and len(self.readers) > 1:
                 raise ValueError(
                     f"readers.{i}: speed max runs on its own virtual clock; it cannot be "
                     "combined with other readers"

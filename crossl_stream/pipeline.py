@@ -20,6 +20,8 @@ from crossl_stream import default_model_dir
 from crossl_stream.config import (
     ConsolePublisherConfig,
     JsonlPublisherConfig,
+    LslPublisherConfig,
+    LslReaderConfig,
     PipelineConfig,
     ReplayReaderConfig,
     SimulateReaderConfig,
@@ -226,6 +228,12 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
             publishers.append(JsonlPublisher(resolve(p.path)))
         elif isinstance(p, ConsolePublisherConfig):
             publishers.append(ConsolePublisher(every=p.every))
+        elif isinstance(p, LslPublisherConfig):
+            from crossl_stream.publishers.lsl import LslPublisher
+
+            publishers.append(
+                LslPublisher(model.classes, predictor.model_id, p.name, p.source_id, 1 / w.hop_s)
+            )
     receipt = {s: c.rate_hz for s, c in cfg.sensors.items() if c.clock == "receipt"}
     return Pipeline(readers, windower, worker, publishers, modality_of, receipt)
 
@@ -351,4 +359,16 @@ def _reader(cfg: PipelineConfig, rc, resolve, source: str) -> Reader:
         ]
         speed = None if rc.speed == "max" else float(rc.speed)
         return Simulator(sims, rc.duration_s, speed=speed, seed=rc.seed)
+    if isinstance(rc, LslReaderConfig):
+        from crossl_stream.readers.base import SensorInfo
+        from crossl_stream.readers.lsl import LslReader, LslSelector
+
+        streams = {
+            name: (
+                SensorInfo(name, cfg.sensors[name].channels, cfg.sensors[name].rate_hz),
+                LslSelector(**s.model_dump()),
+            )
+            for name, s in rc.streams.items()
+        }
+        return LslReader(streams, rc.watchdog_s, rc.lost_s, rc.resolve_s)
     raise ConfigError(f"{source}: unknown reader {rc!r}")

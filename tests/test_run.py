@@ -49,7 +49,7 @@ def play(pipeline: Pipeline) -> list[dict]:
     return memory.records
 
 
-@pytest.mark.parametrize("name", ["replay.yaml", "simulate.yaml"])
+@pytest.mark.parametrize("name", ["replay.yaml", "simulate.yaml", "lab-lsl.yaml"])
 def test_shipped_pipeline_configs_build_against_the_default_model(name):
     cfg = load_config(CONFIGS / name, PipelineConfig)
     pipeline = Pipeline.from_config(cfg, CONFIGS, name)

@@ -1,0 +1,208 @@
+"""LSL reader: one thread per inlet, resolving, pulling and recovering without blocking the
+other sensors; chunks reach the asyncio side through a queue.
+
+Timestamps come out of liblsl already on this host's clock (clock-offset correction,
+``clocksync``) and smoothed (``dejitter``) unless a stream's config turns them off. liblsl's
+``local_clock`` and ``time.monotonic`` are the same clock on Linux (CLOCK_MONOTONIC), so
+they share the windower's time base.
+
+Import pylsl only after ``LSLAPICFG`` names the config that keeps discovery where it must be
+(tools/lsl_api.cfg keeps it on this machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from crossl_stream.clock import host_clock
+from crossl_stream.readers.base import Chunk, Reader, SensorInfo
+from crossl_stream.windower import StreamState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LslSelector:
+    """Which LSL stream feeds a sensor, and how its timestamps are processed."""
+
+    name: str | None = None
+    type: str | None = None
+    source_id: str | None = None
+    predicate: str | None = None  # an XPath 1.0 predicate over the stream info, as liblsl takes
+    clocksync: bool = True
+    dejitter: bool = True
+    buffer_s: int = 2  # inlet buffer: small, so a stalled consumer does not build a backlog
+
+    def xpath(self) -> str:
+        """The liblsl resolve predicate."""
+        parts = [
+            f"{key}='{value}'"
+            for key, value in (
+                ("name", self.name),
+                ("type", self.type),
+                ("source_id", self.source_id),
+            )
+            if value is not None
+        ]
+        if self.predicate:
+            parts.append(f"({self.predicate})")
+        if not parts:
+            raise ValueError("an LSL stream needs a name, type, source_id or predicate")
+        return " and ".join(parts)
+
+
+class LslReader(Reader):
+    """Owns one inlet thread per sensor, and the queue their chunks come through.
+
+    A stream that is absent is resolved again every ``resolve_s``; a stream that delivers
+    nothing for ``watchdog_s`` (a few expected chunk intervals) is logged STALE, and after
+    ``lost_s`` its inlet is dropped and the stream resolved anew (liblsl itself would wait
+    15 s). ``states`` holds each sensor's connection state.
+    """
+
+    def __init__(
+        self,
+        sensors: Mapping[str, tuple[SensorInfo, LslSelector]],
+        watchdog_s: float | Mapping[str, float] = 0.1,
+        lost_s: float = 5.0,
+        resolve_s: float = 0.5,
+        max_chunk: int = 1024,
+    ) -> None:
+        self.sensors = {name: info for name, (info, _) in sensors.items()}
+        self.selectors = {name: sel for name, (_, sel) in sensors.items()}
+        for sel in self.selectors.values():
+            sel.xpath()  # refuse an empty selector now, not in a thread
+        wd = watchdog_s if isinstance(watchdog_s, Mapping) else dict.fromkeys(sensors, watchdog_s)
+        self.watchdog_s = {name: float(wd.get(name, 0.1)) for name in sensors}
+        self.lost_s = lost_s
+        self.resolve_s = resolve_s
+        self.max_chunk = max_chunk
+        self.states = dict.fromkeys(sensors, StreamState.CONNECTING)
+        self.errors: dict[str, int] = dict.fromkeys(sensors, 0)  # refused streams, lost inlets
+        self._stop = threading.Event()
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk] = asyncio.Queue()
+
+        def hand_over(chunk: Chunk) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+
+        self._stop.clear()
+        threads = [
+            threading.Thread(
+                target=self._run, args=(name, hand_over), name=f"lsl-{name}", daemon=True
+            )
+            for name in self.sensors
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._stop.set()
+            for thread in threads:
+                await asyncio.to_thread(thread.join, 2.0)
+
+    def close(self) -> None:
+        """Stop every inlet thread."""
+        self._stop.set()
+
+    # -- one thread per sensor ------------------------------------------------------------
+
+    def _set_state(self, name: str, state: StreamState, why: str = "") -> None:
+        if self.states[name] != state:
+            self.states[name] = state
+            log.info("LSL %s: %s%s", name, state.value, f" ({why})" if why else "")
+
+    def _run(self, name: str, hand_over) -> None:
+        import pylsl
+
+        info, selector = self.sensors[name], self.selectors[name]
+        flags = (pylsl.proc_clocksync if selector.clocksync else 0) | (
+            pylsl.proc_dejitter if selector.dejitter else 0
+        )
+        while not self._stop.is_set():
+            self._set_state(name, StreamState.CONNECTING)
+            found = pylsl.resolve_bypred(selector.xpath(), 1, self.resolve_s)
+            if not found:
+                continue
+            stream = found[0]
+            if (
+                stream.channel_count() != info.channels
+                or stream.channel_format() == pylsl.cf_string
+            ):
+                self.errors[name] += 1
+                log.error(
+                    "LSL %s: stream %r has %d channels of format %d; the sensor needs %d numeric "
+                    "channels: not read",
+                    name,
+                    stream.name(),
+                    stream.channel_count(),
+                    stream.channel_format(),
+                    info.channels,
+                )
+                self._stop.wait(max(self.resolve_s, 1.0))
+                continue
+            inlet = pylsl.StreamInlet(
+                stream, max_buflen=selector.buffer_s, recover=True, processing_flags=flags
+            )
+            try:
+                self._pull(name, inlet, stream, hand_over)
+            except pylsl.util.LostError:
+                self.errors[name] += 1
+                log.warning("LSL %s: stream %r lost; resolving again", name, stream.name())
+            finally:
+                inlet.close_stream()
+                del inlet
+
+    def _pull(self, name: str, inlet, stream, hand_over) -> None:
+        import pylsl
+
+        inlet.open_stream(timeout=5.0)
+        if self.selectors[name].clocksync:
+            inlet.time_correction(timeout=5.0)  # the first call blocks: make it here
+        dtype = np.float32 if stream.channel_format() == pylsl.cf_float32 else np.float64
+        if stream.channel_format() not in (pylsl.cf_float32, pylsl.cf_double64):
+            dtype = None  # integer formats: pylsl allocates, converted below
+        dest = None if dtype is None else np.empty((self.max_chunk, stream.channel_count()), dtype)
+        rate = stream.nominal_srate()
+        log.info(
+            "LSL %s: reading %r (%s, %d ch at %g Hz, source_id %r)",
+            name,
+            stream.name(),
+            stream.type(),
+            stream.channel_count(),
+            rate,
+            stream.source_id(),
+        )
+        last = host_clock()
+        watchdog = self.watchdog_s[name]
+        while not self._stop.is_set():
+            values, stamps = inlet.pull_chunk(
+                timeout=min(watchdog / 2, 0.05),
+                max_samples=self.max_chunk,
+                dest_obj=dest,
+                min_samples=1,
+                as_numpy=True,
+            )
+            now = host_clock()
+            if len(stamps):
+                last = now
+                self._set_state(name, StreamState.LIVE)
+                chunk = np.array(values, dtype=np.float32)  # owned: dest is reused
+                hand_over(Chunk(name, chunk, stamps, now, now))
+                continue
+            silent = now - last
+            if silent > self.lost_s:
+                self._set_state(name, StreamState.LOST, f"nothing for {silent:.1f} s")
+                return  # resolve again: the source may come back under a new session
+            if silent > watchdog:
+                self._set_state(name, StreamState.STALE, f"nothing for {silent * 1000:.0f} ms")

@@ -1,0 +1,225 @@
+"""LSL, with real outlets in other processes: the reader, its states and recovery, the
+publisher seen by an outside inlet, `crossl-stream play --to lsl`, and MNE-LSL's player.
+
+Discovery stays on this machine: conftest sets LSLAPICFG before pylsl is imported, and the
+subprocesses inherit it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossl_stream import default_model_dir
+from crossl_stream.model import load_model
+from crossl_stream.readers.base import SensorInfo
+from crossl_stream.readers.lsl import LslReader, LslSelector
+from crossl_stream.windower import StreamState
+
+CLI = [sys.executable, "-m", "crossl_stream.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+PRODUCER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    import pylsl
+    name, seconds, start = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    info = pylsl.StreamInfo(name, "IMU", 3, 50.0, pylsl.cf_float32, name + "-src")
+    outlet = pylsl.StreamOutlet(info)
+    outlet.wait_for_consumers(20.0)  # an inlet gets what is pushed after it connects
+    t0, k = pylsl.local_clock(), start
+    print(f"t0 {t0}", flush=True)
+    while pylsl.local_clock() - t0 < seconds:
+        n = 5  # 100 ms of samples at 50 Hz, values k, k+1, ... in channel 0
+        values = np.zeros((n, 3), np.float32)
+        values[:, 0] = np.arange(k, k + n)
+        values[:, 1] = 1.0
+        stamps = t0 + (np.arange(k, k + n) - start) / 50.0
+        time.sleep(max(0.0, stamps[-1] - pylsl.local_clock()))  # pushed once sampled
+        outlet.push_chunk(values, stamps.tolist())
+        k += n
+    print(f"pushed {k - start}", flush=True)
+    """
+)
+
+
+def producer(name: str, seconds: float, start: int = 0) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", PRODUCER, name, str(seconds), str(start)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def reader(name: str, **kw) -> LslReader:
+    selector = LslSelector(name=name, type="IMU", dejitter=False)
+    return LslReader({"imu": (SensorInfo("imu", 3, 50.0), selector)}, **kw)
+
+
+async def collect(r: LslReader, seconds: float, until=None) -> list:
+    """Chunks for ``seconds`` (or until ``until(chunks)`` holds), then stop the reader."""
+    chunks = []
+
+    async def pull():
+        async with contextlib.aclosing(r.chunks()) as stream:
+            async for c in stream:
+                chunks.append(c)
+                if until and until(chunks):
+                    return
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(pull(), seconds)
+    return chunks
+
+
+def test_reader_gets_every_sample_of_another_process_in_order_on_this_clock():
+    import pylsl
+
+    proc = producer("lsl-test-a", 2.0)
+    r = reader("lsl-test-a")
+    chunks = asyncio.run(collect(r, 15.0, until=lambda cs: sum(len(c.values) for c in cs) >= 100))
+    proc.wait(timeout=20)
+    values = np.concatenate([c.values for c in chunks])
+    stamps = np.concatenate([c.timestamps for c in chunks])
+    assert values.dtype == np.float32 and values.shape[1] == 3
+    np.testing.assert_array_equal(values[:100, 0], np.arange(100))  # none lost, none reordered
+    t0 = float(proc.stdout.readline().split()[1])
+    # same host: liblsl's offset correction is ~0, so the producer's stamps come through
+    np.testing.assert_allclose(stamps[:100], t0 + np.arange(100) / 50.0, atol=2e-3)
+    assert all(c.arrival >= c.timestamps[-1] for c in chunks)  # host clock == LSL clock
+    assert abs(pylsl.local_clock() - time.monotonic()) < 0.01
+    assert r.states["imu"] == StreamState.LIVE
+
+
+def test_a_stream_that_goes_away_turns_stale_then_lost_and_is_found_again():
+    first = producer("lsl-test-b", 1.0)
+    r = reader("lsl-test-b", watchdog_s=0.1, lost_s=1.0, resolve_s=0.2)
+    seen: list[tuple[float, StreamState]] = []
+
+    async def main():
+        task = asyncio.create_task(collect(r, 20.0, until=lambda cs: cs[-1].values[0, 0] >= 1000))
+        second = None
+        deadline = time.monotonic() + 20
+        while not task.done() and time.monotonic() < deadline:
+            if not seen or seen[-1][1] != r.states["imu"]:
+                seen.append((time.monotonic(), r.states["imu"]))
+            if second is None and r.states["imu"] == StreamState.LOST:
+                second = producer("lsl-test-b", 1.5, start=1000)  # the source comes back
+            await asyncio.sleep(0.01)
+        return await task, second
+
+    chunks, second = asyncio.run(main())
+    first.wait(timeout=10)
+    second.wait(timeout=10)
+    S = StreamState
+    assert [s for _, s in seen] == [S.CONNECTING, S.LIVE, S.STALE, S.LOST, S.CONNECTING, S.LIVE]
+    assert chunks[-1].values[0, 0] >= 1000
+    stale_at = next(t for t, s in seen if s == StreamState.STALE)
+    lost_at = next(t for t, s in seen if s == StreamState.LOST)
+    assert 0.7 < lost_at - stale_at < 1.6  # our watchdog, not liblsl's 15 s
+
+
+def test_a_stream_of_the_wrong_shape_is_refused_and_counted():
+    proc = producer("lsl-test-c", 1.5)
+    selector = LslSelector(name="lsl-test-c")
+    r = LslReader({"emg": (SensorInfo("emg", 8, 50.0), selector)}, resolve_s=0.2)
+    chunks = asyncio.run(collect(r, 1.0))
+    proc.kill()  # it waits for a consumer that never comes
+    proc.wait(timeout=10)
+    assert chunks == [] and r.errors["emg"] >= 1
+
+
+def test_play_run_and_an_outside_subscriber(tmp_path):
+    """`play --to lsl` (one process) -> `run configs/lab-lsl.yaml` (another) -> an outside
+    pylsl inlet (this process) reading the predictions and their JSON markers."""
+    import pylsl
+
+    env = {**os.environ, "LSLAPICFG": str(ROOT / "tools" / "lsl_api.cfg")}
+    play = subprocess.Popen(
+        [*CLI, "play", "--to", "lsl", "--start", "100", "--duration", "12"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run = subprocess.Popen(
+        [*CLI, "run", str(ROOT / "configs" / "lab-lsl.yaml"), "--out", str(tmp_path / "p.jsonl")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        found = pylsl.resolve_bypred("name='crossl-stream' and type='Predictions'", 1, 30.0)
+        assert found, "the prediction stream never appeared"
+        inlet = pylsl.StreamInlet(found[0], processing_flags=pylsl.proc_clocksync)
+        info = inlet.info(timeout=5.0)
+        channels = info.desc().child("channels").child("channel")
+        labels = []
+        while not channels.empty():
+            labels.append(channels.child_value("label"))
+            channels = channels.next_sibling()
+        assert labels == load_model(default_model_dir()).classes
+        assert info.desc().child_value("model").startswith("default@")
+        markers = pylsl.resolve_bypred("name='crossl-stream-json'", 1, 10.0)
+        marker_inlet = pylsl.StreamInlet(markers[0])
+        probs, stamps = [], []
+        deadline = time.monotonic() + 25
+        while len(probs) < 8 and time.monotonic() < deadline:
+            sample, t = inlet.pull_sample(timeout=1.0)
+            if sample is not None:
+                probs.append(sample)
+                stamps.append(t)
+        records = []
+        while len(records) < 4 and time.monotonic() < deadline:
+            sample, _ = marker_inlet.pull_sample(timeout=1.0)
+            if sample is not None:
+                records.append(json.loads(sample[0]))
+    finally:
+        play.wait(timeout=40)
+        run.terminate()  # a live run ends on SIGTERM: it drains and prints its summary
+        out, err = run.communicate(timeout=30)
+    assert len(probs) >= 8 and all(abs(sum(p) - 1) < 1e-4 for p in probs)
+    assert np.allclose(np.diff(stamps), 0.5, atol=1e-6)  # window ends, 0.5 s apart
+    assert abs(stamps[-1] - pylsl.local_clock()) < 15  # on this host's LSL clock
+    assert {"t_window_end", "probs", "mask", "latency_ms", "model"} <= set(records[0])
+    assert run.returncode == 0, err
+    assert "latency total p50" in out
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert len(lines) >= 8
+
+
+def test_streams_from_mne_lsl_player_are_read(tmp_path):
+    mne = pytest.importorskip("mne")
+    from mne_lsl.player import PlayerLSL
+
+    rate = 100.0
+    data = np.vstack([np.arange(1000) % 97, np.ones(1000), np.zeros(1000)]) * 1e-6
+    raw = mne.io.RawArray(data, mne.create_info(["x", "y", "z"], rate, "misc"), verbose=False)
+    player = PlayerLSL(raw, chunk_size=10, name="mne-player-test", source_id="mne-test")
+    player.start()
+    try:
+        selector = LslSelector(name="mne-player-test")
+        r = LslReader({"imu": (SensorInfo("imu", 3, rate), selector)}, resolve_s=0.2)
+        chunks = asyncio.run(
+            collect(r, 15.0, until=lambda cs: sum(len(c.values) for c in cs) >= 200)
+        )
+    finally:
+        player.stop()
+    values = np.concatenate([c.values for c in chunks])
+    stamps = np.concatenate([c.timestamps for c in chunks])
+    assert len(values) >= 200
+    step = np.diff(values[:200, 0] * 1e6)  # a ramp modulo 97, in order, none lost
+    assert np.allclose(step[(step > -90)], 1.0, atol=1e-3)
+    assert np.all(np.diff(stamps) > 0)
