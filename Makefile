@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # LSL discovery stays on this machine in everything make runs.
 export LSLAPICFG := $(CURDIR)/tools/lsl_api.cfg
 
-.PHONY: demo replay predict test install data lint train results clean
+.PHONY: demo replay predict broker test install data lint train results clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,8 +42,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+## broker: mosquitto for the MQTT tests (Debian packages; the tests start it themselves)
+broker:
+	@command -v mosquitto >/dev/null && command -v mosquitto_pub >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients >/dev/null; } || \
+	  echo "make: mosquitto is missing: apt-get install mosquitto mosquitto-clients (as root)"
+
 ## test: lint, then the suite inside a private network namespace (loopback only)
-test: $(STAMP) data lint
+test: $(STAMP) data lint broker
 	tools/in-netns $(BIN)/python -m pytest
 
 ## train: retrain the default model (models/default)

@@ -245,7 +245,24 @@ def cmd_play(args: argparse.Namespace) -> int:
         player = LslPlayer(recording, args.speed, args.chunk, section=section)
         where = f"LSL outlets {', '.join(player.names)} (+ markers)"
     else:
-        raise CrosslError(f"--to {args.to}: not a destination (lsl)")
+        from crossl_stream.players.mqtt import MqttPlayer
+        from crossl_stream.readers.mqtt import Broker
+
+        host, _, port = args.broker.partition(":")
+        player = MqttPlayer(
+            recording,
+            Broker(host or "127.0.0.1", int(port or 1883)),
+            args.speed,
+            args.chunk,
+            topic=args.topic,
+            subject=args.subject,
+            fmt=args.format,
+            section=section,
+        )
+        where = (
+            f"{args.format} payloads on {args.broker} "
+            f"({args.topic.format(subject=args.subject, stream='STREAM')})"
+        )
     print(f"playing {path.name} as {where} at {args.speed:g}x real time; Ctrl-C stops")
 
     async def main() -> None:
@@ -411,12 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("play", help="play a recording as live sources (LSL outlets)")
     p.add_argument("recording", nargs="?", default=None, help="XDF (default: shipped session)")
-    p.add_argument("--to", choices=["lsl"], default="lsl", help="what to play it as")
+    p.add_argument("--to", choices=["lsl", "mqtt"], default="lsl", help="what to play it as")
     p.add_argument("--speed", type=float, default=1.0, help="times real time")
     p.add_argument("--chunk", type=float, default=0.02, help="seconds of samples per push")
     p.add_argument("--start", type=float, default=0.0, help="seconds into the recording")
     p.add_argument("--duration", type=float, default=None, help="seconds to play")
     p.add_argument("--repeat", type=int, default=1, help="play it this many times")
+    p.add_argument("--broker", default="127.0.0.1:1883", help="mqtt: HOST:PORT")
+    p.add_argument("--topic", default="wearables/{subject}/{stream}", help="mqtt: topic")
+    p.add_argument("--subject", default="s01", help="mqtt: the subject in the topic")
+    p.add_argument("--format", choices=["json", "binary"], default="binary", help="mqtt")
     p.set_defaults(func=cmd_play)
 
     p = sub.add_parser("run", help="run a streaming pipeline from a YAML config")

@@ -103,9 +103,10 @@ Speed = Literal["max"] | Annotated[float, Field(gt=0.0)]
 class SensorConfig(_Strict):
     """One sensor stream: the model modality it feeds, its shape, nominal rate and clock.
 
-    ``clock``: ``source`` keeps the reader's timestamps (already on the host time base: XDF
-    replay, LSL after clock correction); ``receipt`` stamps each chunk at its arrival and
-    spreads its samples back at the nominal rate (devices without usable timestamps).
+    ``clock``: ``source`` keeps the reader's timestamps (on the host time base: XDF replay,
+    LSL after clock correction, MQTT device times after the offset + drift fit); ``receipt``
+    stamps each chunk at its arrival and spreads its samples back at the nominal rate
+    (devices without usable timestamps).
     """
 
     modality: str | None = Field(None, description="model modality; default: the sensor name")
@@ -226,8 +227,40 @@ class LslReaderConfig(_Strict):
     resolve_s: float = Field(0.5, gt=0.0, description="how long each resolve attempt waits")
 
 
+class BrokerConfig(_Strict):
+    """An MQTT broker and how to log in. The password comes from an environment variable,
+    never from the file."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password_env: str | None = Field(None, description="environment variable with the password")
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_id: str | None = None
+    keepalive: int = Field(30, ge=5)
+
+
+class MqttTopicConfig(_Strict):
+    """One sensor's topic (``+`` / ``#`` wildcards stand for subjects) and payload format."""
+
+    topic: str = Field(min_length=1)
+    format: Literal["json", "binary"] = "json"
+
+
+class MqttReaderConfig(_Strict):
+    """Device payloads from an MQTT broker; device clocks fitted onto the host clock."""
+
+    kind: Literal["mqtt"]
+    broker: BrokerConfig = BrokerConfig()
+    qos: Literal[0, 1] = 1
+    streams: dict[str, MqttTopicConfig] = Field(min_length=1, description="sensor -> topic")
+
+
 ReaderConfig = Annotated[
-    ReplayReaderConfig | SimulateReaderConfig | LslReaderConfig,
+    ReplayReaderConfig | SimulateReaderConfig | LslReaderConfig | MqttReaderConfig,
     Field(discriminator="kind"),
 ]
 
@@ -254,8 +287,18 @@ class LslPublisherConfig(_Strict):
     source_id: str | None = None
 
 
+class MqttPublisherConfig(_Strict):
+    """Prediction records to a per-subject topic, a retained status topic, a last will."""
+
+    kind: Literal["mqtt"]
+    broker: BrokerConfig = BrokerConfig()
+    topic: str = Field("crossl/{subject}/predictions", description="{subject} is filled in")
+    status_topic: str = "crossl/status"
+    qos: Literal[0, 1] = 1
+
+
 PublisherConfig = Annotated[
-    JsonlPublisherConfig | ConsolePublisherConfig | LslPublisherConfig,
+    JsonlPublisherConfig | ConsolePublisherConfig | LslPublisherConfig | MqttPublisherConfig,
     Field(discriminator="kind"),
 ]
 
@@ -280,7 +323,7 @@ class PipelineConfig(_Strict):
         """The sensors one reader feeds."""
         if isinstance(reader, SimulateReaderConfig):
             return list(reader.sensors)
-        if isinstance(reader, LslReaderConfig):
+        if isinstance(reader, LslReaderConfig | MqttReaderConfig):
             return list(reader.streams)
         return list(reader.sensors) if reader.sensors is not None else list(self.sensors)
 

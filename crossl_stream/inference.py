@@ -38,6 +38,7 @@ class Prediction:
     latency_ms: dict[str, float]
     coverage: dict[str, float] = field(default_factory=dict)
     states: dict[str, str] = field(default_factory=dict)
+    subject: str = ""
     t_last_arrival: float = 0.0
 
     def record(self) -> dict[str, Any]:
@@ -52,6 +53,7 @@ class Prediction:
             "latency_ms": dict(self.latency_ms),
             "coverage": dict(self.coverage),
             "states": dict(self.states),
+            "subject": self.subject,
         }
 
 
@@ -154,6 +156,7 @@ class Predictor:
                     latency_ms=latency,
                     coverage=dict(w.coverage),
                     states={k: str(v.value) for k, v in w.states.items()},
+                    subject=w.subject,
                     t_last_arrival=w.t_last_arrival,
                 )
             )

@@ -22,6 +22,8 @@ from crossl_stream.config import (
     JsonlPublisherConfig,
     LslPublisherConfig,
     LslReaderConfig,
+    MqttPublisherConfig,
+    MqttReaderConfig,
     PipelineConfig,
     ReplayReaderConfig,
     SimulateReaderConfig,
@@ -70,13 +72,25 @@ class Pipeline:
         if not readers:
             raise ValueError("a pipeline needs at least one reader")
         self.readers = list(readers)
-        self.windower = windower
+        self.windower = windower  # the default subject's; others are made alike on demand
+        self.windowers = {windower.subject: windower}
+        self.max_subjects = 256
         self.worker = worker
         self.publishers = list(publishers)
         self.modality_of = dict(modality_of or {})
         self.receipt_rates = dict(receipt_rates or {})
         self.counters = PipelineCounters()
         self._stopping: asyncio.Event | None = None
+
+    def windower_of(self, subject: str) -> Windower | None:
+        """The windower of ``subject``'s sensors, made on first use (None: too many)."""
+        windower = self.windowers.get(subject)
+        if windower is None:
+            if len(self.windowers) >= self.max_subjects:
+                return None
+            windower = self.windowers[subject] = self.windower.fresh(subject)
+            log.info("subject %r: first data; windows of its own", subject)
+        return windower
 
     @classmethod
     def from_config(
@@ -101,6 +115,8 @@ class Pipeline:
     async def run(self) -> PipelineCounters:
         """Play until every reader ends or ``stop`` is called, then drain."""
         self._stopping = asyncio.Event()
+        for publisher in self.publishers:
+            await publisher.start()
         readers = [asyncio.create_task(self._ingest(r)) for r in self.readers]
         publishing = asyncio.create_task(self._publish())
         ticking = asyncio.create_task(self._tick())
@@ -123,15 +139,16 @@ class Pipeline:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             try:
-                for window in self.windower.flush():
-                    await self._put(window)
+                for windower in self.windowers.values():
+                    for window in windower.flush():
+                        await self._put(window)
             finally:
                 self.worker.close()
             try:
                 await publishing
             finally:
                 for publisher in self.publishers:
-                    publisher.close()
+                    await publisher.aclose()
         return self.counters
 
     async def _put(self, window) -> None:
@@ -139,9 +156,14 @@ class Pipeline:
         await self.worker.put(window)
 
     async def _ingest(self, reader: Reader) -> None:
-        windower, counters = self.windower, self.counters
+        counters = self.counters
         async for chunk in reader.chunks():
             counters.chunks += 1
+            windower = self.windowers.get(chunk.subject) or self.windower_of(chunk.subject)
+            if windower is None:
+                counters.bad_chunks += 1
+                log.warning("chunk of subject %r refused: too many subjects", chunk.subject)
+                continue
             try:
                 windower.push(
                     self.modality_of.get(chunk.sensor, chunk.sensor),
@@ -172,8 +194,9 @@ class Pipeline:
             await asyncio.sleep(period)
             now = self.readers[0].now()
             if now is not None:
-                for window in self.windower.poll(now):
-                    await self._put(window)
+                for windower in list(self.windowers.values()):
+                    for window in windower.poll(now):
+                        await self._put(window)
 
     async def _publish(self) -> None:
         async for prediction in self.worker.predictions():
@@ -228,6 +251,18 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
             publishers.append(JsonlPublisher(resolve(p.path)))
         elif isinstance(p, ConsolePublisherConfig):
             publishers.append(ConsolePublisher(every=p.every))
+        elif isinstance(p, MqttPublisherConfig):
+            from crossl_stream.publishers.mqtt import MqttPublisher
+
+            publishers.append(
+                MqttPublisher(
+                    _broker(p.broker, resolve, source),
+                    predictor.model_id,
+                    p.topic,
+                    p.status_topic,
+                    p.qos,
+                )
+            )
         elif isinstance(p, LslPublisherConfig):
             from crossl_stream.publishers.lsl import LslPublisher
 
@@ -371,4 +406,45 @@ def _reader(cfg: PipelineConfig, rc, resolve, source: str) -> Reader:
             for name, s in rc.streams.items()
         }
         return LslReader(streams, rc.watchdog_s, rc.lost_s, rc.resolve_s)
+    if isinstance(rc, MqttReaderConfig):
+        from crossl_stream.readers.base import SensorInfo
+        from crossl_stream.readers.mqtt import MqttReader, MqttTopic
+
+        streams = {
+            name: (
+                SensorInfo(name, cfg.sensors[name].channels, cfg.sensors[name].rate_hz),
+                MqttTopic(t.topic, t.format, cfg.sensors[name].clock == "receipt"),
+            )
+            for name, t in rc.streams.items()
+        }
+        return MqttReader(_broker(rc.broker, resolve, source), streams, rc.qos)
     raise ConfigError(f"{source}: unknown reader {rc!r}")
+
+
+def _broker(b, resolve, source: str):
+    """A Broker from its config; the password read from the environment variable named."""
+    import os
+
+    from crossl_stream.readers.mqtt import Broker
+
+    password = None
+    if b.password_env:
+        password = os.environ.get(b.password_env)
+        if password is None:
+            raise ConfigError(
+                f"{source}: broker.password_env: environment variable {b.password_env} is not set"
+            )
+    files = {
+        k: str(resolve(v)) if v else None
+        for k, v in (("ca_file", b.ca_file), ("cert_file", b.cert_file), ("key_file", b.key_file))
+    }
+    return Broker(
+        b.host,
+        b.port,
+        b.username,
+        password,
+        b.tls,
+        **files,
+        client_id=b.client_id,
+        keepalive=b.keepalive,
+    )

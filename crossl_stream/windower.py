@@ -64,6 +64,7 @@ class Window:
     states: dict[str, StreamState]
     t_last_arrival: float  # host clock: receipt of the data that completed this window
     t_emitted: float = field(default=0.0, compare=False)  # host clock: when it was cut
+    subject: str = ""  # whose sensors (one windower per subject)
 
 
 @dataclass
@@ -210,6 +211,8 @@ class Windower:
     ) -> None:
         if not modalities:
             raise ValueError("the windower needs at least one modality")
+        self._params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.subject = ""
         lengths = {m.name: m.window_s for m in modalities}
         if max(lengths.values()) - min(lengths.values()) > 1e-9:
             raise ValueError(f"modalities disagree on the window length: {lengths}")
@@ -257,6 +260,12 @@ class Windower:
             nan_samples=dict.fromkeys(self.buffers, 0),
             future_samples=dict.fromkeys(self.buffers, 0),
         )
+
+    def fresh(self, subject: str) -> Windower:
+        """A new, empty windower with the same settings, for another subject's sensors."""
+        windower = Windower(**self._params)
+        windower.subject = subject
+        return windower
 
     def push(
         self,
@@ -417,5 +426,13 @@ class Windower:
         self._seq += 1
         self.counters.windows += 1
         return Window(
-            self._seq, t_end, data, available, coverage, dict(states), newest_arrival, host_clock()
+            self._seq,
+            t_end,
+            data,
+            available,
+            coverage,
+            dict(states),
+            newest_arrival,
+            host_clock(),
+            self.subject,
         )

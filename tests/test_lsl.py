@@ -104,7 +104,7 @@ def test_reader_gets_every_sample_of_another_process_in_order_on_this_clock():
 
 def test_a_stream_that_goes_away_turns_stale_then_lost_and_is_found_again():
     first = producer("lsl-test-b", 1.0)
-    r = reader("lsl-test-b", watchdog_s=0.1, lost_s=1.0, resolve_s=0.2)
+    r = reader("lsl-test-b", watchdog_s=0.3, lost_s=1.2, resolve_s=0.2)
     seen: list[tuple[float, StreamState]] = []
 
     async def main():
@@ -123,11 +123,15 @@ def test_a_stream_that_goes_away_turns_stale_then_lost_and_is_found_again():
     first.wait(timeout=10)
     second.wait(timeout=10)
     S = StreamState
-    assert [s for _, s in seen] == [S.CONNECTING, S.LIVE, S.STALE, S.LOST, S.CONNECTING, S.LIVE]
-    assert chunks[-1].values[0, 0] >= 1000
-    stale_at = next(t for t, s in seen if s == StreamState.STALE)
-    lost_at = next(t for t, s in seen if s == StreamState.LOST)
-    assert 0.7 < lost_at - stale_at < 1.6  # our watchdog, not liblsl's 15 s
+    states = [s for _, s in seen]
+    # in this order (a loaded machine may add a STALE -> LIVE flicker in between)
+    order = [S.CONNECTING, S.LIVE, S.STALE, S.LOST, S.CONNECTING, S.LIVE]
+    it = iter(states)
+    assert all(any(s == want for s in it) for want in order), states
+    assert states[-1] == S.LIVE and chunks[-1].values[0, 0] >= 1000
+    lost = states.index(S.LOST)
+    stale_at = max(t for t, s in seen[:lost] if s == S.STALE)
+    assert 0.5 < seen[lost][0] - stale_at < 1.6  # our watchdog, not liblsl's 15 s
 
 
 def test_a_stream_of_the_wrong_shape_is_refused_and_counted():

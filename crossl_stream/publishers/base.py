@@ -20,5 +20,12 @@ class Publisher(ABC):
     def send(self, prediction: Prediction) -> None:
         """Deliver one prediction."""
 
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect, before the first prediction (network publishers)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release the destination."""
+
+    async def aclose(self) -> None:
+        """Flush and release, waiting for what is in flight (default: ``close``)."""
+        self.close()

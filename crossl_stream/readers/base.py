@@ -31,6 +31,7 @@ class Chunk:
     timestamps: np.ndarray
     arrival: float
     received: float
+    subject: str = ""  # whose sensor, when one reader serves several people (MQTT wildcards)
 
 
 class Reader(ABC):

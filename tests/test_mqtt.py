@@ -1,0 +1,345 @@
+"""MQTT with a real mosquitto broker that the tests start on 127.0.0.1 and a free port, and
+mosquitto_pub / mosquitto_sub as outside clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crossl_stream.clock import DeviceClock
+from crossl_stream.readers.base import SensorInfo
+from crossl_stream.readers.mqtt import Broker, MqttReader, MqttTopic
+from crossl_stream.readers.payload import PayloadError, decode, encode_binary, encode_json
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "crossl_stream.cli"]
+
+
+# -- payloads and device clocks: no broker needed ----------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seq=st.integers(0, 2**32 - 1),
+    t0=st.floats(-1e9, 1e9),
+    n=st.integers(1, 40),
+    c=st.integers(1, 8),
+    fmt=st.sampled_from(["binary", "json"]),
+)
+def test_payloads_round_trip(seq, t0, n, c, fmt):
+    values = np.random.default_rng(seq).normal(size=(n, c)).astype(np.float32)
+    data = (encode_binary if fmt == "binary" else encode_json)(seq, t0, values)
+    p = decode(data, fmt, c)
+    assert p.seq == seq and p.t0 == t0
+    np.testing.assert_array_equal(p.values, values)
+    np.testing.assert_allclose(p.device_times(50.0), t0 + np.arange(n) / 50.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=80), fmt=st.sampled_from(["binary", "json"]))
+def test_garbage_is_refused_with_a_reason_never_a_crash(data, fmt):
+    try:
+        decode(data, fmt, 3)
+    except PayloadError as exc:
+        assert exc.reason in {
+            "short",
+            "long",
+            "version",
+            "json",
+            "channels",
+            "empty",
+            "nan",
+            "timestamp",
+            "shape",
+        }
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "reason"),
+    [
+        (b"{not json", "json", "json"),
+        (b'{"t0": 1, "values": [[1, 2]]}', "json", "channels"),
+        (b'{"t0": 1, "values": [[1, NaN, 2]]}', "json", "nan"),
+        (b'{"t0": 1, "values": [[1, 2, 3]], "colour": 1}', "json", "json"),
+        (encode_binary(1, 2.0, np.zeros((4, 3)))[:-5], "binary", "short"),
+        (b"\x02" + encode_binary(1, 2.0, np.zeros((4, 3)))[1:], "binary", "version"),
+        (encode_binary(1, float("nan"), np.zeros((4, 3))), "binary", "timestamp"),
+    ],
+)
+def test_each_kind_of_bad_payload_names_its_reason(data, fmt, reason):
+    with pytest.raises(PayloadError) as info:
+        decode(data, fmt, 3)
+    assert info.value.reason == reason
+
+
+def test_device_clock_fit_recovers_offset_and_drift_through_delays_and_outliers():
+    rng = np.random.default_rng(0)
+    clock = DeviceClock()
+    device = np.arange(0, 120, 0.05)  # 2 min of messages, 20 per second
+    offset, drift = 5000.0, 80e-6  # the device runs 80 ppm slow, 5000 s behind
+    host = device * (1 + drift) + offset
+    delay = 0.001 + rng.exponential(0.004, len(device))  # never negative, often small
+    delay[rng.random(len(device)) < 0.02] += 0.3  # a few late deliveries
+    accepted = [clock.observe(d, h + e) for d, h, e in zip(device, host, delay, strict=True)]
+    assert sum(accepted) > 0.95 * len(device)
+    error = clock.map(device[-200:]) - host[-200:]
+    assert np.abs(error).max() < 0.003  # within the minimum transport delay
+    assert clock.map(device[-1:])[0] <= host[-1] + delay[-1]  # never stamped in the future
+    # the device clock jumps (a reboot): outliers first, then a new fit
+    jumped = [
+        clock.observe(d, h + 0.002)
+        for d, h in zip(device[:10] - 1e6, host[-1] + device[:10] + 1, strict=True)
+    ]
+    assert jumped[:4] == [False] * 4 and all(jumped[5:])
+    assert clock.counters.refits == 1
+
+
+def test_sequence_gaps_duplicates_and_subjects_are_tracked():
+    reader = MqttReader(
+        Broker(), {"acc": (SensorInfo("acc", 3, 50.0), MqttTopic("w/+/acc", "binary"))}
+    )
+    values = np.zeros((2, 3), np.float32)
+    for seq in (0, 1, 4, 4, 2, 5):
+        reader.to_chunk("w/s1/acc", encode_binary(seq, 100 + seq * 0.04, values), 10 + seq)
+    chunk = reader.to_chunk("w/s2/acc", encode_binary(0, 7.0, values), 20.0)
+    assert reader.counters.seq_gaps == 2 and reader.counters.duplicates == 2
+    assert chunk.subject == "s2" and reader.counters.subjects == {"s1", "s2"}
+    assert reader.to_chunk("other/topic", b"", 1.0) is None and reader.counters.unrouted == 1
+
+
+# -- a real broker ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    """A mosquitto process on 127.0.0.1 and a port of its own (restartable on that port)."""
+
+    def __init__(self, tmp: Path, extra: str = "") -> None:
+        if shutil.which("mosquitto") is None:
+            if os.environ.get("CI"):
+                pytest.fail("mosquitto is not installed (.ci/run installs it)")
+            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        self.port = free_port()
+        self.conf = tmp / f"mosquitto-{self.port}.conf"
+        # as root, mosquitto drops to its own user, which cannot read pytest's tmp folders
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"{user}{extra}"
+        )
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not start: {self.proc.stderr.read()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def pub(self, topic: str, message: bytes, qos: int = 1) -> None:
+        subprocess.run(
+            [
+                "mosquitto_pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-t",
+                topic,
+                "-q",
+                str(qos),
+                "-s",
+            ],
+            input=message,
+            check=True,
+            timeout=10,
+        )
+
+
+@pytest.fixture
+def broker(tmp_path):
+    m = Mosquitto(tmp_path)
+    yield m
+    m.stop()
+
+
+SENSORS = {
+    "acc": (SensorInfo("acc", 3, 50.0), MqttTopic("wearables/+/acc", "json")),
+    "gyro": (SensorInfo("gyro", 3, 50.0), MqttTopic("wearables/+/gyro", "binary")),
+}
+
+
+async def read_until(reader: MqttReader, predicate, seconds: float, during=None) -> list:
+    chunks = []
+
+    async def pull():
+        async with contextlib.aclosing(reader.chunks()) as stream:
+            async for c in stream:
+                chunks.append(c)
+                if predicate(chunks):
+                    return
+
+    task = asyncio.create_task(pull())
+    if during is not None:
+        await during()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(task, seconds)
+    return chunks
+
+
+def test_outside_publishers_are_read_and_malformed_payloads_counted(broker):
+    reader = MqttReader(Broker(port=broker.port), SENSORS)
+    values = [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]
+
+    async def outside():
+        while reader.counters.connects == 0:
+            await asyncio.sleep(0.05)
+        good = [
+            json.dumps({"seq": k, "t0": 300 + k * 0.2, "values": values}).encode() for k in range(5)
+        ]
+        bad = [
+            b"{oops",
+            json.dumps({"seq": 9, "t0": 301, "values": [[1, 2]]}).encode(),
+            b'{"seq": 10, "t0": 301, "values": [[1, NaN, 2]]}',
+        ]
+        start = time.monotonic()
+        for k, message in enumerate(good):  # sent as a device would: at its own pace
+            await asyncio.sleep(max(0.0, start + k * 0.2 - time.monotonic()))
+            await asyncio.to_thread(broker.pub, "wearables/s09/acc", message)
+            if k == 2:
+                for junk in bad:
+                    await asyncio.to_thread(broker.pub, "wearables/s09/acc", junk)
+        await asyncio.to_thread(
+            broker.pub, "wearables/s09/gyro", encode_binary(0, 300.0, np.ones((2, 3)))[:-3]
+        )
+        await asyncio.to_thread(
+            broker.pub, "wearables/s09/gyro", encode_binary(1, 300.0, np.ones((2, 3)))
+        )
+
+    chunks = asyncio.run(
+        read_until(reader, lambda cs: sum(c.sensor == "gyro" for c in cs) >= 1, 30, outside)
+    )
+    acc = [c for c in chunks if c.sensor == "acc"]
+    assert len(acc) == 5 and all(c.subject == "s09" for c in chunks)
+    np.testing.assert_allclose(acc[0].values, values)
+    assert reader.counters.malformed == {"json": 1, "channels": 1, "nan": 1, "short": 1}
+    # device times 200 ms apart land 200 ms apart on the host clock (give or take the jitter
+    # of starting a mosquitto_pub process), never after their receipt
+    assert np.allclose(np.diff([c.timestamps[0] for c in acc]), 0.2, atol=0.03)
+    assert all(c.timestamps[-1] <= c.received + 1e-6 for c in chunks)
+
+
+def test_the_reader_reconnects_and_resubscribes_when_the_broker_restarts(broker):
+    reader = MqttReader(Broker(port=broker.port), SENSORS, backoff_s=(0.1, 0.5))
+    payload = encode_binary(0, 10.0, np.zeros((1, 3)))
+
+    async def outage():
+        while reader.counters.connects == 0:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(broker.pub, "wearables/a/gyro", payload)
+        await asyncio.to_thread(broker.stop)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(broker.start)
+        while reader.counters.connects < 2:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(broker.pub, "wearables/b/gyro", payload)
+
+    chunks = asyncio.run(read_until(reader, lambda cs: len(cs) >= 2, 30, outage))
+    assert [c.subject for c in chunks] == ["a", "b"] and reader.counters.connects == 2
+
+
+def test_username_and_password_are_used(tmp_path):
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "edge", "s3cret"], check=True)
+    m = Mosquitto(tmp_path, f"password_file {passwords}\n")
+    m.conf.write_text(m.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    m.stop()
+    m.start()
+    try:
+        good = MqttReader(Broker(port=m.port, username="edge", password="s3cret"), SENSORS)
+        bad = MqttReader(
+            Broker(port=m.port, username="edge", password="wrong"), SENSORS, backoff_s=(0.1, 0.2)
+        )
+
+        async def both():
+            a = asyncio.create_task(read_until(good, lambda cs: True, 3))
+            b = asyncio.create_task(read_until(bad, lambda cs: True, 3))
+            return await a, await b
+
+        asyncio.run(both())
+        assert good.counters.connects == 1 and bad.counters.connects == 0
+    finally:
+        m.stop()
+
+
+def test_edge_config_end_to_end_with_play_and_mosquitto_sub(broker, tmp_path):
+    """`play --to mqtt` (a process) -> `run configs/edge-mqtt.yaml` (a process) ->
+    mosquitto_sub (an outside client): predictions per subject, a retained status, and the
+    last will when the pipeline dies."""
+    config = tmp_path / "edge.yaml"
+    text = (ROOT / "configs" / "edge-mqtt.yaml").read_text().replace("1883", str(broker.port))
+    config.write_text(text.replace("../models/default", str(ROOT / "models" / "default")))
+    sub = subprocess.Popen(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "crossl/#", "-v"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    run = subprocess.Popen([*CLI, "run", str(config)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        play = [*CLI, "play", "--to", "mqtt", "--broker", f"127.0.0.1:{broker.port}"]
+        for subject in ("s01", "s02"):  # two wearables, one after the other
+            result = subprocess.run(
+                [*play, "--subject", subject, "--start", "100", "--duration", "6"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 0, result.stderr
+        time.sleep(1.0)
+        run.send_signal(signal.SIGKILL)  # dies without a word: the broker sends the will
+        run.wait(timeout=10)
+        time.sleep(1.0)
+    finally:
+        sub.terminate()
+        out, _ = sub.communicate(timeout=10)
+    lines = [line.split(" ", 1) for line in out.splitlines()]
+    status = [json.loads(payload) for topic, payload in lines if topic == "crossl/status"]
+    assert status[0]["state"] == "online" and status[-1]["state"] == "offline"
+    assert status[0]["model"].startswith("default@")
+    for subject in ("s01", "s02"):
+        records = [json.loads(p) for t, p in lines if t == f"crossl/{subject}/predictions"]
+        assert len(records) >= 6, subject
+        assert all(
+            r["subject"] == subject and r["mask"] == {"acc": True, "gyro": True} for r in records
+        )
+        assert np.median([r["latency_ms"]["total"] for r in records]) < 50
