@@ -343,3 +343,89 @@ def test_edge_config_end_to_end_with_play_and_mosquitto_sub(broker, tmp_path):
             r["subject"] == subject and r["mask"] == {"acc": True, "gyro": True} for r in records
         )
         assert np.median([r["latency_ms"]["total"] for r in records]) < 50
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    f = {k: folder / k for k in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")}
+    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    commands = [
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f["ca.key"],
+            "-out",
+            f["ca.pem"],
+            "-days",
+            "1",
+            "-subj",
+            "/CN=crossl-test-ca",
+        ],
+        [
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f["server.key"],
+            "-out",
+            f["server.csr"],
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        [
+            "x509",
+            "-req",
+            "-in",
+            f["server.csr"],
+            "-CA",
+            f["ca.pem"],
+            "-CAkey",
+            f["ca.key"],
+            "-CAcreateserial",
+            "-out",
+            f["server.pem"],
+            "-days",
+            "1",
+            "-extfile",
+            folder / "san.cnf",
+        ],
+    ]
+    for args in commands:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+    return f
+
+
+def test_tls_with_the_brokers_ca_connects_and_without_it_does_not(tmp_path):
+    certs = make_certificates(tmp_path)
+    tls = f"cafile {certs['ca.pem']}\ncertfile {certs['server.pem']}\n"
+    m = Mosquitto(tmp_path, tls + f"keyfile {certs['server.key']}\n")
+    try:
+        trusted = MqttReader(Broker(port=m.port, tls=True, ca_file=str(certs["ca.pem"])), SENSORS)
+        stranger = MqttReader(Broker(port=m.port, tls=True), SENSORS, backoff_s=(0.1, 0.2))
+        payload = encode_binary(0, 5.0, np.zeros((1, 3)))
+
+        async def main():
+            async def publish():
+                while trusted.counters.connects == 0:
+                    await asyncio.sleep(0.05)
+                async with Broker(
+                    port=m.port, tls=True, ca_file=str(certs["ca.pem"])
+                ).client() as c:
+                    await c.publish("wearables/t/gyro", payload, qos=1)
+
+            a = asyncio.create_task(read_until(trusted, lambda cs: True, 15, publish))
+            b = asyncio.create_task(read_until(stranger, lambda cs: True, 2))
+            return await a, await b
+
+        got, _ = asyncio.run(main())
+        assert [c.subject for c in got] == ["t"]
+        assert stranger.counters.connects == 0  # the server's certificate is not trusted
+    finally:
+        m.stop()

@@ -72,7 +72,7 @@ def export_onnx(model: CroSSL, path: str | Path, weights_sha256: str) -> Path:
     dim = torch.export.Dim("batch", min=1, max=65536)
     names = [*model.modality_names, "available"]
     for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
         program = torch.onnx.export(

@@ -1,0 +1,298 @@
+#!/usr/bin/env python3
+"""End-to-end latency over LSL and over MQTT; prints figures (no pass/fail).
+
+Three processes per transport, on this machine only:
+  producer   32 ch at 500 Hz, 8 ch at 2 kHz, 6 ch at 100 Hz, pushed in 20 ms chunks, logging
+             when the last sample of each chunk was pushed;
+  pipeline   `crossl-stream run` with 2 s windows every 100 ms (a CroSSL model of those
+             three modalities, randomly initialised: latency does not depend on training);
+  subscriber receives the predictions, logging when each arrived.
+Latency of a window = its arrival at the subscriber - the push of the last chunk it needed
+(for each sensor the first chunk reaching the window's end; the latest of those). The
+per-stage split comes from each prediction's own latency_ms record.
+
+Usage: python tools/bench_latency.py [--seconds 60] [--transport lsl mqtt]
+LSL discovery stays on this machine (LSLAPICFG is set to tools/lsl_api.cfg); the MQTT broker
+is a mosquitto this script starts on 127.0.0.1 and a free port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+os.environ["LSLAPICFG"] = str(TOOLS / "lsl_api.cfg")  # before anything imports pylsl
+
+import numpy as np  # noqa: E402
+
+SENSORS = {"eeg": (32, 500.0), "emg": (8, 2000.0), "imu": (6, 100.0)}
+TARGET_HZ = {"eeg": 250.0, "emg": 500.0, "imu": 50.0}  # the model's grids
+CHUNK_S = 0.02
+
+
+# -- roles, each in its own process ----------------------------------------------------
+
+
+def produce(transport: str, seconds: float, log_path: str, port: int) -> None:
+    """Push the three sensors in real time; log (sensor, last sample time, push time)."""
+    rng = np.random.default_rng(0)
+    out = []
+    if transport == "lsl":
+        import pylsl
+
+        outlets = {
+            n: pylsl.StreamOutlet(
+                pylsl.StreamInfo(f"bench-{n}", n, ch, rate, pylsl.cf_float32, f"bench-{n}")
+            )
+            for n, (ch, rate) in SENSORS.items()
+        }
+        for o in outlets.values():
+            o.wait_for_consumers(30.0)
+
+        def push(name, values, stamps):
+            outlets[name].push_chunk(values, stamps.tolist())
+
+        _pace(rng, time.monotonic() + 0.5, seconds, push, out)
+    else:
+        import paho.mqtt.client as mqtt
+
+        from crossl_stream.readers.payload import encode_binary
+
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        seq = dict.fromkeys(SENSORS, 0)
+
+        def push(name, values, stamps):
+            payload = encode_binary(seq[name], float(stamps[0]), values)
+            client.publish(f"bench/s1/{name}", payload, qos=0)
+            seq[name] += 1
+
+        time.sleep(3.0)  # the pipeline subscribes
+        _pace(rng, time.monotonic() + 0.5, seconds, push, out)
+        client.loop_stop()
+    Path(log_path).write_text(json.dumps(out))
+
+
+def _pace(rng, start: float, seconds: float, push, out: list) -> None:
+    k = 0
+    blocks = {
+        n: rng.normal(size=(round(CHUNK_S * r), c)).astype(np.float32)
+        for n, (c, r) in SENSORS.items()
+    }
+    while True:
+        t_chunk_end = start + (k + 1) * CHUNK_S
+        if t_chunk_end - start > seconds:
+            return
+        time.sleep(max(0.0, t_chunk_end - time.monotonic()))
+        for name, (_, rate) in SENSORS.items():
+            n = round(CHUNK_S * rate)
+            stamps = start + k * CHUNK_S + np.arange(n) / rate
+            push(name, blocks[name], stamps)
+            out.append((name, float(stamps[-1]), time.monotonic()))
+        k += 1
+
+
+def subscribe(transport: str, seconds: float, log_path: str, port: int) -> None:
+    """Receive predictions; log (record, receipt time)."""
+    out = []
+    deadline = time.monotonic() + seconds
+    if transport == "lsl":
+        import pylsl
+
+        found = pylsl.resolve_bypred("name='crossl-stream-json'", 1, 60.0)
+        inlet = pylsl.StreamInlet(found[0])
+        while time.monotonic() < deadline:
+            sample, _ = inlet.pull_sample(timeout=0.5)
+            if sample is not None:
+                out.append((json.loads(sample[0]), time.monotonic()))
+    else:
+        import paho.mqtt.client as mqtt
+
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        client.on_message = lambda c, u, m: out.append((json.loads(m.payload), time.monotonic()))
+        client.connect("127.0.0.1", port)
+        client.subscribe("crossl/+/predictions", qos=0)
+        client.loop_start()
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        client.loop_stop()
+    Path(log_path).write_text(json.dumps(out))
+
+
+# -- the driver ------------------------------------------------------------------------
+
+
+def make_model(folder: Path) -> Path:
+    import torch
+
+    from crossl_stream.cli import _export
+    from crossl_stream.model import CroSSL, ModalitySpec, save_model
+
+    torch.manual_seed(0)
+    specs = [
+        ModalitySpec(
+            name=n, channels=SENSORS[n][0], rate_hz=TARGET_HZ[n], samples=round(2 * TARGET_HZ[n])
+        )
+        for n in SENSORS
+    ]
+    model = CroSSL(specs, ["rest", "grasp", "walk"]).eval()
+    save_model(model, folder, {"note": "random weights for the latency benchmark"})
+    _export(folder)
+    return folder
+
+
+def config(transport: str, model: Path, port: int) -> dict:
+    sensors = {n: {"channels": c, "rate_hz": r, "stale_s": 0.1} for n, (c, r) in SENSORS.items()}
+    if transport == "lsl":
+        reader = {"kind": "lsl", "streams": {n: {"name": f"bench-{n}"} for n in SENSORS}}
+        publisher = {"kind": "lsl", "name": "crossl-stream"}
+    else:
+        broker = {"host": "127.0.0.1", "port": port}
+        reader = {
+            "kind": "mqtt",
+            "broker": broker,
+            "qos": 0,
+            "streams": {n: {"topic": f"bench/+/{n}", "format": "binary"} for n in SENSORS},
+        }
+        publisher = {"kind": "mqtt", "broker": broker, "qos": 0}
+    return {
+        "sensors": sensors,
+        "readers": [reader],
+        "window": {"hop_s": 0.1, "lateness_s": 0.0, "connect_grace_s": 5.0},
+        "inference": {"model": str(model), "max_batch": 4, "backpressure": "drop_oldest"},
+        "publishers": [publisher],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_transport(transport: str, seconds: float, model: Path, work: Path) -> dict:
+    port = free_port()
+    broker = None
+    if transport == "mqtt":
+        if shutil.which("mosquitto") is None:
+            raise SystemExit("mosquitto is not installed (make broker)")
+        conf = work / "mosquitto.conf"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(  # set_tcp_nodelay: no Nagle delay on small messages
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"set_tcp_nodelay true\n{user}"
+        )
+        broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+    cfg = work / f"{transport}.yaml"
+    cfg.write_text(json.dumps(config(transport, model, port)))
+    me = [sys.executable, __file__]
+    logs = {role: work / f"{transport}-{role}.json" for role in ("producer", "subscriber")}
+    pipeline = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "crossl_stream.cli",
+            "run",
+            str(cfg),
+            "--out",
+            str(work / f"{transport}.jsonl"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    subscriber = subprocess.Popen(
+        [
+            *me,
+            "--role",
+            "subscriber",
+            transport,
+            str(seconds + 10),
+            str(logs["subscriber"]),
+            str(port),
+        ]
+    )
+    producer = subprocess.Popen(
+        [*me, "--role", "producer", transport, str(seconds), str(logs["producer"]), str(port)]
+    )
+    producer.wait(timeout=seconds + 120)
+    subscriber.wait(timeout=seconds + 120)
+    pipeline.terminate()
+    _, err = pipeline.communicate(timeout=60)
+    if broker is not None:
+        broker.terminate()
+        broker.wait(timeout=10)
+    return analyse(
+        json.loads(logs["producer"].read_text()), json.loads(logs["subscriber"].read_text())
+    )
+
+
+def analyse(pushes: list, received: list) -> dict:
+    by_sensor = {n: np.array([(t, w) for s, t, w in pushes if s == n]) for n in SENSORS}
+    e2e, stages = [], {k: [] for k in ("window", "queue", "infer", "total")}
+    for record, at in received:
+        t_end = record["t_window_end"]
+        done = []
+        for arr in by_sensor.values():
+            i = np.searchsorted(arr[:, 0], t_end - 1e-9)
+            if i < len(arr):
+                done.append(arr[i, 1])
+        if len(done) < len(SENSORS) or not all(record["mask"].values()):
+            continue  # the start, the end: a window that did not wait for every sensor
+        e2e.append(1000 * (at - max(done)))
+        for k in stages:
+            stages[k].append(record["latency_ms"][k])
+    e2e = np.array(e2e)
+    return {
+        "windows": len(e2e),
+        "p50": float(np.percentile(e2e, 50)),
+        "p99": float(np.percentile(e2e, 99)),
+        "max": float(e2e.max()),
+        "stages_p50": {k: float(np.percentile(v, 50)) for k, v in stages.items()},
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--role":
+        role, transport, seconds, log_path, port = sys.argv[2:7]
+        (produce if role == "producer" else subscribe)(
+            transport, float(seconds), log_path, int(port)
+        )
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--transport", nargs="+", default=["lsl", "mqtt"], choices=["lsl", "mqtt"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = make_model(work / "model")
+        print(
+            f"end-to-end latency, {args.seconds:g} s, 3 sensors (32 ch @ 500 Hz, 8 ch @ 2 kHz, "
+            f"6 ch @ 100 Hz) in {CHUNK_S * 1000:g} ms chunks, 2 s windows every 100 ms, "
+            f"producer -> pipeline -> subscriber in three processes:"
+        )
+        for transport in args.transport:
+            r = run_transport(transport, args.seconds, model, work)
+            s = r["stages_p50"]
+            print(
+                f"  {transport:<5} p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms  max "
+                f"{r['max']:7.2f} ms  over {r['windows']} windows\n"
+                f"        inside the pipeline (p50): window {s['window']:.2f}, queue "
+                f"{s['queue']:.2f}, infer {s['infer']:.2f}, receipt -> published "
+                f"{s['total']:.2f} ms; so transport (both ways) and delivery about "
+                f"{r['p50'] - s['total']:.2f} ms"
+            )
+
+
+if __name__ == "__main__":
+    main()
