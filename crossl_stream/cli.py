@@ -342,6 +342,10 @@ def print_summary(pipeline, records, wall: float) -> None:
     }
     refused_text = ", ".join(f"{k} {v}" for k, v in refused.items() if v) or "nothing"
     print(f"windows {len(records)}, masked {masked or 'none'}, refused {refused_text}")
+    for reader in pipeline.readers:
+        report = getattr(reader, "report", None)
+        if report is not None:
+            print(report())
     replays = [r for r in pipeline.readers if isinstance(r, Replay)]
     span = None
     if replays:

@@ -114,7 +114,8 @@ def test_sequence_gaps_duplicates_and_subjects_are_tracked():
     )
     values = np.zeros((2, 3), np.float32)
     for seq in (0, 1, 4, 4, 2, 5):
-        reader.to_chunk("w/s1/acc", encode_binary(seq, 100 + seq * 0.04, values), 10 + seq)
+        message = encode_binary(seq, 100 + seq * 0.04, values)
+        reader.to_chunk("w/s1/acc", message, 10 + seq * 0.04 + 0.05)
     chunk = reader.to_chunk("w/s2/acc", encode_binary(0, 7.0, values), 20.0)
     assert reader.counters.seq_gaps == 2 and reader.counters.duplicates == 2
     assert chunk.subject == "s2" and reader.counters.subjects == {"s1", "s2"}
@@ -230,6 +231,7 @@ def test_outside_publishers_are_read_and_malformed_payloads_counted(broker):
             b"{oops",
             json.dumps({"seq": 9, "t0": 301, "values": [[1, 2]]}).encode(),
             b'{"seq": 10, "t0": 301, "values": [[1, NaN, 2]]}',
+            json.dumps({"seq": 11, "t0": 1.7e9, "values": values}).encode(),  # Unix time
         ]
         start = time.monotonic()
         for k, message in enumerate(good):  # sent as a device would: at its own pace
@@ -251,7 +253,7 @@ def test_outside_publishers_are_read_and_malformed_payloads_counted(broker):
     acc = [c for c in chunks if c.sensor == "acc"]
     assert len(acc) == 5 and all(c.subject == "s09" for c in chunks)
     np.testing.assert_allclose(acc[0].values, values)
-    assert reader.counters.malformed == {"json": 1, "channels": 1, "nan": 1, "short": 1}
+    assert reader.counters.malformed == {"json": 1, "channels": 1, "nan": 1, "clock": 1, "short": 1}
     # device times 200 ms apart land 200 ms apart on the host clock (give or take the jitter
     # of starting a mosquitto_pub process), never after their receipt
     assert np.allclose(np.diff([c.timestamps[0] for c in acc]), 0.2, atol=0.03)

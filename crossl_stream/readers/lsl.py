@@ -111,6 +111,12 @@ class LslReader(Reader):
             for thread in threads:
                 await asyncio.to_thread(thread.join, 2.0)
 
+    def report(self) -> str:
+        """One line for a summary."""
+        states = ", ".join(f"{n} {s.value}" for n, s in self.states.items())
+        errors = {n: e for n, e in self.errors.items() if e}
+        return f"lsl: {states}; refused or lost streams {errors or 'none'}"
+
     def close(self) -> None:
         """Stop every inlet thread."""
         self._stop.set()

@@ -180,14 +180,10 @@ class MqttReader(Reader):
             self._refuse(exc.reason, topic, str(exc))
             return None
         key = (subject, sensor)
-        if payload.seq is not None:
-            last = self._seq.get(key)
-            if last is not None and payload.seq <= last and last - payload.seq < 2**31:
-                self.counters.duplicates += 1
-                return None
-            if last is not None and payload.seq > last + 1:
-                self.counters.seq_gaps += payload.seq - last - 1
-            self._seq[key] = payload.seq
+        last = self._seq.get(key) if payload.seq is not None else None
+        if last is not None and payload.seq <= last and last - payload.seq < 2**31:
+            self.counters.duplicates += 1  # a redelivery, or an old message
+            return None
         n = len(payload.values)
         if spec.receipt_clock:
             stamps = received - np.arange(n - 1, -1, -1, dtype=np.float64) / info.rate_hz
@@ -199,9 +195,22 @@ class MqttReader(Reader):
                 self._refuse("clock", topic, f"device time {times[-1]:.3f} does not fit the clock")
                 return None
             stamps = clock.map(times)
+        if payload.seq is not None:  # only an accepted message moves the sequence on
+            if last is not None and payload.seq > last + 1:
+                self.counters.seq_gaps += payload.seq - last - 1
+            self._seq[key] = payload.seq
         if subject not in self.counters.subjects:
             self.counters.subjects.add(subject)
         return Chunk(sensor, payload.values, stamps, received, received, subject)
+
+    def report(self) -> str:
+        """One line for a summary."""
+        c = self.counters
+        return (
+            f"mqtt: {c.messages} messages from {len(c.subjects)} subjects, malformed "
+            f"{c.malformed or 'none'}, sequence gaps {c.seq_gaps}, duplicates {c.duplicates}, "
+            f"connections {c.connects}"
+        )
 
     def _route(self, topic: str) -> tuple[str, MqttTopic, list[str]] | None:
         for sensor, spec in self.topics.items():
