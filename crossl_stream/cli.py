@@ -331,13 +331,19 @@ def print_summary(pipeline, records, wall: float) -> None:
     """Windows, masks, refusals, accuracy against a replay's labels, latency, speed."""
     from crossl_stream.readers.replay import Replay
 
-    windower, counters = pipeline.windower, pipeline.counters
-    masked = {m: n for m, n in windower.counters.masked.items() if n}
+    windowers, counters = list(pipeline.windowers.values()), pipeline.counters
+    masked: dict[str, int] = {}
+    for w in windowers:  # one windower per subject
+        for m, n in w.counters.masked.items():
+            if n:
+                masked[m] = masked.get(m, 0) + n
     refused = {
         "chunks": counters.bad_chunks,
-        "out-of-order samples": sum(b.counters.out_of_order for b in windower.buffers.values()),
-        "future samples": sum(windower.counters.future_samples.values()),
-        "NaN samples": sum(windower.counters.nan_samples.values()),
+        "out-of-order samples": sum(
+            b.counters.out_of_order for w in windowers for b in w.buffers.values()
+        ),
+        "future samples": sum(sum(w.counters.future_samples.values()) for w in windowers),
+        "NaN samples": sum(sum(w.counters.nan_samples.values()) for w in windowers),
         "dropped windows": pipeline.worker.counters.dropped,
     }
     refused_text = ", ".join(f"{k} {v}" for k, v in refused.items() if v) or "nothing"

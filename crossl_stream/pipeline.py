@@ -125,13 +125,16 @@ class Pipeline:
             pending = set(readers)
             while pending:
                 done, pending = await asyncio.wait(
-                    pending | {stopping}, return_when=asyncio.FIRST_COMPLETED
+                    pending | {stopping, publishing}, return_when=asyncio.FIRST_COMPLETED
                 )
+                if publishing in done:
+                    publishing.result()  # inference failed: no one would take the windows
+                    raise RuntimeError("the inference worker stopped before its input ended")
                 for task in done & set(readers):
                     task.result()  # a reader that failed fails the run, after the drain
                 if stopping in done:
                     break
-                pending -= {stopping}
+                pending -= {stopping, publishing}
         finally:
             for task in (*readers, ticking, stopping):
                 task.cancel()
@@ -139,16 +142,20 @@ class Pipeline:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             try:
-                for windower in self.windowers.values():
-                    for window in windower.flush():
-                        await self._put(window)
+                if not publishing.done():  # else nothing would take the flushed windows
+                    for windower in self.windowers.values():
+                        for window in windower.flush():
+                            await self._put(window)
             finally:
                 self.worker.close()
             try:
                 await publishing
             finally:
                 for publisher in self.publishers:
-                    await publisher.aclose()
+                    try:
+                        await publisher.aclose()
+                    except Exception:  # the others still close
+                        log.exception("closing publisher %s failed", type(publisher).__name__)
         return self.counters
 
     async def _put(self, window) -> None:
@@ -434,6 +441,10 @@ def _broker(b, resolve, source: str):
             raise ConfigError(
                 f"{source}: broker.password_env: environment variable {b.password_env} is not set"
             )
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(b, key)
+        if path is not None and not resolve(path).is_file():
+            raise ConfigError(f"{source}: broker.{key}: {resolve(path)} is not a file")
     files = {
         k: str(resolve(v)) if v else None
         for k, v in (("ca_file", b.ca_file), ("cert_file", b.cert_file), ("key_file", b.key_file))

@@ -78,7 +78,7 @@ async def collect(r: LslReader, seconds: float, until=None) -> list:
                 if until and until(chunks):
                     return
 
-    with contextlib.suppress(TimeoutError):
+    with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(pull(), seconds)
     return chunks
 
@@ -105,32 +105,33 @@ def test_reader_gets_every_sample_of_another_process_in_order_on_this_clock():
 def test_a_stream_that_goes_away_turns_stale_then_lost_and_is_found_again():
     first = producer("lsl-test-b", 1.0)
     r = reader("lsl-test-b", watchdog_s=0.3, lost_s=1.2, resolve_s=0.2)
-    seen: list[tuple[float, StreamState]] = []
+    S = StreamState
+
+    def states():
+        return [s for _, _, s in r.transitions]
 
     async def main():
-        task = asyncio.create_task(collect(r, 20.0, until=lambda cs: cs[-1].values[0, 0] >= 1000))
+        task = asyncio.create_task(collect(r, 30.0, until=lambda cs: cs[-1].values[0, 0] >= 1000))
         second = None
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while not task.done() and time.monotonic() < deadline:
-            if not seen or seen[-1][1] != r.states["imu"]:
-                seen.append((time.monotonic(), r.states["imu"]))
-            if second is None and r.states["imu"] == StreamState.LOST:
+            if second is None and S.LOST in states():
                 second = producer("lsl-test-b", 1.5, start=1000)  # the source comes back
             await asyncio.sleep(0.01)
         return await task, second
 
     chunks, second = asyncio.run(main())
     first.wait(timeout=10)
+    assert second is not None, states()
     second.wait(timeout=10)
-    S = StreamState
-    states = [s for _, s in seen]
     # in this order (a loaded machine may add a STALE -> LIVE flicker in between)
     order = [S.CONNECTING, S.LIVE, S.STALE, S.LOST, S.CONNECTING, S.LIVE]
-    it = iter(states)
-    assert all(any(s == want for s in it) for want in order), states
-    assert states[-1] == S.LIVE and chunks[-1].values[0, 0] >= 1000
-    lost = states.index(S.LOST)
-    stale_at = max(t for t, s in seen[:lost] if s == S.STALE)
+    it = iter(states())
+    assert all(any(s == want for s in it) for want in order), states()
+    assert states()[-1] == S.LIVE and chunks[-1].values[0, 0] >= 1000
+    seen = list(r.transitions)
+    lost = next(i for i, (_, _, s) in enumerate(seen) if s == S.LOST)
+    stale_at = max(t for t, _, s in seen[:lost] if s == S.STALE)
     assert 0.5 < seen[lost][0] - stale_at < 1.6  # our watchdog, not liblsl's 15 s
 
 

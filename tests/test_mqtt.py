@@ -78,6 +78,7 @@ def test_garbage_is_refused_with_a_reason_never_a_crash(data, fmt):
         (encode_binary(1, 2.0, np.zeros((4, 3)))[:-5], "binary", "short"),
         (b"\x02" + encode_binary(1, 2.0, np.zeros((4, 3)))[1:], "binary", "version"),
         (encode_binary(1, float("nan"), np.zeros((4, 3))), "binary", "timestamp"),
+        (b'{"seq": 1e400, "t0": 1, "values": [[1, 2, 3]]}', "json", "json"),
     ],
 )
 def test_each_kind_of_bad_payload_names_its_reason(data, fmt, reason):
@@ -116,9 +117,14 @@ def test_sequence_gaps_duplicates_and_subjects_are_tracked():
     for seq in (0, 1, 4, 4, 2, 5):
         message = encode_binary(seq, 100 + seq * 0.04, values)
         reader.to_chunk("w/s1/acc", message, 10 + seq * 0.04 + 0.05)
+    # a device at message 1000 reboots: its sequence and its clock start again; it goes on
+    assert reader.to_chunk("w/s3/acc", encode_binary(1000, 900.0, values), 14.0) is not None
+    rebooted = reader.to_chunk("w/s3/acc", encode_binary(0, 3.0, values), 15.0)
+    assert rebooted is not None and reader.counters.restarts == 1
+    assert rebooted.timestamps[-1] == pytest.approx(15.0)
     chunk = reader.to_chunk("w/s2/acc", encode_binary(0, 7.0, values), 20.0)
     assert reader.counters.seq_gaps == 2 and reader.counters.duplicates == 2
-    assert chunk.subject == "s2" and reader.counters.subjects == {"s1", "s2"}
+    assert chunk.subject == "s2" and reader.counters.subjects == {"s1", "s2", "s3"}
     assert reader.to_chunk("other/topic", b"", 1.0) is None and reader.counters.unrouted == 1
 
 
@@ -212,7 +218,7 @@ async def read_until(reader: MqttReader, predicate, seconds: float, during=None)
     task = asyncio.create_task(pull())
     if during is not None:
         await during()
-    with contextlib.suppress(TimeoutError):
+    with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(task, seconds)
     return chunks
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import numpy as np
+import pytest
 
 from crossl_stream.inference import InferenceWorker, Predictor
 from crossl_stream.pipeline import run_pipeline
@@ -86,3 +87,30 @@ def test_bad_chunks_are_counted_and_the_stream_goes_on(model, tmp_path):
     acc_chunks = round(3.0 / 0.1)
     assert bad[0].bad_chunks == 2 * acc_chunks
     assert [r["probs"] for r in bad[2]] == [r["probs"] for r in good[2]]
+
+
+class FailingPredictor(Predictor):
+    """A model that breaks on its third batch (out of memory, a driver error, ...)."""
+
+    calls = 0
+
+    def __call__(self, windows):
+        FailingPredictor.calls += 1
+        if FailingPredictor.calls == 3:
+            raise RuntimeError("the accelerator fell over")
+        return super().__call__(windows)
+
+
+def test_an_inference_failure_ends_the_run_with_its_error_instead_of_hanging(model, tmp_path):
+    windower = Windower(model.modalities, hop_s=0.25, source_rates={"gyro": 100.0})
+    worker = InferenceWorker(FailingPredictor(model, "cpu", max_batch=1), 2, policy="block")
+    publisher = JsonlPublisher(tmp_path / "p.jsonl")
+
+    async def main():
+        return await asyncio.wait_for(
+            run_pipeline(Simulator(SENSORS, 20.0), windower, worker, [publisher]), 60
+        )
+
+    with pytest.raises(RuntimeError, match="the accelerator fell over"):
+        asyncio.run(main())
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2  # what came before

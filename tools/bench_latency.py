@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 SENSORS = {"eeg": (32, 500.0), "emg": (8, 2000.0), "imu": (6, 100.0)}
 TARGET_HZ = {"eeg": 250.0, "emg": 500.0, "imu": 50.0}  # the model's grids
 CHUNK_S = 0.02
+CLI_RUN = [sys.executable, "-m", "crossl_stream.cli", "run"]
 
 
 # -- roles, each in its own process ----------------------------------------------------
@@ -197,48 +198,44 @@ def run_transport(transport: str, seconds: float, model: Path, work: Path) -> di
     cfg.write_text(json.dumps(config(transport, model, port)))
     me = [sys.executable, __file__]
     logs = {role: work / f"{transport}-{role}.json" for role in ("producer", "subscriber")}
-    pipeline = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "crossl_stream.cli",
-            "run",
-            str(cfg),
-            "--out",
-            str(work / f"{transport}.jsonl"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    subscriber = subprocess.Popen(
-        [
-            *me,
-            "--role",
-            "subscriber",
-            transport,
-            str(seconds + 10),
-            str(logs["subscriber"]),
-            str(port),
-        ]
-    )
-    producer = subprocess.Popen(
-        [*me, "--role", "producer", transport, str(seconds), str(logs["producer"]), str(port)]
-    )
-    producer.wait(timeout=seconds + 120)
-    subscriber.wait(timeout=seconds + 120)
-    pipeline.terminate()
-    _, err = pipeline.communicate(timeout=60)
-    if broker is not None:
-        broker.terminate()
-        broker.wait(timeout=10)
+    procs = []
+    try:
+        pipeline = subprocess.Popen(
+            [*CLI_RUN, str(cfg), "--out", str(work / f"{transport}.jsonl")],
+            stdout=subprocess.DEVNULL,
+            stderr=(work / f"{transport}-pipeline.log").open("w"),
+        )
+        procs.append(pipeline)
+        for role, span in (("subscriber", seconds + 10), ("producer", seconds)):
+            procs.append(
+                subprocess.Popen(
+                    [*me, "--role", role, transport, str(span), str(logs[role]), str(port)]
+                )
+            )
+        for proc in procs[1:]:
+            proc.wait(timeout=seconds + 120)
+        pipeline.terminate()
+        pipeline.wait(timeout=60)
+    finally:  # whatever happened, nothing is left running
+        for proc in [*procs, broker]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
     return analyse(
-        json.loads(logs["producer"].read_text()), json.loads(logs["subscriber"].read_text())
+        json.loads(logs["producer"].read_text()),
+        json.loads(logs["subscriber"].read_text()),
+        device_clock=transport == "mqtt",
     )
 
 
-def analyse(pushes: list, received: list) -> dict:
+def analyse(pushes: list, received: list, device_clock: bool) -> dict:
     by_sensor = {n: np.array([(t, w) for s, t, w in pushes if s == n]) for n in SENSORS}
+    if device_clock:
+        # MQTT: the pipeline maps device times onto the host clock by the lower envelope of
+        # (receipt - device time), which takes in the constant hold of a chunk before it is
+        # sent; see the chunks as the pipeline does, shifted by each sensor's minimum hold.
+        for arr in by_sensor.values():
+            arr[:, 0] += np.min(arr[:, 1] - arr[:, 0])
     e2e, stages = [], {k: [] for k in ("window", "queue", "infer", "total")}
     for record, at in received:
         t_end = record["t_window_end"]

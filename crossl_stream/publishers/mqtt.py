@@ -73,7 +73,7 @@ class MqttPublisher(Publisher):
         self.queue.put_nowait(_STOP)  # after what is queued
         try:
             await asyncio.wait_for(asyncio.shield(self._task), 10.0)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
             log.warning("MQTT: %d records not delivered at shutdown", self.queue.qsize())
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -13,6 +13,8 @@ Import pylsl only after ``LSLAPICFG`` names the config that keeps discovery wher
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Mapping
@@ -41,20 +43,25 @@ class LslSelector:
 
     def xpath(self) -> str:
         """The liblsl resolve predicate."""
-        parts = [
-            f"{key}='{value}'"
-            for key, value in (
-                ("name", self.name),
-                ("type", self.type),
-                ("source_id", self.source_id),
-            )
-            if value is not None
-        ]
+        fields = (("name", self.name), ("type", self.type), ("source_id", self.source_id))
+        parts = [f"{key}={_quoted(value)}" for key, value in fields if value is not None]
         if self.predicate:
             parts.append(f"({self.predicate})")
         if not parts:
             raise ValueError("an LSL stream needs a name, type, source_id or predicate")
         return " and ".join(parts)
+
+
+def _quoted(value: str) -> str:
+    """An XPath 1.0 string literal (it has no escapes: pick the quote the value lacks)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"an LSL selector cannot hold both kinds of quote: {value!r}")
+
+
+FORMATS = {1: "float32", 2: "double64", 3: "string", 4: "int32", 5: "int16", 6: "int8", 7: "int64"}
 
 
 class LslReader(Reader):
@@ -73,6 +80,7 @@ class LslReader(Reader):
         lost_s: float = 5.0,
         resolve_s: float = 0.5,
         max_chunk: int = 1024,
+        queue_size: int = 4096,
     ) -> None:
         self.sensors = {name: info for name, (info, _) in sensors.items()}
         self.selectors = {name: sel for name, (_, sel) in sensors.items()}
@@ -84,15 +92,28 @@ class LslReader(Reader):
         self.resolve_s = resolve_s
         self.max_chunk = max_chunk
         self.states = dict.fromkeys(sensors, StreamState.CONNECTING)
+        self.transitions: collections.deque[tuple[float, str, StreamState]] = collections.deque(
+            [(host_clock(), name, StreamState.CONNECTING) for name in sensors], maxlen=1000
+        )  # (host time, sensor, new state), the newest last
         self.errors: dict[str, int] = dict.fromkeys(sensors, 0)  # refused streams, lost inlets
+        self.queue_size = queue_size
+        self.dropped_chunks = 0  # the oldest chunks dropped while the pipeline fell behind
         self._stop = threading.Event()
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Chunk] = asyncio.Queue()
+        queue: asyncio.Queue[Chunk] = asyncio.Queue(self.queue_size)
 
-        def hand_over(chunk: Chunk) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+        def enqueue(chunk: Chunk) -> None:  # on the loop: a stalled consumer loses the oldest
+            if queue.full():
+                queue.get_nowait()
+                self.dropped_chunks += 1
+            queue.put_nowait(chunk)
+
+        def hand_over(chunk: Chunk) -> None:  # in an inlet thread
+            if not self._stop.is_set():
+                with contextlib.suppress(RuntimeError):  # the loop closed under us
+                    loop.call_soon_threadsafe(enqueue, chunk)
 
         self._stop.clear()
         threads = [
@@ -108,14 +129,17 @@ class LslReader(Reader):
                 yield await queue.get()
         finally:
             self._stop.set()
-            for thread in threads:
-                await asyncio.to_thread(thread.join, 2.0)
+            for thread in threads:  # each wakes within its pull timeout (< 2 s)
+                await asyncio.to_thread(thread.join, 3.0)
 
     def report(self) -> str:
         """One line for a summary."""
         states = ", ".join(f"{n} {s.value}" for n, s in self.states.items())
         errors = {n: e for n, e in self.errors.items() if e}
-        return f"lsl: {states}; refused or lost streams {errors or 'none'}"
+        return (
+            f"lsl: {states}; refused or lost streams {errors or 'none'}; chunks dropped "
+            f"behind {self.dropped_chunks}"
+        )
 
     def close(self) -> None:
         """Stop every inlet thread."""
@@ -126,6 +150,7 @@ class LslReader(Reader):
     def _set_state(self, name: str, state: StreamState, why: str = "") -> None:
         if self.states[name] != state:
             self.states[name] = state
+            self.transitions.append((host_clock(), name, state))
             log.info("LSL %s: %s%s", name, state.value, f" ({why})" if why else "")
 
     def _run(self, name: str, hand_over) -> None:
@@ -147,16 +172,25 @@ class LslReader(Reader):
             ):
                 self.errors[name] += 1
                 log.error(
-                    "LSL %s: stream %r has %d channels of format %d; the sensor needs %d numeric "
+                    "LSL %s: stream %r has %d channels of format %s; the sensor needs %d numeric "
                     "channels: not read",
                     name,
                     stream.name(),
                     stream.channel_count(),
-                    stream.channel_format(),
+                    FORMATS.get(stream.channel_format(), stream.channel_format()),
                     info.channels,
                 )
                 self._stop.wait(max(self.resolve_s, 1.0))
                 continue
+            rate = stream.nominal_srate()
+            if rate > 0 and abs(rate - info.rate_hz) > 0.01 * info.rate_hz:
+                log.warning(
+                    "LSL %s: stream %r says %g Hz, the sensor is configured at %g Hz",
+                    name,
+                    stream.name(),
+                    rate,
+                    info.rate_hz,
+                )
             inlet = pylsl.StreamInlet(
                 stream, max_buflen=selector.buffer_s, recover=True, processing_flags=flags
             )
@@ -165,16 +199,21 @@ class LslReader(Reader):
             except pylsl.util.LostError:
                 self.errors[name] += 1
                 log.warning("LSL %s: stream %r lost; resolving again", name, stream.name())
+            except Exception as exc:  # a timeout opening it, a stream gone meanwhile, ...
+                self.errors[name] += 1
+                log.warning("LSL %s: %r failed (%r); resolving again", name, stream.name(), exc)
+                self._stop.wait(self.resolve_s)
             finally:
-                inlet.close_stream()
+                with contextlib.suppress(Exception):
+                    inlet.close_stream()
                 del inlet
 
     def _pull(self, name: str, inlet, stream, hand_over) -> None:
         import pylsl
 
-        inlet.open_stream(timeout=5.0)
+        inlet.open_stream(timeout=2.0)
         if self.selectors[name].clocksync:
-            inlet.time_correction(timeout=5.0)  # the first call blocks: make it here
+            inlet.time_correction(timeout=2.0)  # the first call blocks: make it here
         dtype = np.float32 if stream.channel_format() == pylsl.cf_float32 else np.float64
         if stream.channel_format() not in (pylsl.cf_float32, pylsl.cf_double64):
             dtype = None  # integer formats: pylsl allocates, converted below
@@ -208,6 +247,7 @@ class LslReader(Reader):
                 continue
             silent = now - last
             if silent > self.lost_s:
+                self.errors[name] += 1
                 self._set_state(name, StreamState.LOST, f"nothing for {silent:.1f} s")
                 return  # resolve again: the source may come back under a new session
             if silent > watchdog:

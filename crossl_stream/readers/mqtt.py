@@ -23,6 +23,7 @@ from crossl_stream.readers.base import Chunk, Reader, SensorInfo
 from crossl_stream.readers.payload import Format, PayloadError, decode
 
 log = logging.getLogger(__name__)
+REORDER = 64  # a sequence number at most this far back is a duplicate; further, a restart
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class MqttCounters:
     unrouted: int = 0
     seq_gaps: int = 0  # messages missing between two received ones
     duplicates: int = 0
+    restarts: int = 0  # a sequence that went far back: the device started again
     connects: int = 0
     subjects: set[str] = field(default_factory=set)
 
@@ -146,7 +148,11 @@ class MqttReader(Reader):
                     )
                     delay = self.backoff_s[0]
                     async for message in client.messages:
-                        chunk = self.to_chunk(str(message.topic), bytes(message.payload))
+                        try:
+                            chunk = self.to_chunk(str(message.topic), bytes(message.payload))
+                        except Exception as exc:  # a case the checks missed: count, go on
+                            self._refuse("error", str(message.topic), repr(exc))
+                            continue
                         if chunk is not None:
                             yield chunk
             except aiomqtt.MqttError as exc:
@@ -181,9 +187,20 @@ class MqttReader(Reader):
             return None
         key = (subject, sensor)
         last = self._seq.get(key) if payload.seq is not None else None
-        if last is not None and payload.seq <= last and last - payload.seq < 2**31:
-            self.counters.duplicates += 1  # a redelivery, or an old message
-            return None
+        if last is not None and payload.seq <= last:
+            if last - payload.seq <= REORDER:
+                self.counters.duplicates += 1  # a redelivery, or a late message
+                return None
+            # far back: the device restarted (its sequence and its clock begin again)
+            self.counters.restarts += 1
+            log.warning(
+                "MQTT %s: sequence went back from %d to %d: device restart",
+                topic,
+                last,
+                payload.seq,
+            )
+            self._clocks.pop(key, None)
+            last = None
         n = len(payload.values)
         if spec.receipt_clock:
             stamps = received - np.arange(n - 1, -1, -1, dtype=np.float64) / info.rate_hz
@@ -209,7 +226,7 @@ class MqttReader(Reader):
         return (
             f"mqtt: {c.messages} messages from {len(c.subjects)} subjects, malformed "
             f"{c.malformed or 'none'}, sequence gaps {c.seq_gaps}, duplicates {c.duplicates}, "
-            f"connections {c.connects}"
+            f"device restarts {c.restarts}, connections {c.connects}"
         )
 
     def _route(self, topic: str) -> tuple[str, MqttTopic, list[str]] | None:

@@ -121,7 +121,7 @@ def _decode_json(data: bytes) -> Payload:
         ts = None if obj.get("ts") is None else np.asarray(obj["ts"], dtype=np.float64)
         t0 = None if obj.get("t0") is None else float(obj["t0"])
         seq = None if obj.get("seq") is None else int(obj["seq"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise PayloadError("json", f"bad field ({exc})") from None
     if values.ndim != 2:
         raise PayloadError("shape", f"values of shape {list(values.shape)}, expected [n, ch]")
