@@ -70,6 +70,7 @@ def produce(transport: str, seconds: float, log_path: str, port: int) -> None:
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
         client.connect("127.0.0.1", port)
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.loop_start()
         seq = dict.fromkeys(SENSORS, 0)
 
@@ -122,6 +123,7 @@ def subscribe(transport: str, seconds: float, log_path: str, port: int) -> None:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
         client.on_message = lambda c, u, m: out.append((json.loads(m.payload), time.monotonic()))
         client.connect("127.0.0.1", port)
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.subscribe("crossl/+/predictions", qos=0)
         client.loop_start()
         time.sleep(max(0.0, deadline - time.monotonic()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class Broker:
             tls_context=tls,
             keepalive=self.keepalive,
             will=will,
+            # paho leaves Nagle on: a small publish after another would wait for an ACK
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
 
 
