@@ -424,6 +424,14 @@ def render_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
         "- Left- and right-arm recordings are mixed in training; the gyroscope signs mirror "
         "between arms.",
         "",
+        "## Files",
+        "",
+        "- `model.safetensors`: weights and normalisation statistics; `model.json`: "
+        "architecture, modality specs, classes, training provenance.",
+        "- `model.onnx`: the same model as a static ONNX graph for onnxruntime (what runs on "
+        "the CPU by default), stamped with the SHA-256 of the weights it was exported from; "
+        "`crossl-stream export` rewrites it, and `train` writes it.",
+        "",
         "## Reproduce",
         "",
         "```sh",
