@@ -294,9 +294,17 @@ def _play(cfg, base: Path, source: str) -> int:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+
+        def on_signal() -> None:  # the first drains; a second one stops at once
+            if pipeline.stopping:
+                task.cancel()
+            pipeline.stop()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, pipeline.stop)
-        await pipeline.run()
+            loop.add_signal_handler(sig, on_signal)
+        with contextlib.suppress(asyncio.CancelledError):
+            await pipeline.run()
 
     start = time.perf_counter()
     asyncio.run(main())

@@ -38,9 +38,11 @@ class DeviceClock:
     device time + offset + a transport delay that is never negative and often small. The fit
     follows the lower envelope: the least-delayed pair of each ``bin_s`` of device time, and a
     least-squares line through those minima over the last ``window_s`` (drift once the pairs
-    span ``min_span_s``). A pair more than ``max_error_s`` off the mapping is an outlier,
-    counted and not used; ``refit_after`` outliers in a row mean the device clock jumped
-    (a reset, or a switch of epoch), and the mapping starts again from the new pairs.
+    span ``min_span_s``). A pair stamped more than ``max_error_s`` after its receipt, or more
+    than ``max_late_s`` before it, is an outlier, counted and not used (a late delivery after
+    a network stall is not: its samples keep their device times); ``refit_after`` outliers
+    in a row mean the device clock jumped (a reset, or a switch of epoch), and the mapping
+    starts again from the new pairs.
 
     >>> clock = DeviceClock()
     >>> for k in range(50):  # a device 1000 s behind, delays of 2 ms and more
@@ -56,11 +58,13 @@ class DeviceClock:
         min_span_s: float = 10.0,
         max_error_s: float = 0.5,
         refit_after: int = 5,
+        max_late_s: float = 10.0,
     ) -> None:
         self.window_s = window_s
         self.bin_s = bin_s
         self.min_span_s = min_span_s
         self.max_error_s = max_error_s
+        self.max_late_s = max_late_s
         self.refit_after = refit_after
         self.counters = ClockCounters()
         self._bins: dict[int, tuple[float, float]] = {}  # bin -> (device t, receipt - device)
@@ -74,20 +78,27 @@ class DeviceClock:
         """Whether a mapping exists (after the first pair)."""
         return not np.isnan(self._offset)
 
+    def fits(self, device_t: float, received: float) -> bool:
+        """Whether the pair agrees with the mapping: stamped no more than ``max_error_s``
+        after its receipt, nor more than ``max_late_s`` before it (late deliveries after a
+        network stall fit; a clock that jumped does not)."""
+        if not self.ready:
+            return True
+        delay = received - float(self.map(np.array([device_t]))[0])
+        return -self.max_error_s <= delay <= self.max_late_s
+
     def observe(self, device_t: float, received: float) -> bool:
         """Add one (device time, host receipt) pair; False when it was an outlier."""
         if not (np.isfinite(device_t) and np.isfinite(received)):
             self.counters.outliers += 1
             return False
-        if self.ready:
-            delay = received - float(self.map(np.array([device_t]))[0])
-            if not -self.max_error_s <= delay <= self.max_error_s:
-                self.counters.outliers += 1
-                self._misfits += 1
-                if self._misfits < self.refit_after:
-                    return False
-                self.counters.refits += 1  # the device clock jumped: start again
-                self._bins.clear()
+        if self.ready and not self.fits(device_t, received):
+            self.counters.outliers += 1
+            self._misfits += 1
+            if self._misfits < self.refit_after:
+                return False
+            self.counters.refits += 1  # the device clock jumped: start again
+            self._bins.clear()
         self._misfits = 0
         self.counters.pairs += 1
         key = int(device_t // self.bin_s)

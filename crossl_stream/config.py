@@ -249,6 +249,18 @@ class MqttTopicConfig(_Strict):
     topic: str = Field(min_length=1)
     format: Literal["json", "binary"] = "json"
 
+    @model_validator(mode="after")
+    def _valid_filter(self) -> MqttTopicConfig:
+        levels = self.topic.split("/")
+        for i, level in enumerate(levels):
+            if ("#" in level and (level != "#" or i != len(levels) - 1)) or (
+                "+" in level and level != "+"
+            ):
+                raise ValueError(
+                    f"topic {self.topic!r}: '+' must be a whole level and '#' the whole last one"
+                )
+        return self
+
 
 class MqttReaderConfig(_Strict):
     """Device payloads from an MQTT broker; device clocks fitted onto the host clock."""
@@ -345,6 +357,11 @@ class PipelineConfig(_Strict):
                 if name in fed:
                     raise ValueError(f"sensor {name!r} is fed by readers {fed[name]} and {i}")
                 fed[name] = i
+            if isinstance(reader, MqttReaderConfig):
+                topics = [t.topic for t in reader.streams.values()]
+                twice = sorted({t for t in topics if topics.count(t) > 1})
+                if twice:
+                    raise ValueError(f"readers.{i}.streams: topics {twice} feed several sensors")
             if isinstance(reader, ReplayReaderConfig):
                 drops = sorted({d.sensor for d in reader.dropouts} - set(names))
                 if drops:

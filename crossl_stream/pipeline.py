@@ -112,6 +112,11 @@ class Pipeline:
         if self._stopping is not None:
             self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        """Whether ``stop`` was called on the current run."""
+        return self._stopping is not None and self._stopping.is_set()
+
     async def run(self) -> PipelineCounters:
         """Play until every reader ends or ``stop`` is called, then drain."""
         self._stopping = asyncio.Event()
@@ -121,26 +126,35 @@ class Pipeline:
         publishing = asyncio.create_task(self._publish())
         ticking = asyncio.create_task(self._tick())
         stopping = asyncio.create_task(self._stopping.wait())
+        failure: BaseException | None = None
         try:
             pending = set(readers)
+            watched = {stopping, publishing, ticking}
             while pending:
                 done, pending = await asyncio.wait(
-                    pending | {stopping, publishing}, return_when=asyncio.FIRST_COMPLETED
+                    pending | watched, return_when=asyncio.FIRST_COMPLETED
                 )
                 if publishing in done:
                     publishing.result()  # inference failed: no one would take the windows
                     raise RuntimeError("the inference worker stopped before its input ended")
-                for task in done & set(readers):
+                for task in done & {*readers, ticking}:
                     task.result()  # a reader that failed fails the run, after the drain
                 if stopping in done:
                     break
-                pending -= {stopping, publishing}
+                pending -= watched
+        except BaseException as exc:  # re-raised once everything is drained and closed
+            failure = exc
         finally:
             for task in (*readers, ticking, stopping):
                 task.cancel()
             for task in (*readers, ticking):
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception as exc:  # already the failure, or one more to log
+                    if exc is not failure:
+                        log.error("%s while stopping: %r", task.get_name(), exc)
             try:
                 if not publishing.done():  # else nothing would take the flushed windows
                     for windower in self.windowers.values():
@@ -156,6 +170,8 @@ class Pipeline:
                         await publisher.aclose()
                     except Exception:  # the others still close
                         log.exception("closing publisher %s failed", type(publisher).__name__)
+        if failure is not None:
+            raise failure
         return self.counters
 
     async def _put(self, window) -> None:
@@ -164,27 +180,29 @@ class Pipeline:
 
     async def _ingest(self, reader: Reader) -> None:
         counters = self.counters
-        async for chunk in reader.chunks():
-            counters.chunks += 1
-            windower = self.windowers.get(chunk.subject) or self.windower_of(chunk.subject)
-            if windower is None:
-                counters.bad_chunks += 1
-                log.warning("chunk of subject %r refused: too many subjects", chunk.subject)
-                continue
-            try:
-                windower.push(
-                    self.modality_of.get(chunk.sensor, chunk.sensor),
-                    chunk.values,
-                    self._timestamps(chunk),
-                    chunk.arrival,
-                    chunk.received,
-                )
-            except InputError as exc:
-                counters.bad_chunks += 1
-                log.warning("chunk of %r refused: %s", chunk.sensor, exc)
-                continue
-            for window in windower.poll(now=chunk.arrival):
-                await self._put(window)
+        async with contextlib.aclosing(reader.chunks()) as chunks:  # closed when cancelled
+            async for chunk in chunks:
+                counters.chunks += 1
+                windower = self.windowers.get(chunk.subject) or self.windower_of(chunk.subject)
+                if windower is None:
+                    counters.bad_chunks += 1
+                    if counters.bad_chunks <= 10 or counters.bad_chunks % 1000 == 0:
+                        log.warning("chunk of subject %r refused: too many", chunk.subject)
+                    continue
+                try:
+                    windower.push(
+                        self.modality_of.get(chunk.sensor, chunk.sensor),
+                        chunk.values,
+                        self._timestamps(chunk),
+                        chunk.arrival,
+                        chunk.received,
+                    )
+                except InputError as exc:
+                    counters.bad_chunks += 1
+                    log.warning("chunk of %r refused: %s", chunk.sensor, exc)
+                    continue
+                for window in windower.poll(now=chunk.arrival):
+                    await self._put(window)
 
     def _timestamps(self, chunk: Chunk) -> np.ndarray:
         rate = self.receipt_rates.get(chunk.sensor)

@@ -114,3 +114,37 @@ def test_an_inference_failure_ends_the_run_with_its_error_instead_of_hanging(mod
     with pytest.raises(RuntimeError, match="the accelerator fell over"):
         asyncio.run(main())
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2  # what came before
+
+
+class DyingReader(Reader):
+    """Real chunks, then the source fails (a broker that refuses us, a driver error)."""
+
+    def __init__(self, inner: Simulator, after: int) -> None:
+        self.inner, self.after = inner, after
+        self.sensors = inner.sensors
+
+    async def chunks(self):
+        n = 0
+        async for c in self.inner.chunks():
+            yield c
+            n += 1
+            if n == self.after:
+                raise OSError("the source went away")
+
+
+def test_a_failing_reader_fails_the_run_after_draining_and_closing(model, tmp_path):
+    good = run(model, Simulator(SENSORS, 6.0), tmp_path / "good.jsonl")[2]
+    windower = Windower(
+        model.modalities, hop_s=0.25, lateness_s=0.02, stale_s=0.5, source_rates={"gyro": 100.0}
+    )
+    worker = InferenceWorker(Predictor(model, "cpu", max_batch=16), policy="block")
+    path = tmp_path / "dying.jsonl"
+    with pytest.raises(OSError, match="the source went away"):
+        asyncio.run(
+            run_pipeline(
+                DyingReader(Simulator(SENSORS, 6.0), 120), windower, worker, [JsonlPublisher(path)]
+            )
+        )
+    drained = [json.loads(line) for line in path.read_text().splitlines()]
+    assert drained and len(drained) < len(good)  # what was read was windowed and published
+    assert [r["t_window_end"] for r in drained] == [r["t_window_end"] for r in good[: len(drained)]]

@@ -41,7 +41,9 @@ class MqttPlayer:
         self.messages = dict.fromkeys(self.names, 0)  # also each stream's next seq
 
     async def play(self) -> dict[str, int]:
-        """Play once; return the samples published per stream."""
+        """Play once (sequence numbers from 0, as a device that starts); return the samples
+        published per stream."""
+        self.messages = dict.fromkeys(self.names, 0)
         async with self.broker.client() as client:
             async for chunk in self.replay.chunks():
                 seq = self.messages[chunk.sensor]

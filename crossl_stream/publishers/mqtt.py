@@ -101,7 +101,7 @@ class MqttPublisher(Publisher):
                         await client.publish(item[0], item[1], qos=self.qos)
                         pending = None
                         self.sent += 1
-            except aiomqtt.MqttError as exc:
-                log.warning("MQTT publisher: %s; retrying in %.1f s", exc, delay)
+            except Exception as exc:  # MqttError, or TLS / socket errors: retry, never die
+                log.warning("MQTT publisher: %r; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_s[1])

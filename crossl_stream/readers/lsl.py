@@ -97,6 +97,7 @@ class LslReader(Reader):
         )  # (host time, sensor, new state), the newest last
         self.errors: dict[str, int] = dict.fromkeys(sensors, 0)  # refused streams, lost inlets
         self.queue_size = queue_size
+        self._sources: dict[str, str] = {}  # the source_id each sensor read last
         self.dropped_chunks = 0  # the oldest chunks dropped while the pipeline fell behind
         self._stop = threading.Event()
 
@@ -154,59 +155,74 @@ class LslReader(Reader):
             log.info("LSL %s: %s%s", name, state.value, f" ({why})" if why else "")
 
     def _run(self, name: str, hand_over) -> None:
+        while not self._stop.is_set():
+            try:
+                self._attempt(name, hand_over)
+            except Exception as exc:  # pylsl errors of every kind: count, wait, try again
+                self.errors[name] += 1
+                log.warning("LSL %s: %r; resolving again", name, exc)
+                self._stop.wait(self.resolve_s)
+
+    def _resolve(self, name: str):
+        """The stream to read: the source read before when it is back, else any match."""
+        import pylsl
+
+        xpath = self.selectors[name].xpath()
+        source = self._sources.get(name)
+        if source is not None:
+            found = pylsl.resolve_bypred(f"{xpath} and source_id={_quoted(source)}", 1, 0.2)
+            if found:
+                return found[0]
+        found = pylsl.resolve_bypred(xpath, 1, self.resolve_s)
+        return found[0] if found else None
+
+    def _attempt(self, name: str, hand_over) -> None:
+        """Resolve, open and read one stream until it is lost or the reader stops."""
         import pylsl
 
         info, selector = self.sensors[name], self.selectors[name]
         flags = (pylsl.proc_clocksync if selector.clocksync else 0) | (
             pylsl.proc_dejitter if selector.dejitter else 0
         )
-        while not self._stop.is_set():
-            self._set_state(name, StreamState.CONNECTING)
-            found = pylsl.resolve_bypred(selector.xpath(), 1, self.resolve_s)
-            if not found:
-                continue
-            stream = found[0]
-            if (
-                stream.channel_count() != info.channels
-                or stream.channel_format() == pylsl.cf_string
-            ):
-                self.errors[name] += 1
-                log.error(
-                    "LSL %s: stream %r has %d channels of format %s; the sensor needs %d numeric "
-                    "channels: not read",
-                    name,
-                    stream.name(),
-                    stream.channel_count(),
-                    FORMATS.get(stream.channel_format(), stream.channel_format()),
-                    info.channels,
-                )
-                self._stop.wait(max(self.resolve_s, 1.0))
-                continue
-            rate = stream.nominal_srate()
-            if rate > 0 and abs(rate - info.rate_hz) > 0.01 * info.rate_hz:
-                log.warning(
-                    "LSL %s: stream %r says %g Hz, the sensor is configured at %g Hz",
-                    name,
-                    stream.name(),
-                    rate,
-                    info.rate_hz,
-                )
-            inlet = pylsl.StreamInlet(
-                stream, max_buflen=selector.buffer_s, recover=True, processing_flags=flags
+        self._set_state(name, StreamState.CONNECTING)
+        stream = self._resolve(name)
+        if stream is None:
+            return
+        if stream.channel_count() != info.channels or stream.channel_format() == pylsl.cf_string:
+            self.errors[name] += 1
+            log.error(
+                "LSL %s: stream %r has %d channels of format %s; the sensor needs %d numeric "
+                "channels: not read",
+                name,
+                stream.name(),
+                stream.channel_count(),
+                FORMATS.get(stream.channel_format(), stream.channel_format()),
+                info.channels,
             )
-            try:
-                self._pull(name, inlet, stream, hand_over)
-            except pylsl.util.LostError:
-                self.errors[name] += 1
-                log.warning("LSL %s: stream %r lost; resolving again", name, stream.name())
-            except Exception as exc:  # a timeout opening it, a stream gone meanwhile, ...
-                self.errors[name] += 1
-                log.warning("LSL %s: %r failed (%r); resolving again", name, stream.name(), exc)
-                self._stop.wait(self.resolve_s)
-            finally:
-                with contextlib.suppress(Exception):
-                    inlet.close_stream()
-                del inlet
+            self._stop.wait(max(self.resolve_s, 1.0))
+            return
+        rate = stream.nominal_srate()
+        if rate > 0 and abs(rate - info.rate_hz) > 0.01 * info.rate_hz:
+            log.warning(
+                "LSL %s: stream %r says %g Hz, the sensor is configured at %g Hz",
+                name,
+                stream.name(),
+                rate,
+                info.rate_hz,
+            )
+        inlet = pylsl.StreamInlet(
+            stream, max_buflen=selector.buffer_s, recover=True, processing_flags=flags
+        )
+        try:
+            if stream.source_id():
+                self._sources[name] = stream.source_id()
+            self._pull(name, inlet, stream, hand_over)
+        except pylsl.util.LostError:
+            self.errors[name] += 1
+            log.warning("LSL %s: stream %r lost; resolving again", name, stream.name())
+        finally:
+            with contextlib.suppress(Exception):
+                inlet.close_stream()
 
     def _pull(self, name: str, inlet, stream, hand_over) -> None:
         import pylsl

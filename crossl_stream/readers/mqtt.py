@@ -24,7 +24,7 @@ from crossl_stream.readers.base import Chunk, Reader, SensorInfo
 from crossl_stream.readers.payload import Format, PayloadError, decode
 
 log = logging.getLogger(__name__)
-REORDER = 64  # a sequence number at most this far back is a duplicate; further, a restart
+REORDER = 64  # a sequence number this far back (and on the device's clock) is a duplicate
 
 
 @dataclass(frozen=True)
@@ -189,9 +189,14 @@ class MqttReader(Reader):
             self._refuse(exc.reason, topic, str(exc))
             return None
         key = (subject, sensor)
+        if "" in captured:
+            self._refuse("topic", topic, "an empty level where the topic names the subject")
+            return None
         last = self._seq.get(key) if payload.seq is not None else None
         if last is not None and payload.seq <= last:
-            if last - payload.seq <= REORDER:
+            clock = self._clocks.get(key)
+            fits = times is None or clock is None or clock.fits(float(times[-1]), received)
+            if last - payload.seq <= REORDER and fits:
                 self.counters.duplicates += 1  # a redelivery, or a late message
                 return None
             # far back: the device restarted (its sequence and its clock begin again)
