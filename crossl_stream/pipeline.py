@@ -36,7 +36,7 @@ from crossl_stream.model.export import ONNX_FILE, OnnxModel, weights_digest
 from crossl_stream.publishers import ConsolePublisher, JsonlPublisher
 from crossl_stream.publishers.base import Publisher
 from crossl_stream.readers.base import Chunk, Reader
-from crossl_stream.windower import Windower
+from crossl_stream.windower import StreamState, Windower
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,27 @@ class Pipeline:
                 for windower in list(self.windowers.values()):
                     for window in windower.poll(now):
                         await self._put(window)
+                await self.retire(now)
+
+    async def retire(self, now: float) -> list[str]:
+        """Drop the windowers of subjects whose every sensor is LOST at ``now``, after
+        flushing what they hold, so that wearables that come and go do not pile up; readers
+        that keep per-subject state forget it too. Returns the subjects retired."""
+        gone = [
+            subject
+            for subject, w in self.windowers.items()
+            if w is not self.windower
+            and all(state == StreamState.LOST for state in w.states(now).values())
+        ]
+        for subject in gone:
+            for window in self.windowers.pop(subject).flush():
+                await self._put(window)
+            for reader in self.readers:
+                forget = getattr(reader, "forget", None)
+                if forget is not None:
+                    forget(subject)
+            log.info("subject %r: every sensor lost; its windows end here", subject)
+        return gone
 
     async def _publish(self) -> None:
         async for prediction in self.worker.predictions():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from crossl_stream.inference import InferenceWorker, Predictor
-from crossl_stream.pipeline import run_pipeline
+from crossl_stream.pipeline import Pipeline, run_pipeline
 from crossl_stream.publishers import JsonlPublisher
 from crossl_stream.readers import SimulatedSensor, Simulator
 from crossl_stream.readers.base import Chunk, Reader
@@ -148,3 +148,22 @@ def test_a_failing_reader_fails_the_run_after_draining_and_closing(model, tmp_pa
     drained = [json.loads(line) for line in path.read_text().splitlines()]
     assert drained and len(drained) < len(good)  # what was read was windowed and published
     assert [r["t_window_end"] for r in drained] == [r["t_window_end"] for r in good[: len(drained)]]
+
+
+def test_subjects_whose_sensors_are_all_lost_are_retired(model):
+    windower = Windower(model.modalities, hop_s=0.5, lost_s=2.0, source_rates={"gyro": 100.0})
+    worker = InferenceWorker(Predictor(model, "cpu"), 64, policy="block")
+    pipeline = Pipeline([Simulator(SENSORS, 1.0)], windower, worker, [])
+
+    async def main():
+        a = pipeline.windower_of("a")
+        for name, rate in (("acc", 50.0), ("gyro", 100.0)):
+            t = 100 + np.arange(0, 4, 1 / rate)
+            a.push(name, np.ones((len(t), 3), np.float32), t, arrival=104.0)
+        assert await pipeline.retire(now=105.0) == []  # stale, not lost yet
+        assert await pipeline.retire(now=106.5) == ["a"]
+        return worker.counters.windows_in
+
+    flushed = asyncio.run(main())
+    assert flushed == 4  # windows ending 102.0 ... 103.5 (the data ends at 103.99)
+    assert set(pipeline.windowers) == {""}

@@ -228,6 +228,13 @@ class MqttReader(Reader):
             self.counters.subjects.add(subject)
         return Chunk(sensor, payload.values, stamps, received, received, subject)
 
+    def forget(self, subject: str) -> None:
+        """Drop what is kept about a subject (clock fits, sequence numbers)."""
+        for key in [k for k in self._clocks if k[0] == subject]:
+            del self._clocks[key]
+        for key in [k for k in self._seq if k[0] == subject]:
+            del self._seq[key]
+
     def report(self) -> str:
         """One line for a summary."""
         c = self.counters
