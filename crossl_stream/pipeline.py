@@ -315,7 +315,11 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
             publishers.append(
                 LslPublisher(model.classes, predictor.model_id, p.name, p.source_id, 1 / w.hop_s)
             )
-    receipt = {s: c.rate_hz for s, c in cfg.sensors.items() if c.clock == "receipt"}
+    # the mqtt reader stamps its receipt-clock sensors itself; others are stamped here
+    mqtt_fed = {s for r in cfg.readers if isinstance(r, MqttReaderConfig) for s in r.streams}
+    receipt = {
+        s: c.rate_hz for s, c in cfg.sensors.items() if c.clock == "receipt" and s not in mqtt_fed
+    }
     return Pipeline(readers, windower, worker, publishers, modality_of, receipt)
 
 

@@ -4,8 +4,10 @@ refused, and the shipped default model's export is current."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
+import onnx as onnx_proto
 import pytest
 import torch
 
@@ -46,6 +48,12 @@ def test_the_export_matches_the_eager_model_for_every_mask(specs, tmp_path, aggr
 def test_the_shipped_default_export_is_current_and_predicts_like_torch(excerpt):
     directory = default_model_dir()
     onnx = OnnxModel(directory / ONNX_FILE, weights_digest(directory / "model.safetensors"))
+    shipped = onnx_proto.load(str(directory / ONNX_FILE))
+    assert not any(node.metadata_props for node in shipped.graph.node)  # no exporter notes
+    assert (
+        str(Path(__file__).resolve().parents[1]).encode()
+        not in (directory / ONNX_FILE).read_bytes()
+    )
     model = load_model(directory)
     windows = windows_of(excerpt)[:40]  # every third window has lost its gyroscope
     eager = Predictor(model, "cpu", max_batch=16)(windows)

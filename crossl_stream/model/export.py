@@ -85,6 +85,7 @@ def export_onnx(model: CroSSL, path: str | Path, weights_sha256: str) -> Path:
             verbose=False,
         )
     proto = program.model_proto
+    _strip_provenance(proto.graph)
     entry = onnx.StringStringEntryProto(key=WEIGHTS_KEY, value=weights_sha256)
     proto.metadata_props.append(entry)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,20 @@ def export_onnx(model: CroSSL, path: str | Path, weights_sha256: str) -> Path:
         path.unlink()
         raise CheckpointError(f"{path}: ONNX export differs from the model by {error:.2e}")
     return path
+
+
+def _strip_provenance(graph) -> None:
+    """Drop the exporter's per-node notes (stack traces with this machine's file paths, fx
+    names): they do not change what the graph computes and must not ship."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            if attr.g.node:
+                _strip_provenance(attr.g)
+    for values in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for v in values:
+            del v.metadata_props[:]
 
 
 class OnnxModel:

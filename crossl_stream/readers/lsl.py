@@ -142,10 +142,6 @@ class LslReader(Reader):
             f"behind {self.dropped_chunks}"
         )
 
-    def close(self) -> None:
-        """Stop every inlet thread."""
-        self._stop.set()
-
     # -- one thread per sensor ------------------------------------------------------------
 
     def _set_state(self, name: str, state: StreamState, why: str = "") -> None:
