@@ -77,18 +77,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(model_dir: Path) -> Path:
+def _export(model_dir: Path) -> list[Path]:
+    """Write model.onnx (whole windows) and the streaming graphs next to a checkpoint."""
     from crossl_stream.model.checkpoint import WEIGHTS, load_model
-    from crossl_stream.model.export import ONNX_FILE, export_onnx, weights_digest
+    from crossl_stream.model.export import ONNX_FILE, export_onnx, export_streaming, weights_digest
 
-    return export_onnx(
-        load_model(model_dir), model_dir / ONNX_FILE, weights_digest(model_dir / WEIGHTS)
-    )
+    model, digest = load_model(model_dir), weights_digest(model_dir / WEIGHTS)
+    whole = export_onnx(model, model_dir / ONNX_FILE, digest)
+    return [whole, *export_streaming(model, model_dir, digest)]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    path = _export(Path(args.model))
-    print(f"exported {_shown(path)} (checked against the eager model)")
+    paths = _export(Path(args.model))
+    shown = ", ".join(_shown(p) for p in paths)
+    print(f"exported {shown} (each checked against the eager model)")
     return 0
 
 

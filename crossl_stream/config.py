@@ -150,6 +150,11 @@ class InferenceConfig(_Strict):
     queue_size: int = Field(64, ge=1)
     backpressure: Literal["drop_oldest", "block"] = "drop_oldest"
     threads: int | None = Field(None, ge=1, description="torch threads; default: torch's")
+    streaming: bool = Field(
+        True,
+        description="overlapping windows share encoder features: each window encodes only its "
+        "new samples (the same predictions, up to float rounding)",
+    )
 
 
 class DropoutConfig(_Strict):

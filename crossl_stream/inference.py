@@ -20,6 +20,7 @@ from crossl_stream.clock import host_clock
 from crossl_stream.errors import InputError
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.model.export import OnnxModel
+from crossl_stream.model.streaming import StreamingCroSSL, TorchRuntime
 from crossl_stream.windower import Window
 
 Policy = Literal["drop_oldest", "block"]
@@ -70,9 +71,11 @@ def pick_device(name: str) -> torch.device:
 class Predictor:
     """Owns the model on its device and preallocated input buffers for one batch.
 
-    On CUDA the staging tensors are pinned and copied with ``non_blocking=True``. With
-    ``onnx`` (an exported session of the same weights) the forward pass runs in onnxruntime
-    on the CPU instead of eager torch: about 3x faster one window at a time here.
+    With ``streaming`` (the default in pipelines) overlapping windows share their encoder
+    features and each window encodes only its new samples (``model.streaming``); otherwise
+    every window is encoded whole: on CUDA from pinned staging tensors copied with
+    ``non_blocking=True``, or with ``onnx`` (an exported session of the same weights) in
+    onnxruntime on the CPU, about 3x eager torch one window at a time here.
     """
 
     def __init__(
@@ -82,10 +85,12 @@ class Predictor:
         max_batch: int = 32,
         model_id: str = "crossl",
         onnx: OnnxModel | None = None,
+        streaming: StreamingCroSSL | None = None,
     ) -> None:
         self.device = pick_device(device)
         if onnx is not None and self.device.type != "cpu":
             raise InputError(f"the ONNX runtime runs on the CPU here, not on {self.device}")
+        self.streaming = streaming
         self.model = model.to(self.device).eval()
         self.model_id = model_id
         self.max_batch = max_batch
@@ -103,8 +108,17 @@ class Predictor:
 
     @property
     def runtime(self) -> str:
-        """What runs the forward pass: ``onnxruntime`` or ``torch``."""
+        """What runs the forward pass: ``onnxruntime`` or ``torch``, and whether windows
+        share encoder features (``streaming``)."""
+        if self.streaming is not None:
+            name = "torch" if isinstance(self.streaming.runtime, TorchRuntime) else "onnxruntime"
+            return f"{name}, streaming"
         return "onnxruntime" if self.onnx is not None else "torch"
+
+    def forget(self, subject: str) -> None:
+        """Drop the encoder features kept for a subject that left."""
+        if self.streaming is not None:
+            self.streaming.forget(subject)
 
     def check(self, window: Window) -> None:
         """Raise InputError when a window does not match the model's modalities."""
@@ -123,13 +137,21 @@ class Predictor:
     def _batch(self, windows: Sequence[Window]) -> list[Prediction]:
         t0 = host_clock()
         n = len(windows)
+        stage = self.streaming is None
         for i, w in enumerate(windows):
             self.check(w)
             for j, name in enumerate(self._names):
                 self._mask[i, j] = w.available[name]
-                if w.available[name]:  # an unavailable row is never looked at
+                if stage and w.available[name]:  # an unavailable row is never looked at
                     self._arrays[name][i] = w.data[name]
-        if self.onnx is not None:
+        if self.streaming is not None:
+            probs = self.streaming(
+                [w.subject for w in windows],
+                [w.t_end for w in windows],
+                [w.data for w in windows],
+                self._mask[:n],
+            )
+        elif self.onnx is not None:
             probs = self.onnx({k: v[:n] for k, v in self._arrays.items()}, self._mask[:n])
         else:
             nb = self.device.type == "cuda"

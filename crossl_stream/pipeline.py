@@ -32,7 +32,8 @@ from crossl_stream.errors import CheckpointError, ConfigError, InputError
 from crossl_stream.inference import InferenceWorker, Predictor, pick_device
 from crossl_stream.model.checkpoint import load_model, model_id
 from crossl_stream.model.crossl import CroSSL
-from crossl_stream.model.export import ONNX_FILE, OnnxModel, weights_digest
+from crossl_stream.model.export import ONNX_FILE, OnnxModel, OnnxRuntime, weights_digest
+from crossl_stream.model.streaming import StreamingCroSSL
 from crossl_stream.publishers import ConsolePublisher, JsonlPublisher
 from crossl_stream.publishers.base import Publisher
 from crossl_stream.readers.base import Chunk, Reader
@@ -241,6 +242,7 @@ class Pipeline:
                 forget = getattr(reader, "forget", None)
                 if forget is not None:
                     forget(subject)
+            self.worker.predictor.forget(subject)
             log.info("subject %r: every sensor lost; its windows end here", subject)
         return gone
 
@@ -287,8 +289,11 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
         import torch
 
         torch.set_num_threads(inf.threads)
-    onnx = _onnx_session(model_dir, inf.runtime, pick_device(inf.device), source)
-    predictor = Predictor(model, inf.device, inf.max_batch, model_id(model_dir), onnx)
+    device = pick_device(inf.device)
+    model.to(device)
+    streaming = _streaming(model, model_dir, inf, w.hop_s, device, source)
+    onnx = None if streaming else _onnx_session(model_dir, inf.runtime, device, source)
+    predictor = Predictor(model, inf.device, inf.max_batch, model_id(model_dir), onnx, streaming)
     worker = InferenceWorker(predictor, inf.queue_size, inf.max_wait_ms, inf.backpressure)
     readers = [_reader(cfg, r, resolve, source) for r in cfg.readers]
     publishers: list[Publisher] = []
@@ -321,6 +326,38 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
         s: c.rate_hz for s, c in cfg.sensors.items() if c.clock == "receipt" and s not in mqtt_fed
     }
     return Pipeline(readers, windower, worker, publishers, modality_of, receipt)
+
+
+def _streaming(
+    model: CroSSL, model_dir: Path, inf, hop_s: float, device, source: str
+) -> StreamingCroSSL | None:
+    """Windows sharing encoder features, in onnxruntime on the CPU where the model has a
+    current streaming export (else torch); None when switched off or when the hop is not a
+    whole number of samples of every modality (windows then share no samples)."""
+    if not inf.streaming:
+        return None
+    unaligned = [
+        m.name for m in model.modalities if abs(hop_s * m.rate_hz - round(hop_s * m.rate_hz)) > 1e-6
+    ]
+    if unaligned:
+        log.info(
+            "%s: window.hop_s %g s is not a whole number of samples of %s; every window is "
+            "encoded whole",
+            source,
+            hop_s,
+            unaligned,
+        )
+        return None
+    if inf.runtime == "torch" or device.type != "cpu":
+        return StreamingCroSSL(model)
+    try:
+        digest = weights_digest(model_dir / "model.safetensors")
+        return StreamingCroSSL(model, OnnxRuntime(model_dir, model, digest, inf.threads))
+    except CheckpointError as exc:
+        if inf.runtime == "onnx":
+            raise
+        log.warning("%s; streaming in torch instead", exc)
+        return StreamingCroSSL(model)
 
 
 def _onnx_session(model_dir: Path, runtime: str, device, source: str) -> OnnxModel | None:

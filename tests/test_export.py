@@ -15,7 +15,14 @@ from crossl_stream import default_model_dir
 from crossl_stream.errors import CheckpointError
 from crossl_stream.inference import Predictor
 from crossl_stream.model import CroSSL, ModelConfig, load_model, save_model
-from crossl_stream.model.export import ONNX_FILE, OnnxModel, export_onnx, weights_digest
+from crossl_stream.model.export import (
+    ONNX_FILE,
+    OnnxModel,
+    OnnxRuntime,
+    export_onnx,
+    streaming_files,
+    weights_digest,
+)
 from tests.test_inference import windows_of
 
 
@@ -48,13 +55,12 @@ def test_the_export_matches_the_eager_model_for_every_mask(specs, tmp_path, aggr
 def test_the_shipped_default_export_is_current_and_predicts_like_torch(excerpt):
     directory = default_model_dir()
     onnx = OnnxModel(directory / ONNX_FILE, weights_digest(directory / "model.safetensors"))
-    shipped = onnx_proto.load(str(directory / ONNX_FILE))
-    assert not any(node.metadata_props for node in shipped.graph.node)  # no exporter notes
-    assert (
-        str(Path(__file__).resolve().parents[1]).encode()
-        not in (directory / ONNX_FILE).read_bytes()
-    )
     model = load_model(directory)
+    for name in [ONNX_FILE, *streaming_files(model).values()]:
+        shipped = onnx_proto.load(str(directory / name))
+        assert not any(node.metadata_props for node in shipped.graph.node)  # no exporter notes
+        assert str(Path(__file__).resolve().parents[1]).encode() not in shipped.SerializeToString()
+    OnnxRuntime(directory, model, weights_digest(directory / "model.safetensors"))  # current
     windows = windows_of(excerpt)[:40]  # every third window has lost its gyroscope
     eager = Predictor(model, "cpu", max_batch=16)(windows)
     fast = Predictor(model, "cpu", max_batch=16, onnx=onnx)(windows)

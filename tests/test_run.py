@@ -236,13 +236,46 @@ def shipped_session_start() -> float:
 
 
 def test_runtime_auto_picks_the_current_onnx_export_on_the_cpu(tmp_path):
-    assert build(config()).worker.predictor.runtime == "onnxruntime"
-    torch_only = config(inference={"model": str(default_model_dir()), "runtime": "torch"})
-    assert build(torch_only).worker.predictor.runtime == "torch"
+    def runtime(window: dict | None = None, **inference) -> str:
+        inference = {"model": str(default_model_dir()), **inference}
+        changes = {"inference": inference} | ({"window": window} if window else {})
+        return build(config(**changes)).worker.predictor.runtime
+
+    assert runtime() == "onnxruntime, streaming"
+    assert runtime(streaming=False) == "onnxruntime"
+    assert runtime(runtime="torch") == "torch, streaming"
+    assert runtime(runtime="torch", streaming=False) == "torch"
+    # a hop of 0.33 s is not a whole number of 50 Hz samples: windows share no samples
+    assert runtime({"hop_s": 0.33}) == "onnxruntime"
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("model.json", "model.safetensors"):
         (bare / name).write_bytes((default_model_dir() / name).read_bytes())
-    assert build(config(inference={"model": str(bare)})).worker.predictor.runtime == "torch"
-    with pytest.raises(CheckpointError, match="no ONNX export; run `crossl-stream export`"):
-        build(config(inference={"model": str(bare), "runtime": "onnx"}))
+    assert runtime(model=str(bare)) == "torch, streaming"
+    assert runtime(model=str(bare), streaming=False) == "torch"
+    for streaming in (True, False):
+        with pytest.raises(CheckpointError, match="no ONNX export; run `crossl-stream export`"):
+            runtime(model=str(bare), runtime="onnx", streaming=streaming)
+
+
+def test_streaming_and_whole_window_inference_publish_the_same_predictions():
+    inference = {"model": str(default_model_dir()), "backpressure": "block"}
+    dropouts = [{"sensor": "gyro", "start_s": 104, "length_s": 3}]
+    reader = {
+        "kind": "replay",
+        "speed": "max",
+        "start_s": 100,
+        "duration_s": 12,
+        "dropouts": dropouts,
+    }
+    streamed = build(config(inference=inference, readers=[reader]))
+    whole = build(config(inference={**inference, "streaming": False}, readers=[reader]))
+    a, b = play(streamed), play(whole)
+    assert len(a) == len(b) > 15
+    assert [r["mask"] for r in a] == [r["mask"] for r in b]
+    assert not all(r["mask"]["gyro"] for r in a)  # the dropout masked some windows
+    np.testing.assert_allclose(
+        [list(r["probs"].values()) for r in a], [list(r["probs"].values()) for r in b], atol=1e-5
+    )
+    counters = streamed.worker.predictor.streaming.counters
+    assert counters["acc"].reused > counters["acc"].full

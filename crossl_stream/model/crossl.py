@@ -196,10 +196,7 @@ class CroSSL(nn.Module):
                 continue
             everyone = bool(rows.all())
             x = tensors[name] if everyone else tensors[name][rows]
-            x = (x - getattr(self, f"norm_mean_{name}")[:, None]) / getattr(
-                self, f"norm_std_{name}"
-            )[:, None]
-            features = self.encoders[name](x)
+            features = self.encode(name, x)
             keep_t = masker.time_mask(x.shape[0], features.shape[2], generator, device)
             z = masked_mean_pool(features, keep_t)
             if everyone:
@@ -211,6 +208,26 @@ class CroSSL(nn.Module):
             latents = torch.where(keep_e, latents, self.mask_token.unsqueeze(0))
         embedding = self.aggregator(latents, visible)
         return ModelOutput(embedding=embedding, logits=self.head(embedding), visible=visible)
+
+    def encode(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Normalise one modality's [B, C, T] input and encode it: features [B, D, T'].
+
+        Every feature column depends on its own ``receptive_field`` input samples only, so
+        a stream's columns can be computed once and shared by overlapping windows
+        (``model.streaming``).
+        """
+        mean = getattr(self, f"norm_mean_{name}")[:, None]
+        std = getattr(self, f"norm_std_{name}")[:, None]
+        return self.encoders[name]((x - mean) / std)
+
+    def classify(self, latents: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, classes] from modality latents [B, M, D] (mask tokens in place)."""
+        return self.head(self.aggregator(latents, visible))
+
+    @property
+    def receptive_field(self) -> int:
+        """Input samples behind one encoder feature column."""
+        return ConvEncoder.receptive_field(self.config.kernels)
 
     @torch.inference_mode()
     def predict_proba(

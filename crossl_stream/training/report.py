@@ -428,9 +428,11 @@ def render_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
         "",
         "- `model.safetensors`: weights and normalisation statistics; `model.json`: "
         "architecture, modality specs, classes, training provenance.",
-        "- `model.onnx`: the same model as a static ONNX graph for onnxruntime (what runs on "
-        "the CPU by default), stamped with the SHA-256 of the weights it was exported from; "
-        "`crossl-stream export` rewrites it, and `train` writes it.",
+        "- `encoder-<modality>.onnx` and `head.onnx`: the model split for streaming inference "
+        "in onnxruntime (what runs on the CPU by default: each window encodes only its new "
+        "samples); `model.onnx`: the whole model as one static graph (whole windows). Each is "
+        "stamped with the SHA-256 of the weights it was exported from; `crossl-stream export` "
+        "rewrites them, and `train` writes them.",
         "",
         "## Reproduce",
         "",
