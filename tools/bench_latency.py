@@ -11,6 +11,11 @@ Latency of a window = its arrival at the subscriber - the push of the last chunk
 (for each sensor the first chunk reaching the window's end; the latest of those). The
 per-stage split comes from each prediction's own latency_ms record.
 
+Baseline, in the same run: the transport floor. A relay process takes the pipeline's place,
+reads the same streams the same way (a thread per LSL inlet; an MQTT subscription with the
+same device-clock mapping) and publishes a record the moment every sensor has reached a
+window's end: no windowing, no model. What the pipeline adds is its figure minus the relay's.
+
 Usage: python tools/bench_latency.py [--seconds 60] [--transport lsl mqtt]
 LSL discovery stays on this machine (LSLAPICFG is set to tools/lsl_api.cfg); the MQTT broker
 is a mosquitto this script starts on 127.0.0.1 and a free port.
@@ -64,14 +69,9 @@ def produce(transport: str, seconds: float, log_path: str, port: int) -> None:
 
         _pace(rng, time.monotonic() + 0.5, seconds, push, out)
     else:
-        import paho.mqtt.client as mqtt
-
         from crossl_stream.readers.payload import encode_binary
 
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        client.connect("127.0.0.1", port)
-        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.loop_start()
+        client = _paho(port)
         seq = dict.fromkeys(SENSORS, 0)
 
         def push(name, values, stamps):
@@ -104,6 +104,85 @@ def _pace(rng, start: float, seconds: float, push, out: list) -> None:
         k += 1
 
 
+def relay(transport: str, seconds: float, log_path: str, port: int) -> None:
+    """The transport floor: a record per window end once every sensor has passed it."""
+    import threading
+
+    hop, latest, lock = 0.1, dict.fromkeys(SENSORS, -np.inf), threading.Lock()
+    state = {"next": None}
+    deadline = time.monotonic() + seconds
+
+    def passed(name: str, t_last: float, publish) -> None:
+        with lock:
+            latest[name] = max(latest[name], t_last)
+            reached = min(latest.values())
+            if state["next"] is None and np.isfinite(reached):
+                state["next"] = np.ceil(reached / hop) * hop
+            while state["next"] is not None and reached >= state["next"] - 1e-9:
+                record = {
+                    "t_window_end": state["next"],
+                    "mask": dict.fromkeys(SENSORS, True),
+                    "latency_ms": dict.fromkeys(("window", "queue", "infer", "total"), 0.0),
+                }
+                publish(json.dumps(record))
+                state["next"] += hop
+
+    if transport == "lsl":
+        import pylsl
+
+        info = pylsl.StreamInfo("bench-relay-json", "Markers", 1, 0, pylsl.cf_string, "relay")
+        outlet = pylsl.StreamOutlet(info)
+
+        def read(name: str) -> None:
+            stream = pylsl.resolve_bypred(f"name='bench-{name}'", 1, 30.0)[0]
+            flags = pylsl.proc_clocksync | pylsl.proc_dejitter  # as the pipeline's reader
+            inlet = pylsl.StreamInlet(stream, max_buflen=2, recover=True, processing_flags=flags)
+            dest = np.empty((1024, SENSORS[name][0]), np.float32)
+            while time.monotonic() < deadline:
+                _, stamps = inlet.pull_chunk(
+                    timeout=0.05, max_samples=1024, dest_obj=dest, min_samples=1, as_numpy=True
+                )
+                if len(stamps):
+                    passed(name, float(stamps[-1]), lambda text: outlet.push_sample([text]))
+
+        threads = [threading.Thread(target=read, args=(n,), daemon=True) for n in SENSORS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        from crossl_stream.readers.payload import HEADER
+
+        offset = dict.fromkeys(SENSORS, np.inf)  # lower envelope of receipt - device time
+
+        def on_message(client, userdata, message) -> None:
+            now = time.monotonic()
+            name = message.topic.rsplit("/", 1)[1]
+            _, _, t0, n, _ = HEADER.unpack_from(message.payload)
+            t_last = t0 + (n - 1) / SENSORS[name][1]
+            offset[name] = min(offset[name], now - t_last)
+            publish = lambda text: client.publish("crossl/s1/predictions", text, qos=0)  # noqa: E731
+            passed(name, t_last + offset[name], publish)
+
+        client = _paho(port, on_message)
+        client.subscribe("bench/+/+", qos=0)
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        client.loop_stop()
+    Path(log_path).write_text("[]")
+
+
+def _paho(port: int, on_message=None):
+    """A paho client of the broker on loopback, Nagle off, its network thread running."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.loop_start()
+    return client
+
+
 def subscribe(transport: str, seconds: float, log_path: str, port: int) -> None:
     """Receive predictions; log (record, receipt time)."""
     out = []
@@ -111,21 +190,16 @@ def subscribe(transport: str, seconds: float, log_path: str, port: int) -> None:
     if transport == "lsl":
         import pylsl
 
-        found = pylsl.resolve_bypred("name='crossl-stream-json'", 1, 60.0)
+        name = os.environ.get("BENCH_RESULTS", "crossl-stream-json")
+        found = pylsl.resolve_bypred(f"name='{name}'", 1, 60.0)
         inlet = pylsl.StreamInlet(found[0])
         while time.monotonic() < deadline:
             sample, _ = inlet.pull_sample(timeout=0.5)
             if sample is not None:
                 out.append((json.loads(sample[0]), time.monotonic()))
     else:
-        import paho.mqtt.client as mqtt
-
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        client.on_message = lambda c, u, m: out.append((json.loads(m.payload), time.monotonic()))
-        client.connect("127.0.0.1", port)
-        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = _paho(port, lambda c, u, m: out.append((json.loads(m.payload), time.monotonic())))
         client.subscribe("crossl/+/predictions", qos=0)
-        client.loop_start()
         time.sleep(max(0.0, deadline - time.monotonic()))
         client.loop_stop()
     Path(log_path).write_text(json.dumps(out))
@@ -182,7 +256,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_transport(transport: str, seconds: float, model: Path, work: Path) -> dict:
+def run_transport(transport: str, seconds: float, model: Path, work: Path, middle: str) -> dict:
+    """One run: producer -> ``middle`` (the pipeline, or the relay) -> subscriber."""
     port = free_port()
     broker = None
     if transport == "mqtt":
@@ -199,19 +274,26 @@ def run_transport(transport: str, seconds: float, model: Path, work: Path) -> di
     cfg = work / f"{transport}.yaml"
     cfg.write_text(json.dumps(config(transport, model, port)))
     me = [sys.executable, __file__]
-    logs = {role: work / f"{transport}-{role}.json" for role in ("producer", "subscriber")}
+    logs = {role: work / f"{transport}-{middle}-{role}.json" for role in ("producer", "subscriber")}
+    env = dict(os.environ)
+    if middle == "relay":
+        env["BENCH_RESULTS"] = "bench-relay-json"
+        command = [*me, "--role", "relay", transport, str(seconds + 10), os.devnull, str(port)]
+    else:
+        command = [*CLI_RUN, str(cfg), "--out", str(work / f"{transport}.jsonl")]
     procs = []
     try:
         pipeline = subprocess.Popen(
-            [*CLI_RUN, str(cfg), "--out", str(work / f"{transport}.jsonl")],
+            command,
             stdout=subprocess.DEVNULL,
-            stderr=(work / f"{transport}-pipeline.log").open("w"),
+            stderr=(work / f"{transport}-{middle}.log").open("w"),
         )
         procs.append(pipeline)
         for role, span in (("subscriber", seconds + 10), ("producer", seconds)):
             procs.append(
                 subprocess.Popen(
-                    [*me, "--role", role, transport, str(span), str(logs[role]), str(port)]
+                    [*me, "--role", role, transport, str(span), str(logs[role]), str(port)],
+                    env=env,
                 )
             )
         for proc in procs[1:]:
@@ -264,9 +346,8 @@ def analyse(pushes: list, received: list, device_clock: bool) -> dict:
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--role":
         role, transport, seconds, log_path, port = sys.argv[2:7]
-        (produce if role == "producer" else subscribe)(
-            transport, float(seconds), log_path, int(port)
-        )
+        roles = {"producer": produce, "relay": relay, "subscriber": subscribe}
+        roles[role](transport, float(seconds), log_path, int(port))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
@@ -281,15 +362,18 @@ def main() -> None:
             f"producer -> pipeline -> subscriber in three processes:"
         )
         for transport in args.transport:
-            r = run_transport(transport, args.seconds, model, work)
+            floor = run_transport(transport, args.seconds, model, work, "relay")
+            r = run_transport(transport, args.seconds, model, work, "pipeline")
             s = r["stages_p50"]
             print(
-                f"  {transport:<5} p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms  max "
-                f"{r['max']:7.2f} ms  over {r['windows']} windows\n"
-                f"        inside the pipeline (p50): window {s['window']:.2f}, queue "
-                f"{s['queue']:.2f}, infer {s['infer']:.2f}, receipt -> published "
-                f"{s['total']:.2f} ms; so transport (both ways) and delivery about "
-                f"{r['p50'] - s['total']:.2f} ms"
+                f"  {transport:<5} pipeline       p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms  "
+                f"max {r['max']:7.2f} ms  over {r['windows']} windows\n"
+                f"        transport floor p50 {floor['p50']:6.2f} ms  p99 {floor['p99']:6.2f} ms  "
+                f"max {floor['max']:7.2f} ms  (relay: same reads, no windowing, no model)\n"
+                f"        the pipeline adds p50 {r['p50'] - floor['p50']:.2f} ms, p99 "
+                f"{r['p99'] - floor['p99']:.2f} ms; inside it (p50): window {s['window']:.2f}, "
+                f"queue {s['queue']:.2f}, infer {s['infer']:.2f}, receipt -> published "
+                f"{s['total']:.2f} ms"
             )
 
 

@@ -5,11 +5,12 @@
    (32 ch at 500 Hz, 8 ch at 2 kHz, 6 ch at 100 Hz) in 20 ms chunks (and 100 ms, to show the
    per-chunk share), 2 s windows every 100 ms, against a naive baseline (np.roll per chunk,
    resample by np.interp per channel). Best of --repeats runs, median beside it.
-2. Worker: windows per second of the default model, one window at a time and in batches, in
-   eager torch and in onnxruntime (the exported model.onnx).
+2. Worker: windows per second of the default model on consecutive windows every 100 ms,
+   one at a time and in batches: eager torch and onnxruntime encoding whole windows (the
+   exported model.onnx), and onnxruntime streaming (windows share encoder features).
 3. Replay: the shipped XDF session through the whole pipeline (built from a config, as
-   `crossl-stream run` does) at max speed, in times real time, with either runtime (the
-   target is >= 1000x on CPU for the default model).
+   `crossl-stream run` does) at max speed, in times real time, per runtime (the target is
+   >= 1000x on CPU for the default model).
 
 Usage: python tools/bench_spine.py [--seconds 60] [--model models/default]
 """
@@ -92,9 +93,11 @@ def bench_naive(data) -> tuple[float, int]:
     return time.perf_counter() - start, windows
 
 
-def bench_worker(model_dir: str) -> dict[tuple[str, int], float]:
-    """Windows per second of the Predictor, eager torch and onnxruntime, batch 1 and 32."""
-    from crossl_stream.model.export import ONNX_FILE, OnnxModel, weights_digest
+def bench_worker(model_dir: str, hop_s: float = 0.1) -> dict[tuple[str, int], float]:
+    """Windows per second of the Predictor, batch 1 and 32: eager torch and onnxruntime on
+    whole windows, and onnxruntime streaming (windows sharing encoder features)."""
+    from crossl_stream.model.export import ONNX_FILE, OnnxModel, OnnxRuntime, weights_digest
+    from crossl_stream.model.streaming import StreamingCroSSL
     from crossl_stream.windower import Window
 
     model = load_model(model_dir)
@@ -102,12 +105,18 @@ def bench_worker(model_dir: str) -> dict[tuple[str, int], float]:
     onnx = OnnxModel(Path(model_dir) / ONNX_FILE, digest)
     rng = np.random.default_rng(0)
     n = 512
+    # consecutive windows of one continuous recording, every hop_s, as a live run cuts them
+    spans = {m.name: round(hop_s * m.rate_hz) for m in model.modalities}
+    streams = {
+        m.name: rng.normal(size=(m.channels, m.samples + n * spans[m.name])).astype(np.float32)
+        for m in model.modalities
+    }
     windows = [
         Window(
             i,
-            float(i),
+            model.window_s + i * hop_s,
             {
-                m.name: rng.normal(size=(m.channels, m.samples)).astype(np.float32)
+                m.name: streams[m.name][:, i * spans[m.name] : i * spans[m.name] + m.samples]
                 for m in model.modalities
             },
             {m.name: True for m in model.modalities},
@@ -118,18 +127,22 @@ def bench_worker(model_dir: str) -> dict[tuple[str, int], float]:
         for i in range(n)
     ]
     out = {}
-    for runtime, session in (("torch", None), ("onnxruntime", onnx)):
+    for runtime in ("torch", "onnxruntime", "streaming"):
         for batch in (1, 32):
-            predictor = Predictor(model, "cpu", max_batch=batch, onnx=session)
+            streaming = None
+            if runtime == "streaming":
+                streaming = StreamingCroSSL(model, OnnxRuntime(model_dir, model, digest))
+            session = onnx if runtime == "onnxruntime" else None
+            predictor = Predictor(model, "cpu", batch, onnx=session, streaming=streaming)
             predictor(windows[:batch])  # warm up
             start = time.perf_counter()
-            for i in range(0, n, batch):
+            for i in range(batch, n, batch):
                 predictor(windows[i : i + batch])
-            out[runtime, batch] = n / (time.perf_counter() - start)
+            out[runtime, batch] = (n - batch) / (time.perf_counter() - start)
     return out
 
 
-def bench_replay(model_dir: str, runtime: str) -> tuple[float, float, int]:
+def bench_replay(model_dir: str, runtime: str, streaming: bool) -> tuple[float, float, int]:
     """The shipped session through the whole pipeline, built from a config as `run` does."""
     cfg = PipelineConfig.model_validate(
         {
@@ -138,6 +151,7 @@ def bench_replay(model_dir: str, runtime: str) -> tuple[float, float, int]:
             "inference": {
                 "model": model_dir,
                 "runtime": runtime,
+                "streaming": streaming,
                 "max_batch": 64,
                 "queue_size": 256,
                 "backpressure": "block",
@@ -184,23 +198,25 @@ def main() -> None:
         ratio = runs["naive"][0] / runs["crossl-stream"][0]
         print(f"  ratio         {ratio:8.1f}x the naive baseline")
     rates = bench_worker(args.model)
-    print(f"worker, {args.model} on cpu, windows/s:")
-    for runtime in ("torch", "onnxruntime"):
+    print(f"worker, {args.model} on cpu, consecutive windows every 100 ms, windows/s:")
+    for runtime in ("torch", "onnxruntime", "streaming"):
         one, many = rates[runtime, 1], rates[runtime, 32]
         print(
             f"  {runtime:<12} {one:6.0f} one at a time ({1000 / one:.2f} ms each), "
             f"{many:6.0f} in batches of 32"
         )
-    print(
-        f"  onnxruntime / torch: {rates['onnxruntime', 1] / rates['torch', 1]:.1f}x one at a "
-        f"time, {rates['onnxruntime', 32] / rates['torch', 32]:.1f}x in batches"
-    )
-    for runtime in ("torch", "onnx"):
-        runs = sorted(bench_replay(args.model, runtime) for _ in range(args.repeats))
+    for base in ("torch", "onnxruntime"):
+        print(
+            f"  streaming / {base}: {rates['streaming', 1] / rates[base, 1]:.1f}x one at a "
+            f"time, {rates['streaming', 32] / rates[base, 32]:.1f}x in batches"
+        )
+    for runtime, streaming in (("torch", False), ("onnx", False), ("onnx", True)):
+        runs = sorted(bench_replay(args.model, runtime, streaming) for _ in range(args.repeats))
         span, wall, n = runs[0][0], min(r[1] for r in runs), runs[0][2]
         median = sorted(r[1] for r in runs)[len(runs) // 2]
+        label = f"{runtime}{', streaming' if streaming else ''}"
         print(
-            f"replay, shipped session ({span:.0f} s, {n} windows) at max speed, {runtime}: "
+            f"replay, shipped session ({span:.0f} s, {n} windows) at max speed, {label}: "
             f"{wall:.2f} s, {span / wall:.0f}x real time (best of {args.repeats}; median "
             f"{span / median:.0f}x)"
         )
