@@ -362,6 +362,12 @@ def print_summary(pipeline, records, wall: float) -> None:
         report = getattr(reader, "report", None)
         if report is not None:
             print(report())
+    streaming = pipeline.worker.predictor.streaming
+    if streaming is not None:
+        shares = ", ".join(
+            f"{m} {c.reused}/{c.reused + c.full}" for m, c in streaming.counters.items()
+        )
+        print(f"windows encoding only their new samples (streaming): {shares}")
     replays = [r for r in pipeline.readers if isinstance(r, Replay)]
     span = None
     if replays:

@@ -96,10 +96,11 @@ class Predictor:
         self.max_batch = max_batch
         self.onnx = onnx
         pin = self.device.type == "cuda"
+        rows = 0 if streaming is not None else max_batch  # streaming stages nothing
         self._inputs = {
-            m.name: torch.zeros((max_batch, m.channels, m.samples)).pin_memory()
+            m.name: torch.zeros((rows, m.channels, m.samples)).pin_memory()
             if pin
-            else torch.zeros((max_batch, m.channels, m.samples))
+            else torch.zeros((rows, m.channels, m.samples))
             for m in model.modalities
         }
         self._arrays = {k: v.numpy() for k, v in self._inputs.items()}  # views, for filling

@@ -30,7 +30,7 @@ from crossl_stream.config import (
 )
 from crossl_stream.errors import CheckpointError, ConfigError, InputError
 from crossl_stream.inference import InferenceWorker, Predictor, pick_device
-from crossl_stream.model.checkpoint import load_model, model_id
+from crossl_stream.model.checkpoint import WEIGHTS, load_model, model_id
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.model.export import ONNX_FILE, OnnxModel, OnnxRuntime, weights_digest
 from crossl_stream.model.streaming import StreamingCroSSL
@@ -61,6 +61,8 @@ class Pipeline:
     spread back from the chunk's arrival at that rate).
     """
 
+    max_subjects = 256  # live subjects at once: a windower and kept features each
+
     def __init__(
         self,
         readers: Sequence[Reader],
@@ -75,7 +77,6 @@ class Pipeline:
         self.readers = list(readers)
         self.windower = windower  # the default subject's; others are made alike on demand
         self.windowers = {windower.subject: windower}
-        self.max_subjects = 256
         self.worker = worker
         self.publishers = list(publishers)
         self.modality_of = dict(modality_of or {})
@@ -336,28 +337,37 @@ def _streaming(
     whole number of samples of every modality (windows then share no samples)."""
     if not inf.streaming:
         return None
-    unaligned = [
-        m.name for m in model.modalities if abs(hop_s * m.rate_hz - round(hop_s * m.rate_hz)) > 1e-6
+    if inf.runtime == "onnx" and device.type != "cpu":
+        raise ConfigError(
+            f"{source}: inference.runtime: onnx runs on the CPU here; use torch on {device}"
+        )
+    field = model.receptive_field
+    shared = [  # modalities whose consecutive windows share samples on one grid
+        m.name
+        for m in model.modalities
+        if abs(hop_s * m.rate_hz - round(hop_s * m.rate_hz)) < 1e-6
+        and 1 <= round(hop_s * m.rate_hz) <= m.samples - field + 1
     ]
-    if unaligned:
+    if not shared:
         log.info(
-            "%s: window.hop_s %g s is not a whole number of samples of %s; every window is "
-            "encoded whole",
+            "%s: with window.hop_s %g s no modality's windows share encoder features; every "
+            "window is encoded whole",
             source,
             hop_s,
-            unaligned,
         )
         return None
+    subjects = Pipeline.max_subjects
     if inf.runtime == "torch" or device.type != "cpu":
-        return StreamingCroSSL(model)
+        return StreamingCroSSL(model, max_streams=subjects)
     try:
-        digest = weights_digest(model_dir / "model.safetensors")
-        return StreamingCroSSL(model, OnnxRuntime(model_dir, model, digest, inf.threads))
+        digest = weights_digest(model_dir / WEIGHTS)
+        runtime = OnnxRuntime(model_dir, model, digest, inf.threads)
+        return StreamingCroSSL(model, runtime, max_streams=subjects)
     except CheckpointError as exc:
         if inf.runtime == "onnx":
             raise
         log.warning("%s; streaming in torch instead", exc)
-        return StreamingCroSSL(model)
+        return StreamingCroSSL(model, max_streams=subjects)
 
 
 def _onnx_session(model_dir: Path, runtime: str, device, source: str) -> OnnxModel | None:
@@ -373,7 +383,7 @@ def _onnx_session(model_dir: Path, runtime: str, device, source: str) -> OnnxMod
     if runtime == "auto" and not path.is_file():
         return None
     try:
-        return OnnxModel(path, weights_digest(model_dir / "model.safetensors"))
+        return OnnxModel(path, weights_digest(model_dir / WEIGHTS))
     except CheckpointError as exc:
         if runtime == "onnx":
             raise

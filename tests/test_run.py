@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from crossl_stream import default_model_dir
-from crossl_stream.config import PipelineConfig, load_config
+from crossl_stream.config import InferenceConfig, PipelineConfig, load_config
 from crossl_stream.errors import CheckpointError, ConfigError, DatasetError
 from crossl_stream.pipeline import Pipeline
 from crossl_stream.publishers import MemoryPublisher
@@ -256,6 +257,19 @@ def test_runtime_auto_picks_the_current_onnx_export_on_the_cpu(tmp_path):
     for streaming in (True, False):
         with pytest.raises(CheckpointError, match="no ONNX export; run `crossl-stream export`"):
             runtime(model=str(bare), runtime="onnx", streaming=streaming)
+
+
+def test_the_onnx_runtime_on_a_gpu_is_refused_whether_streaming_or_not():
+    from crossl_stream.model import load_model
+    from crossl_stream.pipeline import _onnx_session, _streaming
+
+    cuda = torch.device("cuda")  # only its type is looked at: no GPU needed
+    inference = InferenceConfig(runtime="onnx")
+    model = load_model(default_model_dir())
+    with pytest.raises(ConfigError, match="runtime: onnx runs on the CPU here"):
+        _streaming(model, default_model_dir(), inference, 0.5, cuda, "test.yaml")
+    with pytest.raises(ConfigError, match="runtime: onnx runs on the CPU here"):
+        _onnx_session(default_model_dir(), "onnx", cuda, "test.yaml")
 
 
 def test_streaming_and_whole_window_inference_publish_the_same_predictions():

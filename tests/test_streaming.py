@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crossl_stream.errors import CheckpointError
+from crossl_stream.errors import CheckpointError, InputError
 from crossl_stream.model import CroSSL, ModalitySpec, ModelConfig
 from crossl_stream.model.export import OnnxRuntime, export_streaming
 from crossl_stream.model.streaming import StreamingCroSSL
@@ -122,7 +122,7 @@ def test_consecutive_windows_encode_only_their_new_samples():
     }
 
 
-def test_a_changed_overlap_or_an_unaligned_end_is_encoded_in_full():
+def test_a_changed_overlap_or_a_wrong_end_is_encoded_in_full():
     model, streams = MODELS["mlp"], Streams()
     streaming = StreamingCroSSL(model)
     both = np.ones((1, 2), dtype=bool)
@@ -134,8 +134,56 @@ def test_a_changed_overlap_or_an_unaligned_end_is_encoded_in_full():
     got = streaming(["s1"], [t1], [refilled], both)
     np.testing.assert_allclose(got, full_model(model, [refilled], both), atol=2e-5)
     assert streaming.counters["slow"].full == 2 and streaming.counters["fast"].reused == 1
-    streaming(["s1"], [t1 + 0.01], [w1], both)  # not a whole number of samples later
-    assert streaming.counters["fast"].full == 2
+    # w1 claimed to end 12 fast (6 slow) samples after w0, not 10 (5): its samples are
+    # compared at that shift, do not match, and the window is encoded whole
+    streaming = StreamingCroSSL(model)
+    streaming(["s1"], [t0], [w0], both)
+    got = streaming(["s1"], [t1 + 0.04], [w1], both)
+    np.testing.assert_allclose(got, full_model(model, [w1], both), atol=2e-5)
+    assert streaming.counters["fast"].reused == streaming.counters["slow"].reused == 0
+
+
+@pytest.mark.parametrize("hops", [1, 2, 3])
+def test_shifts_up_to_a_windows_feature_span_reuse_and_beyond_it_do_not(hops):
+    # "slow": 50 samples, 5 feature columns; a hop is 5 samples: 1 hop reuses, 2 cannot
+    model, streams = MODELS["mlp"], Streams()
+    streaming = StreamingCroSSL(model)
+    both = np.ones((1, 2), dtype=bool)
+    t0, w0 = streams.window("s1", 0)
+    t1, w1 = streams.window("s1", hops)
+    streaming(["s1"], [t0], [w0], both)
+    got = streaming(["s1"], [t1], [w1], both)
+    np.testing.assert_allclose(got, full_model(model, [w1], both), atol=2e-5)
+    span = SPECS[1].samples - model.receptive_field + 1
+    assert streaming.counters["slow"].reused == int(5 * hops <= span)
+
+
+def test_windows_out_of_order_or_repeated_are_still_right():
+    model, streams = MODELS["mlp"], Streams()
+    streaming = StreamingCroSSL(model)
+    both = np.ones((6, 2), dtype=bool)
+    order = [3, 1, 2, 2, 5, 4]
+    ends, data = zip(*(streams.window("s1", k) for k in order), strict=True)
+    got = streaming(["s1"] * 6, list(ends), list(data), both)
+    np.testing.assert_allclose(got, full_model(model, list(data), both), atol=2e-5)
+    # 1 -> 2 reuses for both; 2 -> 5 (three hops) only for "fast", whose span is 55 columns
+    assert (streaming.counters["fast"].reused, streaming.counters["slow"].reused) == (2, 1)
+
+
+def test_bad_windows_are_refused_and_keep_nothing_half_done():
+    model, streams = MODELS["mlp"], Streams()
+    streaming = StreamingCroSSL(model)
+    both = np.ones((1, 2), dtype=bool)
+    t0, w0 = streams.window("s1", 0)
+    t1, w1 = streams.window("s1", 1)
+    streaming(["s1"], [t0], [w0], both)
+    bad = {"fast": w1["fast"], "slow": np.full_like(w1["slow"], np.nan)}
+    with pytest.raises(InputError, match="modality 'slow'.*NaN"):
+        streaming(["s1"], [t1], [bad], both)
+    with pytest.raises(InputError, match=r"modality 'fast'.*\[3, 100\], got \[3, 99\]"):
+        streaming(["s1"], [t1], [{"fast": w1["fast"][:, 1:], "slow": w1["slow"]}], both)
+    got = streaming(["s1"], [t1], [w1], both)
+    np.testing.assert_allclose(got, full_model(model, [w1], both), atol=2e-5)
 
 
 def test_subjects_are_kept_apart_and_forgotten():

@@ -8,6 +8,7 @@ is refused rather than silently used.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import warnings
@@ -61,7 +62,7 @@ def export_onnx(model: CroSSL, path: str | Path, weights_sha256: str) -> Path:
             "ONNX export needs the 'export' extra: pip install 'crossl-stream[export]'"
         ) from exc
     path = Path(path)
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where it is
     static = StaticCroSSL(model).eval()
     n_mod = len(model.modalities)
     batch = 2**n_mod * 2  # every availability pattern, twice
@@ -149,7 +150,7 @@ def export_streaming(model: CroSSL, folder: str | Path, weights_sha256: str) -> 
     from crossl_stream.model.streaming import StreamingCroSSL
 
     folder = Path(folder)
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where it is
     files = streaming_files(model)
     batch = torch.export.Dim("batch", min=1, max=65536)
     field = model.receptive_field
@@ -180,29 +181,45 @@ def export_streaming(model: CroSSL, folder: str | Path, weights_sha256: str) -> 
             weights_sha256,
         )
     )
-    # check: a random stream, windows every quarter window, every availability pattern
+    # check: consecutive windows of a random stream (one sample of the slowest modality
+    # apart) under every availability pattern, in one call (a chain) and one at a time
     runtime = OnnxRuntime(folder, model, weights_sha256, threads=1)
-    g = torch.Generator().manual_seed(0)
-    windows, n = [], 4 * 2**n_mod
+    rng = np.random.default_rng(0)
+    n = 4 * 2**n_mod
+    step = max(1 / m.rate_hz for m in model.modalities)
+    t_ends = [model.window_s + k * step for k in range(n)]
     streams = {
-        m.name: torch.randn(m.channels, 2 * m.samples, generator=g).numpy()
+        m.name: rng.normal(size=(m.channels, round(t_ends[-1] * m.rate_hz) + 1)).astype(np.float32)
         for m in model.modalities
     }
-    for k in range(n):
-        start = {m.name: (k % 5) * (m.samples // 4) for m in model.modalities}
+    windows = []
+    for t_end in t_ends:
+        ends = {m.name: round(t_end * m.rate_hz) for m in model.modalities}
         windows.append(
             {
-                m.name: streams[m.name][:, start[m.name] : start[m.name] + m.samples]
+                m.name: streams[m.name][:, ends[m.name] - m.samples : ends[m.name]]
                 for m in model.modalities
             }
         )
-    available = np.array([[bool((k // 2) >> j & 1) for j in range(n_mod)] for k in range(n)])
+    available = np.array([[bool((k // 4) >> j & 1) for j in range(n_mod)] for k in range(n)])
     available[~available.any(1), 0] = True
-    t_ends = [model.window_s * (1 + (k % 5) / 4) + 100 * (k // 5) for k in range(n)]
-    got = StreamingCroSSL(model, runtime)(["check"] * n, t_ends, windows, available)
+    chained = StreamingCroSSL(model, runtime)
+    one_by_one = StreamingCroSSL(model, runtime)
+    got = np.concatenate(
+        [
+            chained(["check"] * n, t_ends, windows, available),
+            *(
+                one_by_one(["check"], t_ends[k : k + 1], windows[k : k + 1], available[k : k + 1])
+                for k in range(n)
+            ),
+        ]
+    )
+    reused = [sum(c.reused for c in s.counters.values()) for s in (chained, one_by_one)]
+    if min(reused) == 0:  # the check itself went wrong: it must exercise the reuse
+        raise CheckpointError(f"{folder}: the streaming check reused no features")
     with torch.inference_mode():
         stacked = {name: np.stack([w[name] for w in windows]) for name in model.modality_names}
-        expected = model(stacked, available).probs.numpy()
+        expected = np.tile(model(stacked, available).probs.numpy(), (2, 1))
     error = float(np.abs(got - expected).max())
     if error > 1e-4:
         for path in paths:

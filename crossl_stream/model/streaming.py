@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from crossl_stream.errors import InputError
 from crossl_stream.model.crossl import CroSSL
 
 
@@ -42,17 +43,18 @@ class TorchRuntime:
 
     def __init__(self, model: CroSSL) -> None:
         self.model = model.eval()
-        self.device = model.mask_token.device
 
     @torch.inference_mode()
     def encode(self, name: str, x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        device = self.model.mask_token.device  # wherever the model is now
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
         return self.model.encode(name, t.unsqueeze(0))[0].cpu().numpy()
 
     @torch.inference_mode()
     def classify(self, latents: np.ndarray, visible: np.ndarray) -> np.ndarray:
-        z = torch.from_numpy(latents).to(self.device)
-        v = torch.from_numpy(visible).to(self.device)
+        device = self.model.mask_token.device
+        z = torch.from_numpy(latents).to(device)
+        v = torch.from_numpy(visible).to(device)
         return self.model.classify(z, v).softmax(dim=-1).cpu().numpy()
 
 
@@ -79,7 +81,8 @@ class StreamingCroSSL:
     window shifted by whole samples encodes only what is new.
 
     ``__call__`` takes windows in time order per key; one key's consecutive windows in one
-    call form a chain that is one encoder run per modality (a replay batch).
+    call form a chain that is one encoder run per modality (a replay batch). At most
+    ``max_streams`` keys are kept (the least recently seen go first).
 
     >>> from crossl_stream.model import ModalitySpec
     >>> spec = ModalitySpec(name="acc", channels=3, rate_hz=50, samples=100)
@@ -127,8 +130,16 @@ class StreamingCroSSL:
         available = np.asarray(available, dtype=bool)
         latents = np.repeat(self._mask_token[None], n, axis=0)
         for j, name in enumerate(self.names):
+            spec = self._specs[name]
             rows: dict[Hashable, list[int]] = {}
             for i in np.flatnonzero(available[:, j]).tolist():
+                x = data[i][name]
+                if x.shape != (spec.channels, spec.samples) or not np.isfinite(x).all():
+                    raise InputError(
+                        f"window {i}, modality {name!r}: expected finite "
+                        f"[{spec.channels}, {spec.samples}], got {list(x.shape)}"
+                        f"{'' if x.shape != (spec.channels, spec.samples) else ' with NaN/Inf'}"
+                    )
                 rows.setdefault(keys[i], []).append(i)
             for key, idx in rows.items():
                 xs = [data[i][name] for i in idx]
@@ -143,7 +154,7 @@ class StreamingCroSSL:
         rate = self._specs[name].rate_hz
         span = samples - field + 1  # feature columns per window
         counters = self.counters[name]
-        kept = self._kept.get((key, name))
+        kept = self._kept.pop((key, name), None)  # back at the end: a failure leaves none
         prev = (kept.t_end, kept.data) if kept is not None else None
         out: list[np.ndarray] = []
         # a chain: windows that each extend the one before, encoded in one run
@@ -169,7 +180,6 @@ class StreamingCroSSL:
         out.append(pooled)
         assert prev is not None
         self._kept[(key, name)] = _Kept(prev[0], np.array(prev[1], dtype=np.float32), ring, pos)
-        self._kept.move_to_end((key, name))
         while len(self._kept) > self.max_keys:
             self._kept.popitem(last=False)
         return np.concatenate(out) if len(out) > 1 else out[0]
@@ -205,9 +215,8 @@ def _shift(
     """Samples by which window ``x`` extends ``prev``, its overlap verified; else None."""
     if prev is None:
         return None
-    steps = (t_end - prev[0]) * rate
-    shift = round(steps)
-    if not 1 <= shift <= most or abs(steps - shift) > 1e-3:
+    shift = round(t_end * rate) - round(prev[0] * rate)  # grid steps, as the windower cuts
+    if not 1 <= shift <= most:
         return None
     samples = x.shape[1]
     if not np.array_equal(x[:, : samples - shift], prev[1][:, shift:]):
