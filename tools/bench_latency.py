@@ -12,11 +12,14 @@ Latency of a window = its arrival at the subscriber - the push of the last chunk
 per-stage split comes from each prediction's own latency_ms record.
 
 Baseline, in the same run: the transport floor. A relay process takes the pipeline's place,
-reads the same streams the same way (a thread per LSL inlet; an MQTT subscription with the
-same device-clock mapping) and publishes a record the moment every sensor has reached a
-window's end: no windowing, no model. What the pipeline adds is its figure minus the relay's.
+reads the same streams the same way (a thread per LSL inlet, clock correction and dejitter
+on; an MQTT subscription with the pipeline's DeviceClock mapping) and publishes a record the
+moment every sensor has reached a window's end: no windowing, no model. Both runs are scored
+on the same windows (from a second after the first full window on); a pipeline window cut
+before a sensor's last chunk was pushed (that sensor went stale) is counted, not scored.
+What the pipeline adds is its figure minus the relay's.
 
-Usage: python tools/bench_latency.py [--seconds 60] [--transport lsl mqtt]
+Usage: python tools/bench_latency.py [--seconds 60] [--transport lsl mqtt] [--plot PNG]
 LSL discovery stays on this machine (LSLAPICFG is set to tools/lsl_api.cfg); the MQTT broker
 is a mosquitto this script starts on 127.0.0.1 and a free port.
 """
@@ -42,6 +45,7 @@ import numpy as np  # noqa: E402
 SENSORS = {"eeg": (32, 500.0), "emg": (8, 2000.0), "imu": (6, 100.0)}
 TARGET_HZ = {"eeg": 250.0, "emg": 500.0, "imu": 50.0}  # the model's grids
 CHUNK_S = 0.02
+WINDOW_S = 2.0
 CLI_RUN = [sys.executable, "-m", "crossl_stream.cli", "run"]
 
 
@@ -137,6 +141,8 @@ def relay(transport: str, seconds: float, log_path: str, port: int) -> None:
             stream = pylsl.resolve_bypred(f"name='bench-{name}'", 1, 30.0)[0]
             flags = pylsl.proc_clocksync | pylsl.proc_dejitter  # as the pipeline's reader
             inlet = pylsl.StreamInlet(stream, max_buflen=2, recover=True, processing_flags=flags)
+            inlet.open_stream(timeout=2.0)
+            inlet.time_correction(timeout=2.0)
             dest = np.empty((1024, SENSORS[name][0]), np.float32)
             while time.monotonic() < deadline:
                 _, stamps = inlet.pull_chunk(
@@ -151,18 +157,19 @@ def relay(transport: str, seconds: float, log_path: str, port: int) -> None:
         for t in threads:
             t.join()
     else:
+        from crossl_stream.clock import DeviceClock
         from crossl_stream.readers.payload import HEADER
 
-        offset = dict.fromkeys(SENSORS, np.inf)  # lower envelope of receipt - device time
+        clocks = {n: DeviceClock() for n in SENSORS}  # the pipeline's device-clock mapping
 
         def on_message(client, userdata, message) -> None:
             now = time.monotonic()
             name = message.topic.rsplit("/", 1)[1]
             _, _, t0, n, _ = HEADER.unpack_from(message.payload)
             t_last = t0 + (n - 1) / SENSORS[name][1]
-            offset[name] = min(offset[name], now - t_last)
+            clocks[name].observe(t_last, now)
             publish = lambda text: client.publish("crossl/s1/predictions", text, qos=0)  # noqa: E731
-            passed(name, t_last + offset[name], publish)
+            passed(name, float(clocks[name].map(np.array([t_last]))[0]), publish)
 
         client = _paho(port, on_message)
         client.subscribe("bench/+/+", qos=0)
@@ -217,7 +224,10 @@ def make_model(folder: Path) -> Path:
     torch.manual_seed(0)
     specs = [
         ModalitySpec(
-            name=n, channels=SENSORS[n][0], rate_hz=TARGET_HZ[n], samples=round(2 * TARGET_HZ[n])
+            name=n,
+            channels=SENSORS[n][0],
+            rate_hz=TARGET_HZ[n],
+            samples=round(WINDOW_S * TARGET_HZ[n]),
         )
         for n in SENSORS
     ]
@@ -320,27 +330,67 @@ def analyse(pushes: list, received: list, device_clock: bool) -> dict:
         # sent; see the chunks as the pipeline does, shifted by each sensor's minimum hold.
         for arr in by_sensor.values():
             arr[:, 0] += np.min(arr[:, 1] - arr[:, 0])
-    e2e, stages = [], {k: [] for k in ("window", "queue", "infer", "total")}
+    # the same windows for every run: from a second after the first full window to the end
+    first = min(arr[0, 0] for arr in by_sensor.values())
+    e2e, stages, early = [], {k: [] for k in ("window", "queue", "infer", "total")}, 0
     for record, at in received:
         t_end = record["t_window_end"]
+        if t_end < first + WINDOW_S + 1.0:
+            continue
         done = []
         for arr in by_sensor.values():
             i = np.searchsorted(arr[:, 0], t_end - 1e-9)
             if i < len(arr):
                 done.append(arr[i, 1])
         if len(done) < len(SENSORS) or not all(record["mask"].values()):
-            continue  # the start, the end: a window that did not wait for every sensor
+            continue  # the end: a window that did not wait for every sensor
+        if at < max(done):  # cut before a sensor's chunk was even pushed (it went stale)
+            early += 1
+            continue
         e2e.append(1000 * (at - max(done)))
         for k in stages:
             stages[k].append(record["latency_ms"][k])
     e2e = np.array(e2e)
     return {
         "windows": len(e2e),
+        "early": early,
         "p50": float(np.percentile(e2e, 50)),
         "p99": float(np.percentile(e2e, 99)),
         "max": float(e2e.max()),
         "stages_p50": {k: float(np.percentile(v, 50)) for k, v in stages.items()},
+        "e2e": e2e,
     }
+
+
+def plot(results: dict[tuple[str, str], dict], path: str) -> None:
+    """Latency histograms: per transport, the pipeline beside its transport floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    transports = sorted({t for t, _ in results})
+    fig, axes = plt.subplots(1, len(transports), figsize=(5.5 * len(transports), 3.6))
+    for ax, transport in zip(np.atleast_1d(axes), transports, strict=True):
+        top = max(np.percentile(results[transport, m]["e2e"], 99.5) for m in ("relay", "pipeline"))
+        bins = np.linspace(0, top, 60)
+        for middle, label in (("relay", "transport floor (relay)"), ("pipeline", "crossl-stream")):
+            r = results[transport, middle]
+            ax.hist(
+                r["e2e"].clip(max=top),
+                bins=bins,
+                alpha=0.6,
+                label=f"{label}, p50 {r['p50']:.1f} ms",
+            )
+        ax.set(
+            title=f"{transport.upper()}: last sample pushed -> prediction received",
+            xlabel="ms",
+            ylabel="windows",
+        )
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"histograms: {path}")
 
 
 def main() -> None:
@@ -352,7 +402,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--transport", nargs="+", default=["lsl", "mqtt"], choices=["lsl", "mqtt"])
+    parser.add_argument("--plot", metavar="PNG", help="write latency histograms here")
     args = parser.parse_args()
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = make_model(work / "model")
@@ -364,10 +416,11 @@ def main() -> None:
         for transport in args.transport:
             floor = run_transport(transport, args.seconds, model, work, "relay")
             r = run_transport(transport, args.seconds, model, work, "pipeline")
+            results[transport, "relay"], results[transport, "pipeline"] = floor, r
             s = r["stages_p50"]
             print(
                 f"  {transport:<5} pipeline       p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms  "
-                f"max {r['max']:7.2f} ms  over {r['windows']} windows\n"
+                f"max {r['max']:7.2f} ms  over {r['windows']} windows ({r['early']} cut early)\n"
                 f"        transport floor p50 {floor['p50']:6.2f} ms  p99 {floor['p99']:6.2f} ms  "
                 f"max {floor['max']:7.2f} ms  (relay: same reads, no windowing, no model)\n"
                 f"        the pipeline adds p50 {r['p50'] - floor['p50']:.2f} ms, p99 "
@@ -375,6 +428,8 @@ def main() -> None:
                 f"queue {s['queue']:.2f}, infer {s['infer']:.2f}, receipt -> published "
                 f"{s['total']:.2f} ms"
             )
+        if args.plot:
+            plot(results, args.plot)
 
 
 if __name__ == "__main__":
