@@ -418,11 +418,12 @@ class Windower:
             data[m.name] = x if available[m.name] else np.zeros_like(x)
             if available[m.name]:
                 newest_arrival = max(newest_arrival, self._receipt_of(m.name, t_end))
-            else:
-                self.counters.masked[m.name] += 1
         if not any(available.values()):
             self.counters.empty_windows += 1
             return None
+        for name, used in available.items():  # masked: in windows that are emitted
+            if not used:
+                self.counters.masked[name] += 1
         self._seq += 1
         self.counters.windows += 1
         return Window(

@@ -288,6 +288,8 @@ def test_streaming_and_whole_window_inference_publish_the_same_predictions():
     assert len(a) == len(b) > 15
     assert [r["mask"] for r in a] == [r["mask"] for r in b]
     assert not all(r["mask"]["gyro"] for r in a)  # the dropout masked some windows
+    masked = streamed.windower.counters.masked
+    assert masked == {m: sum(not r["mask"][m] for r in a) for m in ("acc", "gyro")}
     np.testing.assert_allclose(
         [list(r["probs"].values()) for r in a], [list(r["probs"].values()) for r in b], atol=1e-5
     )
