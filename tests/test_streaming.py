@@ -55,6 +55,19 @@ class Streams:
         return 2.0 + k * HOP_S, out
 
 
+BOTH = np.ones((1, 2), dtype=bool)
+
+
+def after_window_zero(k: int = 1):
+    """The mlp model, a StreamingCroSSL that has seen window 0 of s1, and window k of s1."""
+    model, streams = MODELS["mlp"], Streams()
+    streaming = StreamingCroSSL(model)
+    t0, w0 = streams.window("s1", 0)
+    streaming(["s1"], [t0], [w0], BOTH)
+    t, w = streams.window("s1", k)
+    return model, streaming, t, w
+
+
 def full_model(model: CroSSL, data: list[dict], available: np.ndarray) -> np.ndarray:
     stacked = {m.name: np.stack([d[m.name] for d in data]) for m in SPECS}
     return model.predict_proba(stacked, available)
@@ -123,37 +136,26 @@ def test_consecutive_windows_encode_only_their_new_samples():
 
 
 def test_a_changed_overlap_or_a_wrong_end_is_encoded_in_full():
-    model, streams = MODELS["mlp"], Streams()
-    streaming = StreamingCroSSL(model)
-    both = np.ones((1, 2), dtype=bool)
-    t0, w0 = streams.window("s1", 0)
-    t1, w1 = streams.window("s1", 1)
-    streaming(["s1"], [t0], [w0], both)
+    model, streaming, t1, w1 = after_window_zero()
     refilled = {name: x.copy() for name, x in w1.items()}
     refilled["slow"][1, 0] = 0.0  # the first sample: inside the overlap with w0
-    got = streaming(["s1"], [t1], [refilled], both)
-    np.testing.assert_allclose(got, full_model(model, [refilled], both), atol=2e-5)
+    got = streaming(["s1"], [t1], [refilled], BOTH)
+    np.testing.assert_allclose(got, full_model(model, [refilled], BOTH), atol=2e-5)
     assert streaming.counters["slow"].full == 2 and streaming.counters["fast"].reused == 1
     # w1 claimed to end 12 fast (6 slow) samples after w0, not 10 (5): its samples are
     # compared at that shift, do not match, and the window is encoded whole
-    streaming = StreamingCroSSL(model)
-    streaming(["s1"], [t0], [w0], both)
-    got = streaming(["s1"], [t1 + 0.04], [w1], both)
-    np.testing.assert_allclose(got, full_model(model, [w1], both), atol=2e-5)
+    model, streaming, t1, w1 = after_window_zero()
+    got = streaming(["s1"], [t1 + 0.04], [w1], BOTH)
+    np.testing.assert_allclose(got, full_model(model, [w1], BOTH), atol=2e-5)
     assert streaming.counters["fast"].reused == streaming.counters["slow"].reused == 0
 
 
 @pytest.mark.parametrize("hops", [1, 2, 3])
 def test_shifts_up_to_a_windows_feature_span_reuse_and_beyond_it_do_not(hops):
     # "slow": 50 samples, 5 feature columns; a hop is 5 samples: 1 hop reuses, 2 cannot
-    model, streams = MODELS["mlp"], Streams()
-    streaming = StreamingCroSSL(model)
-    both = np.ones((1, 2), dtype=bool)
-    t0, w0 = streams.window("s1", 0)
-    t1, w1 = streams.window("s1", hops)
-    streaming(["s1"], [t0], [w0], both)
-    got = streaming(["s1"], [t1], [w1], both)
-    np.testing.assert_allclose(got, full_model(model, [w1], both), atol=2e-5)
+    model, streaming, t1, w1 = after_window_zero(hops)
+    got = streaming(["s1"], [t1], [w1], BOTH)
+    np.testing.assert_allclose(got, full_model(model, [w1], BOTH), atol=2e-5)
     span = SPECS[1].samples - model.receptive_field + 1
     assert streaming.counters["slow"].reused == int(5 * hops <= span)
 
@@ -171,39 +173,33 @@ def test_windows_out_of_order_or_repeated_are_still_right():
 
 
 def test_bad_windows_are_refused_and_keep_nothing_half_done():
-    model, streams = MODELS["mlp"], Streams()
-    streaming = StreamingCroSSL(model)
-    both = np.ones((1, 2), dtype=bool)
-    t0, w0 = streams.window("s1", 0)
-    t1, w1 = streams.window("s1", 1)
-    streaming(["s1"], [t0], [w0], both)
+    model, streaming, t1, w1 = after_window_zero()
     bad = {"fast": w1["fast"], "slow": np.full_like(w1["slow"], np.nan)}
     with pytest.raises(InputError, match="modality 'slow'.*NaN"):
-        streaming(["s1"], [t1], [bad], both)
+        streaming(["s1"], [t1], [bad], BOTH)
     with pytest.raises(InputError, match=r"modality 'fast'.*\[3, 100\], got \[3, 99\]"):
-        streaming(["s1"], [t1], [{"fast": w1["fast"][:, 1:], "slow": w1["slow"]}], both)
-    got = streaming(["s1"], [t1], [w1], both)
-    np.testing.assert_allclose(got, full_model(model, [w1], both), atol=2e-5)
+        streaming(["s1"], [t1], [{"fast": w1["fast"][:, 1:], "slow": w1["slow"]}], BOTH)
+    got = streaming(["s1"], [t1], [w1], BOTH)
+    np.testing.assert_allclose(got, full_model(model, [w1], BOTH), atol=2e-5)
 
 
 def test_subjects_are_kept_apart_and_forgotten():
     model, streams = MODELS["mlp"], Streams()
     streaming = StreamingCroSSL(model, max_streams=1)
-    both = np.ones((1, 2), dtype=bool)
     for k in range(3):
         for subject in ("s1", "s2"):
             t, w = streams.window(subject, k)
-            got = streaming([subject], [t], [w], both)
-            np.testing.assert_allclose(got, full_model(model, [w], both), atol=2e-5)
+            got = streaming([subject], [t], [w], BOTH)
+            np.testing.assert_allclose(got, full_model(model, [w], BOTH), atol=2e-5)
     # one stream kept: the two subjects evict each other, so nothing was ever reused
     assert streaming.counters["fast"].reused == 0
     streaming = StreamingCroSSL(model)
     for k in range(2):
         t, w = streams.window("s1", k)
-        streaming(["s1"], [t], [w], both)
+        streaming(["s1"], [t], [w], BOTH)
     streaming.forget("s1")
     t, w = streams.window("s1", 2)
-    streaming(["s1"], [t], [w], both)
+    streaming(["s1"], [t], [w], BOTH)
     assert streaming.counters["fast"].full == 2
 
 
