@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -229,3 +230,114 @@ def test_streams_from_mne_lsl_player_are_read(tmp_path):
     step = np.diff(values[:200, 0] * 1e6)  # a ramp modulo 97, in order, none lost
     assert np.allclose(step[(step > -90)], 1.0, atol=1e-3)
     assert np.all(np.diff(stamps) > 0)
+
+
+RATED_PRODUCER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    import pylsl
+    name, rate, source_id, seconds = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+    seconds = float(seconds)
+    info = pylsl.StreamInfo(name, "IMU", 3, rate, pylsl.cf_float32, source_id)
+    outlet = pylsl.StreamOutlet(info)
+    print("ready", flush=True)
+    outlet.wait_for_consumers(30.0)
+    t0, k = pylsl.local_clock(), 0
+    while pylsl.local_clock() - t0 < seconds:  # its own rate, the rate in every channel
+        time.sleep(0.02)
+        n = int((pylsl.local_clock() - t0) * rate) - k
+        if n > 0:
+            outlet.push_chunk(np.full((n, 3), rate, np.float32))
+            k += n
+    """
+)
+
+
+def rated_producer(name: str, rate: float, source_id: str, seconds: float) -> subprocess.Popen:
+    """An outlet at ``rate`` in another process, once it is up (it waits for a consumer)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RATED_PRODUCER, name, str(rate), source_id, str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def messages(caplog, level: int, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level and text in r.getMessage()]
+
+
+def test_a_stream_at_another_rate_is_refused_once_and_a_fitting_one_is_read(caplog):
+    caplog.set_level(logging.INFO, logger="crossl_stream.readers.lsl")
+    wrong = rated_producer("lsl-test-rate", 50.0, "lsl-test-rate-50", 30.0)
+    selector = LslSelector(name="lsl-test-rate")
+    r = LslReader({"imu": (SensorInfo("imu", 3, 100.0), selector)}, resolve_s=0.2)
+    right = None
+
+    async def main():
+        nonlocal right
+        task = asyncio.create_task(
+            collect(r, 30.0, until=lambda cs: sum(len(c.values) for c in cs) >= 100)
+        )
+        await asyncio.sleep(2.5)  # the 50 Hz stream alone: refused, the search goes on
+        alone = (r.rate_refused["imu"], r.found["imu"], r.states["imu"], task.done())
+        right = rated_producer("lsl-test-rate", 100.0, "lsl-test-rate-100", 10.0)
+        return alone, await task
+
+    try:
+        alone, chunks = asyncio.run(main())
+    finally:
+        for proc in (wrong, right):
+            if proc is not None:
+                proc.kill()
+                proc.wait(timeout=10)
+    assert alone == (1, False, StreamState.CONNECTING, False)
+    errors = messages(caplog, logging.ERROR, "nominal rate")
+    assert len(errors) == 1, errors  # once, not on every resolve
+    assert errors[0].startswith(
+        "LSL imu: stream 'lsl-test-rate' (type IMU, 3 ch @ 50 Hz, source_id 'lsl-test-rate-50', "
+        "host "
+    )
+    refused = "has a nominal rate of 50 Hz, but sensors.imu.rate_hz is 100 Hz: not connected"
+    assert refused in errors[0]
+    # the 100 Hz stream of the same name was found and read; nothing from the 50 Hz one
+    values = np.concatenate([c.values for c in chunks])
+    assert len(values) >= 100 and np.all(values == 100.0)
+    assert r.rate_refused["imu"] == 1 and r.found["imu"] and r.states["imu"] == StreamState.LIVE
+    assert "streams refused for their nominal rate {'imu': 1}" in r.report()
+    assert "never found" not in r.report()
+
+
+def test_a_stream_never_found_is_named_with_the_streams_that_are_visible(caplog):
+    caplog.set_level(logging.INFO, logger="crossl_stream.readers.lsl")
+    other = rated_producer("lsl-test-other", 50.0, "lsl-test-other-src", 30.0)
+    selector = LslSelector(name="lsl-test-absent", type="IMU")
+    try:
+        r = LslReader(
+            {"imu": (SensorInfo("imu", 3, 50.0), selector)}, resolve_s=0.2, connect_grace_s=0.5
+        )
+        chunks = asyncio.run(collect(r, 4.0))
+        once = messages(caplog, logging.WARNING, "no LSL stream")
+        caplog.clear()
+        r = LslReader(
+            {"imu": (SensorInfo("imu", 3, 50.0), selector)}, resolve_s=0.2, connect_grace_s=0.5
+        )
+        r.missing_every_s = 1.0  # the listing repeats at this pace while the stream is missing
+        asyncio.run(collect(r, 4.0))
+        repeated = messages(caplog, logging.WARNING, "no LSL stream")
+    finally:
+        other.kill()
+        other.wait(timeout=10)
+    assert chunks == []
+    assert len(once) == 1, once  # within 4 s: once (then at most once a minute)
+    assert once[0].startswith(
+        "sensor 'imu': no LSL stream matches name='lsl-test-absent', type='IMU' after "
+    )
+    assert "; visible: " in once[0]
+    assert "'lsl-test-other' (type IMU, 3 ch @ 50 Hz, source_id 'lsl-test-other-src')" in once[0]
+    assert 2 <= len(repeated) <= 4, repeated
+    report = r.report()
+    assert "never found: imu (name='lsl-test-absent', type='IMU')" in report
+    assert report.startswith("lsl: imu connecting;")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from crossl_stream.clock import host_clock
 from crossl_stream.readers.replay import Recording, Replay
 
@@ -17,12 +15,14 @@ class LslPlayer:
 
     Samples keep their recorded spacing (jitter, gaps) and are stamped on this host's LSL
     clock: recording time + (the host time the playback started - the recording's start).
+    It plays in real time only: a faster play would have to stamp samples closer together
+    than their rate says (or stamp them in the future), and a model fed that would see
+    another signal.
     """
 
     def __init__(
         self,
         recording: Recording,
-        speed: float = 1.0,
         chunk_s: float = 0.02,
         source_prefix: str = "crossl-play",
         streams: list[str] | None = None,
@@ -32,8 +32,7 @@ class LslPlayer:
 
         self.recording = recording
         self.names = streams or sorted(recording.streams)
-        self.replay = Replay(recording, self.names, speed, chunk_s=chunk_s, section=section)
-        self.speed = speed
+        self.replay = Replay(recording, self.names, 1.0, chunk_s=chunk_s, section=section)
         self.outlets = {}
         for name in self.names:
             _, values, rate = recording.streams[name]
@@ -53,7 +52,7 @@ class LslPlayer:
         self.pushed = dict.fromkeys(self.names, 0)
 
     async def play(self) -> dict[str, int]:
-        """Play once, in real time times ``speed``; return the samples pushed per stream."""
+        """Play once, in real time; return the samples pushed per stream."""
         offset = None
         markers = list(self.recording.markers)
         m = 0
@@ -62,18 +61,9 @@ class LslPlayer:
                 offset = host_clock() - chunk.arrival  # recording clock -> LSL clock
             while m < len(markers) and markers[m][0] <= chunk.arrival:
                 t, text = markers[m]
-                self.marker_outlet.push_sample(
-                    [text], float(self._stamps(t, chunk.arrival, offset))
-                )
+                self.marker_outlet.push_sample([text], float(t + offset))
                 m += 1
-            stamps = self._stamps(chunk.timestamps, chunk.arrival, offset)
+            stamps = chunk.timestamps + offset  # the recorded spacing, jitter and all
             self.outlets[chunk.sensor].push_chunk(chunk.values, stamps.tolist())
             self.pushed[chunk.sensor] += len(chunk.values)
         return self.pushed
-
-    def _stamps(self, t, arrival: float, offset: float):
-        """Recorded times on the LSL clock: shifted by ``offset`` in real time (the recorded
-        jitter kept exactly); at k x speed, spaced k times closer back from now."""
-        if self.speed == 1.0:
-            return np.asarray(t) + offset
-        return host_clock() - (arrival - np.asarray(t)) / self.speed

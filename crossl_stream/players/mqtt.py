@@ -13,13 +13,15 @@ class MqttPlayer:
     Topics follow ``topic`` (``{subject}`` and ``{stream}`` filled in); payloads carry a
     sequence number per stream and device timestamps on the device's own clock, which starts
     at ``device_epoch`` when the recording starts (a device clock unrelated to the host's).
+    It plays in real time only, as a device does: played k times faster, its clock would run
+    k times faster than the host's, and the reader's clock fit would squeeze its samples
+    k times closer together.
     """
 
     def __init__(
         self,
         recording: Recording,
         broker: Broker,
-        speed: float = 1.0,
         chunk_s: float = 0.04,
         topic: str = "wearables/{subject}/{stream}",
         subject: str = "s01",
@@ -31,7 +33,7 @@ class MqttPlayer:
         self.recording = recording
         self.broker = broker
         self.names = sorted(recording.streams)
-        self.replay = Replay(recording, self.names, speed, chunk_s=chunk_s, section=section)
+        self.replay = Replay(recording, self.names, 1.0, chunk_s=chunk_s, section=section)
         self.topic = topic
         self.subject = subject
         self.encode = encode_binary if fmt == "binary" else encode_json

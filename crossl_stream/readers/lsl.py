@@ -51,6 +51,16 @@ class LslSelector:
             raise ValueError("an LSL stream needs a name, type, source_id or predicate")
         return " and ".join(parts)
 
+    def describe(self) -> str:
+        """The selection as configured, for messages: ``name='EEG', type='EEG'``."""
+        fields = (
+            ("name", self.name),
+            ("type", self.type),
+            ("source_id", self.source_id),
+            ("predicate", self.predicate),
+        )
+        return ", ".join(f"{key}={value!r}" for key, value in fields if value is not None)
+
 
 def _quoted(value: str) -> str:
     """An XPath 1.0 string literal (it has no escapes: pick the quote the value lacks)."""
@@ -64,14 +74,33 @@ def _quoted(value: str) -> str:
 FORMATS = {1: "float32", 2: "double64", 3: "string", 4: "int32", 5: "int16", 6: "int8", 7: "int64"}
 
 
+def describe_stream(stream, host: bool = False) -> str:
+    """``'EEG-1' (type EEG, 32 ch @ 250 Hz, source_id 'amp-7')`` for a pylsl StreamInfo."""
+    rate = stream.nominal_srate()
+    pace = f"{rate:g} Hz" if rate > 0 else "irregular rate"
+    where = f", host {stream.hostname()!r}" if host else ""
+    return (
+        f"{stream.name()!r} (type {stream.type() or '-'}, {stream.channel_count()} ch @ {pace}, "
+        f"source_id {stream.source_id()!r}{where})"
+    )
+
+
 class LslReader(Reader):
     """Owns one inlet thread per sensor, and the queue their chunks come through.
 
-    A stream that is absent is resolved again every ``resolve_s``; a stream that delivers
-    nothing for ``watchdog_s`` (a few expected chunk intervals) is logged STALE, and after
-    ``lost_s`` its inlet is dropped and the stream resolved anew (liblsl itself would wait
-    15 s). ``states`` holds each sensor's connection state.
+    A stream that is absent is resolved again every ``resolve_s``; one still not found
+    ``connect_grace_s`` after the start is named in a warning with the streams that are
+    visible (again at most every ``missing_every_s`` while it stays missing). A matching
+    stream whose shape or nominal rate (by more than 1%) does not fit the sensor is not
+    connected: logged once as an error, counted, and the search goes on (a stream that fits
+    may appear). A stream that delivers nothing for ``watchdog_s`` (a few expected chunk
+    intervals) is logged STALE, and after ``lost_s`` its inlet is dropped and the stream
+    resolved anew (liblsl itself would wait 15 s). ``states`` holds each sensor's
+    connection state.
     """
+
+    missing_every_s = 60.0  # how often a stream still missing is named again
+    max_refused = 1024  # streams remembered as refused, per sensor
 
     def __init__(
         self,
@@ -81,6 +110,7 @@ class LslReader(Reader):
         resolve_s: float = 0.5,
         max_chunk: int = 1024,
         queue_size: int = 4096,
+        connect_grace_s: float = 2.0,
     ) -> None:
         self.sensors = {name: info for name, (info, _) in sensors.items()}
         self.selectors = {name: sel for name, (_, sel) in sensors.items()}
@@ -96,6 +126,10 @@ class LslReader(Reader):
             [(host_clock(), name, StreamState.CONNECTING) for name in sensors], maxlen=1000
         )  # (host time, sensor, new state), the newest last
         self.errors: dict[str, int] = dict.fromkeys(sensors, 0)  # refused streams, lost inlets
+        self.rate_refused: dict[str, int] = dict.fromkeys(sensors, 0)  # streams at another rate
+        self.found = dict.fromkeys(sensors, False)  # whether a stream was ever connected
+        self.connect_grace_s = connect_grace_s
+        self._refused: dict[str, set[str]] = {name: set() for name in sensors}  # stream uids
         self.queue_size = queue_size
         self._sources: dict[str, str] = {}  # the source_id each sensor read last
         self.dropped_chunks = 0  # the oldest chunks dropped while the pipeline fell behind
@@ -137,10 +171,14 @@ class LslReader(Reader):
         """One line for a summary."""
         states = ", ".join(f"{n} {s.value}" for n, s in self.states.items())
         errors = {n: e for n, e in self.errors.items() if e}
-        return (
-            f"lsl: {states}; refused or lost streams {errors or 'none'}; chunks dropped "
-            f"behind {self.dropped_chunks}"
-        )
+        line = f"lsl: {states}; refused or lost streams {errors or 'none'}"
+        rates = {n: c for n, c in self.rate_refused.items() if c}
+        if rates:
+            line += f"; streams refused for their nominal rate {rates}"
+        never = [f"{n} ({self.selectors[n].describe()})" for n, f in self.found.items() if not f]
+        if never:
+            line += f"; never found: {', '.join(never)}"
+        return f"{line}; chunks dropped behind {self.dropped_chunks}"
 
     # -- one thread per sensor ------------------------------------------------------------
 
@@ -151,6 +189,8 @@ class LslReader(Reader):
             log.info("LSL %s: %s%s", name, state.value, f" ({why})" if why else "")
 
     def _run(self, name: str, hand_over) -> None:
+        started = host_clock()
+        note_at = started + self.connect_grace_s
         while not self._stop.is_set():
             try:
                 self._attempt(name, hand_over)
@@ -158,54 +198,107 @@ class LslReader(Reader):
                 self.errors[name] += 1
                 log.warning("LSL %s: %r; resolving again", name, exc)
                 self._stop.wait(self.resolve_s)
+            if not self.found[name] and not self._stop.is_set() and host_clock() >= note_at:
+                self._note_missing(name, host_clock() - started)
+                note_at = host_clock() + self.missing_every_s
+
+    def _note_missing(self, name: str, waited: float) -> None:
+        """Warn that no stream was found for ``name``, listing the streams that are seen."""
+        import pylsl
+
+        visible = sorted(
+            pylsl.resolve_streams(min(max(self.resolve_s, 0.2), 1.0)),
+            key=lambda s: (s.name(), s.type(), s.source_id()),
+        )
+        shown = ", ".join(describe_stream(s) for s in visible[:12]) or "none"
+        if len(visible) > 12:
+            shown += f", and {len(visible) - 12} more"
+        refused = len(self._refused[name])
+        wanted = self.selectors[name].describe()
+        what = (
+            f"no LSL stream that matches {wanted} fits it ({refused} refused: see above)"
+            if refused
+            else f"no LSL stream matches {wanted}"
+        )
+        log.warning("sensor %r: %s after %.1f s; visible: %s", name, what, waited, shown)
 
     def _resolve(self, name: str):
-        """The stream to read: the source read before when it is back, else any match."""
+        """The stream to read: the source read before when it is back, else any match that
+        fits the sensor; None: none (yet)."""
         import pylsl
 
         xpath = self.selectors[name].xpath()
         source = self._sources.get(name)
         if source is not None:
             found = pylsl.resolve_bypred(f"{xpath} and source_id={_quoted(source)}", 1, 0.2)
-            if found:
-                return found[0]
-        found = pylsl.resolve_bypred(xpath, 1, self.resolve_s)
-        return found[0] if found else None
+            stream = next((s for s in found if self._fits(name, s)), None)
+            if stream is not None:
+                return stream
+        # wait for one more match than those refused already (or resolve_s)
+        found = pylsl.resolve_bypred(xpath, 1 + len(self._refused[name]), self.resolve_s)
+        stream = next((s for s in found if self._fits(name, s)), None)
+        if stream is None and found:
+            self._stop.wait(max(self.resolve_s, 1.0))  # only streams that do not fit: no spin
+        return stream
+
+    def _fits(self, name: str, stream) -> bool:
+        """Whether ``stream`` can feed sensor ``name``: its channel count and a numeric
+        format, and a nominal rate within 1% of the sensor's (0: irregular, not compared).
+        A stream that does not fit is logged and counted once."""
+        import pylsl
+
+        info = self.sensors[name]
+        shape = stream.channel_count() == info.channels
+        shape = shape and stream.channel_format() != pylsl.cf_string
+        rate = stream.nominal_srate()
+        rate_ok = rate <= 0 or abs(rate - info.rate_hz) <= 0.01 * info.rate_hz
+        if shape and rate_ok:
+            return True
+        refused = self._refused[name]
+        uid = stream.uid()
+        if uid in refused:
+            return False
+        if len(refused) >= self.max_refused:
+            refused.clear()
+        refused.add(uid)
+        if not shape:
+            self.errors[name] += 1
+            log.error(
+                "LSL %s: stream %s has %d channels of format %s; the sensor needs %d numeric "
+                "channels: not read",
+                name,
+                describe_stream(stream, host=True),
+                stream.channel_count(),
+                FORMATS.get(stream.channel_format(), stream.channel_format()),
+                info.channels,
+            )
+        else:
+            self.rate_refused[name] += 1
+            log.error(
+                "LSL %s: stream %s has a nominal rate of %g Hz, but sensors.%s.rate_hz is %g "
+                "Hz: not connected (its samples would be windowed at the wrong rate); still "
+                "looking for a stream that fits",
+                name,
+                describe_stream(stream, host=True),
+                rate,
+                name,
+                info.rate_hz,
+            )
+        return False
 
     def _attempt(self, name: str, hand_over) -> None:
         """Resolve, open and read one stream until it is lost or the reader stops."""
         import pylsl
 
-        info, selector = self.sensors[name], self.selectors[name]
+        selector = self.selectors[name]
         flags = (pylsl.proc_clocksync if selector.clocksync else 0) | (
             pylsl.proc_dejitter if selector.dejitter else 0
         )
         self._set_state(name, StreamState.CONNECTING)
-        stream = self._resolve(name)
+        stream = self._resolve(name)  # one that fits the sensor: shape and nominal rate
         if stream is None:
             return
-        if stream.channel_count() != info.channels or stream.channel_format() == pylsl.cf_string:
-            self.errors[name] += 1
-            log.error(
-                "LSL %s: stream %r has %d channels of format %s; the sensor needs %d numeric "
-                "channels: not read",
-                name,
-                stream.name(),
-                stream.channel_count(),
-                FORMATS.get(stream.channel_format(), stream.channel_format()),
-                info.channels,
-            )
-            self._stop.wait(max(self.resolve_s, 1.0))
-            return
-        rate = stream.nominal_srate()
-        if rate > 0 and abs(rate - info.rate_hz) > 0.01 * info.rate_hz:
-            log.warning(
-                "LSL %s: stream %r says %g Hz, the sensor is configured at %g Hz",
-                name,
-                stream.name(),
-                rate,
-                info.rate_hz,
-            )
+        self.found[name] = True
         inlet = pylsl.StreamInlet(
             stream, max_buflen=selector.buffer_s, recover=True, processing_flags=flags
         )
