@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # LSL discovery stays on this machine in everything make runs.
 export LSLAPICFG := $(CURDIR)/tools/lsl_api.cfg
 
-.PHONY: demo replay predict broker test install data lint train results clean
+.PHONY: demo replay predict broker test install data lint train results emg clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,11 +30,12 @@ demo: $(STAMP)
 replay: $(STAMP)
 	$(BIN)/crossl-stream replay --speed max --drop gyro:200:60 --print-every 50
 
-## predict: offline batch prediction of the held-out recordings, scored per recording
+## predict: offline batch prediction of the shipped session, scored by its label markers
 predict: $(STAMP)
 	$(BIN)/crossl-stream predict
 
-## data: fetch the real recordings (PyPI packages seglearn and aeon) into the data cache
+## data: fetch the real recordings (PyPI packages seglearn, aeon, geomstats) into the data
+## cache, as XDF sessions
 data: $(STAMP)
 	$(BIN)/python tools/fetch_datasets.py
 
@@ -53,13 +54,23 @@ broker:
 test: $(STAMP) data lint broker
 	tools/in-netns $(BIN)/python -m pytest
 
-## train: retrain the default model (models/default)
+## train: retrain the default model (models/default) from the watch sessions
 train: data
-	$(BIN)/crossl-stream train configs/train-watch.yaml --out models/default
+	$(BIN)/crossl-stream train configs/train-watch.yaml --out models/default --fresh
 
-## results: the whole evaluation protocol -> docs/results.md, models/default/metrics.json
+## results: the evaluation protocol of each data set -> docs/results/<name>/report.md
 results: data
-	$(BIN)/crossl-stream eval configs/train-watch.yaml configs/train-basicmotions.yaml
+	$(BIN)/crossl-stream eval configs/train-watch.yaml --out docs/results/watch
+	$(BIN)/crossl-stream eval configs/train-basicmotions.yaml --out docs/results/basicmotions
+	$(BIN)/crossl-stream eval configs/train-emg.yaml --out docs/results/emg
+
+## emg: the own-recordings workflow on real sEMG, CLI only: pretrain on every session
+## without labels, fine-tune on 10% of the labels, replay the held-out session (rr/2)
+emg: data
+	$(BIN)/crossl-stream pretrain configs/train-emg.yaml --out models/emg-pretrained
+	$(BIN)/crossl-stream finetune configs/train-emg.yaml --from models/emg-pretrained \
+	    --out models/emg --labels-fraction 0.1
+	$(BIN)/crossl-stream run configs/replay-emg.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

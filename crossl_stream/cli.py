@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -39,41 +38,82 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from crossl_stream.config import load_config
-    from crossl_stream.model.checkpoint import save_model
-    from crossl_stream.training.datasets import load_basicmotions, load_watch, make_windows
-    from crossl_stream.training.experiments import set_threads, train_crossl
+def _spec(args: argparse.Namespace):
+    """The training spec named on the command line and its recordings, read into windows."""
+    from crossl_stream.config import TrainConfig, load_config
+    from crossl_stream.training.experiments import set_threads
+    from crossl_stream.training.spec import load_data
 
-    cfg = load_config(args.config)
     set_threads(args.threads)
+    cfg = load_config(args.spec, TrainConfig)
+    data = load_data(cfg.data, Path(args.spec).parent, _shown(args.spec), not args.quiet)
+    print(data.describe())
+    return cfg, data
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    """``--out``, or ``models/<spec name>``; ``--fresh`` forgets a run to resume."""
+    from crossl_stream.training.workflow import FINETUNE_STATE, PRETRAIN_STATE
+
+    out = Path(args.out) if args.out else Path("models") / Path(args.spec).stem
+    for name in (PRETRAIN_STATE, FINETUNE_STATE):
+        state = out / name
+        if state.is_file():
+            if args.fresh:
+                state.unlink()
+            else:
+                print(f"resuming from {_shown(state)} (--fresh starts over)")
+    return out
+
+
+def _finish(out: Path) -> None:
+    """Export the streaming graphs, write the model card, say how to run it."""
+    from crossl_stream.training.report import write_card
+
+    _export(out)
+    write_card(out)
+    shown = _shown(out)
+    print(f"saved model to {shown}; try: crossl-stream replay RECORDING.xdf --model {shown}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from crossl_stream.training.workflow import run_pretrain
+
+    cfg, data = _spec(args)
+    out = _out_dir(args)
+    run_pretrain(cfg, data, out, not args.quiet)
+    print(
+        f"saved pretrained model (no class head) to {_shown(out)}; next: crossl-stream "
+        f"finetune {_shown(args.spec)} --from {_shown(out)}"
+    )
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from crossl_stream.model.checkpoint import load_model
+    from crossl_stream.training.workflow import pretrained_info, run_finetune
+
+    cfg, data = _spec(args)
+    base = load_model(args.pretrained)
+    out = _out_dir(args)
+    info = pretrained_info(args.pretrained)
+    run_finetune(cfg, data, base, out, args.labels_fraction, not args.quiet, info)
+    _finish(out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from crossl_stream.training.workflow import pretrained_info, run_finetune, run_pretrain
+
+    cfg, data = _spec(args)
+    data.require_classes(_shown(args.spec))
+    out = _out_dir(args)
     start = time.perf_counter()
-    if cfg.dataset == "seglearn-watch":
-        dataset = load_watch()
-        recordings = [r for r in dataset.recordings if r.subject != cfg.holdout_subject]
-    else:
-        dataset = load_basicmotions()
-        recordings = [r for r in dataset.recordings if r.split == "train"]
-    specs = dataset.specs(cfg.window_s)
-    train = make_windows(recordings, specs, cfg.hop_s)
-    log.info("training on %d windows from %d recordings", len(train), len(recordings))
-    model, curves = train_crossl(specs, dataset.classes, cfg, train, 1.0, not args.quiet)
-    seconds = time.perf_counter() - start
-    info = {
-        "dataset": cfg.dataset,
-        "holdout_subject": cfg.holdout_subject,
-        "train_subjects": sorted({r.subject for r in recordings}),
-        "train_windows": len(train),
-        "train_seconds": round(seconds, 1),
-        "config": cfg.model_dump(mode="json"),
-        "code_version": _git_sha(),
-        "final_pretrain_loss": curves["pretrain"][-1]["loss"] if curves["pretrain"] else None,
-        "final_finetune_loss": curves["finetune"][-1]["loss"],
-    }
-    save_model(model, args.out, info)
-    (Path(args.out) / "curves.json").write_text(json.dumps(curves) + "\n")
-    _export(Path(args.out))
-    print(f"saved model to {args.out} ({seconds:.0f} s, {len(train)} training windows)")
+    base = run_pretrain(cfg, data, out, not args.quiet)
+    info = pretrained_info(out)
+    run_finetune(cfg, data, base, out, args.labels_fraction, not args.quiet, info)
+    print(f"trained in {time.perf_counter() - start:.0f} s")
+    _finish(out)
     return 0
 
 
@@ -94,70 +134,176 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from crossl_stream.config import load_config
-    from crossl_stream.training import report
-    from crossl_stream.training.experiments import (
-        run_basicmotions,
-        run_loso,
-        run_masking_grid,
-        set_threads,
+def _machine() -> str:
+    """What ran the command, for reports: cores, processor, torch build, GPU."""
+    import os
+    import platform
+
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}"
+        f" with {torch.get_num_threads()} threads{gpu}"
     )
 
-    set_threads(args.threads)
-    raw_dir = Path(args.results)
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    for path in args.configs:
-        cfg = load_config(path)
-        progress = not args.quiet
-        if cfg.dataset == "basicmotions":
-            report.save_json(raw_dir / "basicmotions.json", run_basicmotions(cfg, progress))
-            continue
-        if not args.skip_loso:
-            report.save_json(raw_dir / "loso.json", run_loso(cfg, progress, log.info))
-        if cfg.evaluation.masking_grid or cfg.evaluation.compare_attention:
-            report.save_json(raw_dir / "masking.json", run_masking_grid(cfg, progress, log.info))
-    metrics = report.write_all(raw_dir, Path(args.model_dir), Path(args.report))
-    print(json.dumps(metrics, indent=2))
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from crossl_stream.training.experiments import run_folds, run_masking_grid
+    from crossl_stream.training.report import write_eval
+
+    cfg, data = _spec(args)
+    data.require_classes(_shown(args.spec))
+    out = Path(args.out) if args.out else Path("eval") / Path(args.spec).stem
+    progress = not args.quiet
+    results = run_folds(data, cfg, progress, log.info)
+    masking = None
+    if cfg.evaluation.masking_grid or cfg.evaluation.compare_attention:
+        masking = run_masking_grid(data, cfg, progress, log.info)
+    command = "crossl-stream " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
+    metrics = write_eval(results, out, masking, _machine(), command)
+    f1 = metrics["macro_f1"]
+    for fraction in cfg.evaluation.label_fractions:
+        key = str(float(fraction))
+        print(
+            f"labels {fraction:.0%}: macro-F1 CroSSL {f1.get(f'crossl@{key}', float('nan')):.3f}, "
+            f"supervised {f1.get(f'supervised@{key}', float('nan')):.3f}"
+        )
+    print(f"report: {_shown(out / 'report.md')} ({results['seconds']:.0f} s)")
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from crossl_stream.model.checkpoint import load_model
-    from crossl_stream.training.datasets import load_watch, make_windows, shipped_excerpt
+def _label_rules(path: str | None, model_dir: Path):
+    """Label rules from ``--labels FILE`` (a training spec, a data spec or bare rules), else
+    the ones the model was trained with, else the project's ``label:NAME`` markers."""
+    import yaml
+    from pydantic import ValidationError
+
+    from crossl_stream.config import LABEL_MARKERS, LabelRules, format_validation_error
+    from crossl_stream.model.checkpoint import read_meta
+
+    if path:
+        if not Path(path).is_file():
+            raise CrosslError(f"--labels {path}: file not found")
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as exc:
+            raise CrosslError(f"--labels {path}: not valid YAML: {exc}") from exc
+        if isinstance(raw, dict) and "data" in raw:  # a training spec
+            raw = raw["data"]
+        if isinstance(raw, dict) and "recordings" in raw:  # a data set spec
+            raw = raw.get("labels")
+        if not isinstance(raw, dict) or not raw:
+            raise CrosslError(f"--labels {path}: no label rules in it (markers: or intervals:)")
+        try:
+            return LabelRules.model_validate(raw)
+        except ValidationError as exc:
+            raise CrosslError(format_validation_error(f"{path}: labels", exc)) from exc
+    trained = read_meta(model_dir).get("info", {}).get("data", {}) or {}
+    if trained.get("labels"):
+        return LabelRules.model_validate(trained["labels"])
+    return LABEL_MARKERS
+
+
+def _stream_map(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        modality, sep, stream = item.partition("=")
+        if not sep or not modality or not stream:
+            raise CrosslError(f"--stream {item!r}: expected MODALITY=STREAM, e.g. acc=ACC")
+        out[modality] = stream
+    return out
+
+
+def score(
+    predicted: list[str],
+    truth: list[str | None],
+    masked: list[list[str]],
+    classes: list[str],
+) -> list[str]:
+    """Accuracy and macro-F1 of ``predicted`` against the labelled ``truth``, overall and
+    over the windows where each sensor was masked; labels the model lacks are counted."""
+    from collections import Counter
+
     from crossl_stream.training.metrics import accuracy, macro_f1
 
-    dataset = load_watch(args.recording or shipped_excerpt())
-    model = load_model(args.model)
-    if dataset.classes != model.classes:
-        raise CrosslError(
-            f"{args.model}: classes {model.classes} differ from the recording's {dataset.classes}"
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = Counter(t for t in truth if t is not None and t not in index)
+    rows = [i for i, t in enumerate(truth) if t in index]
+    if not rows:
+        extra = f"; labels the model lacks: {dict(unknown)}" if unknown else ""
+        return [f"no window is labelled by the label rules{extra}"]
+
+    def line(what: str, keep: list[int]) -> str:
+        yt = np.array([index[truth[i]] for i in keep])
+        yp = np.array([index[predicted[i]] for i in keep])
+        return (
+            f"{what}accuracy {accuracy(yt, yp):.3f}, macro-F1 "
+            f"{macro_f1(yt, yp, len(classes)):.3f} over {len(keep)} labelled windows"
         )
-    specs = {s.name: s for s in model.modalities}
-    window_s = next(iter(specs.values())).window_s
+
+    lines = [line("", rows)]
+    for sensor in sorted({m for ms in masked for m in ms}):
+        keep = [i for i in rows if sensor in masked[i]]
+        if keep:
+            lines.append(line(f"  with {sensor} masked: ", keep))
+    if unknown:
+        lines.append(f"not scored, labels the model lacks: {dict(unknown)}")
+    return lines
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from crossl_stream.config import WindowConfig
+    from crossl_stream.labels import Labels
+    from crossl_stream.model.checkpoint import load_model, read_meta
+    from crossl_stream.readers.replay import Recording
+    from crossl_stream.training.datasets import shipped_recording
+    from crossl_stream.training.spec import cut_windows, find_stream
+
+    model_dir = Path(args.model)
+    model = load_model(model_dir)
+    if not model.classes:
+        raise CrosslError(f"{model_dir}: pretrained only (no class head); fine-tune it first")
+    trained = read_meta(model_dir).get("info", {}).get("data", {}) or {}
+    window = WindowConfig.model_validate(trained.get("window") or {"length_s": model.window_s})
+    if args.hop:
+        window = window.model_copy(update={"hop_s": args.hop})
+    rules = _label_rules(args.labels, model_dir)
+    overrides = _stream_map(args.stream)
+    paths = [Path(p) for p in args.recordings] or [shipped_recording()]
     print(
-        f"model {_shown(args.model)} ({', '.join(specs)}), recording "
-        f"{args.recording or 'shipped excerpt'}: {len(dataset.recordings)} recordings, "
-        f"{window_s:g} s windows every {args.hop:g} s"
+        f"model {_shown(model_dir)} ({', '.join(model.modality_names)}; "
+        f"{', '.join(model.classes)}): {model.window_s:g} s windows every {window.hop_s:g} s"
     )
-    print(f"{'recording':<16}{'true':>6}{'predicted':>11}{'windows':>9}{'correct':>9}")
-    y_true, y_pred = [], []
-    for rec in dataset.recordings:
-        w = make_windows([rec], dataset.specs(window_s), args.hop)
-        probs = model.predict_proba(w.x)
-        pred = probs.argmax(1)
-        vote = int(np.bincount(pred, minlength=len(model.classes)).argmax())
-        y_true.append(w.y)
-        y_pred.append(pred)
-        print(
-            f"{rec.key:<16}{model.classes[rec.label]:>6}{model.classes[vote]:>11}"
-            f"{len(pred):>9}{float(np.mean(pred == w.y)):>9.0%}"
-        )
-    yt, yp = np.concatenate(y_true), np.concatenate(y_pred)
-    print(
-        f"accuracy {accuracy(yt, yp):.3f} over {len(yt)} windows "
-        f"(macro-F1 {macro_f1(yt, yp, len(model.classes)):.3f})"
-    )
+    print(f"{'recording':<28}{'windows':>9}{'labelled':>10}{'accuracy':>10}")
+    predicted, truth, masked = [], [], []
+    for path in paths:
+        recording = Recording.load(path)
+        streams = {}
+        for m in model.modality_names:
+            known = trained.get("sensors", {}).get(m, {})
+            if m in overrides:
+                streams[m] = find_stream(recording, m, [overrides[m]])
+            else:
+                streams[m] = find_stream(recording, m, [m, known.get("stream")], known.get("type"))
+        windows = cut_windows(recording, streams, model.modalities, window)
+        if not windows:
+            print(f"{path.name:<28}{0:>9}  (shorter than one window)")
+            continue
+        x = {m: np.stack([w.data[m] for w in windows]) for m in model.modality_names}
+        available = np.array([[w.available[m] for m in model.modality_names] for w in windows])
+        probs = model.predict_proba(x, available)
+        labels = Labels.of(rules, path, recording.start, recording.marker_streams)
+        names = labels.labels_of(np.array([w.t_end for w in windows]), model.window_s)
+        mine = [model.classes[i] for i in probs.argmax(1)]
+        hits = [p == t for p, t in zip(mine, names, strict=True) if t is not None]
+        shown = f"{np.mean(hits):>10.3f}" if hits else f"{'-':>10}"
+        print(f"{path.name:<28}{len(windows):>9}{len(hits):>10}{shown}")
+        predicted += mine
+        truth += names
+        masked += [[m for m, used in w.available.items() if not used] for w in windows]
+    for line in score(predicted, truth, masked, model.classes):
+        print(line)
     return 0
 
 
@@ -177,47 +323,61 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, PipelineConfig)
     if args.out:
-        out = JsonlPublisherConfig(kind="jsonl", path=Path(args.out).resolve())
+        out = JsonlPublisherConfig(kind="jsonl", path=Path(args.out).resolve(), append=args.append)
         cfg = cfg.model_copy(update={"publishers": (*cfg.publishers, out)})
-    return _play(cfg, Path(args.config).parent, _shown(args.config))
+    return _play(cfg, Path(args.config).parent, _shown(args.config), args.labels)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from crossl_stream.config import PipelineConfig, ReplayReaderConfig
+    from crossl_stream.config import PipelineConfig, ReplayReaderConfig, WindowConfig
     from crossl_stream.model.checkpoint import read_meta
     from crossl_stream.readers.replay import Recording
-    from crossl_stream.training.datasets import shipped_excerpt
+    from crossl_stream.training.datasets import shipped_recording
+    from crossl_stream.training.spec import find_stream, source_rate
 
-    path = Path(args.recording) if args.recording else shipped_excerpt().with_suffix(".xdf")
-    modalities = [m["name"] for m in read_meta(Path(args.model))["modalities"]]
-    recording = Recording.load(path)
-    sensors = {}
-    for name in modalities:  # one sensor per model modality, from the stream of that name
-        if name in recording.streams:
-            _, values, rate = recording.streams[name]
-            sensors[name] = {"channels": values.shape[1], "rate_hz": rate or 1.0}
-    missing = [m for m in modalities if m not in sensors]
-    if missing:
+    path = Path(args.recording) if args.recording else shipped_recording()
+    meta = read_meta(Path(args.model))
+    trained = meta.get("info", {}).get("data", {}) or {}
+    overrides = _stream_map(args.stream)
+    unknown = sorted(set(overrides) - {m["name"] for m in meta["modalities"]})
+    if unknown:
         raise CrosslError(
-            f"{path}: no stream for the model's modalities {missing}; the recording has "
-            f"{sorted(recording.streams)}"
+            f"--stream: the model has no modality {unknown}; it has "
+            f"{[m['name'] for m in meta['modalities']]}"
         )
+    recording = Recording.load(path)
+    sensors, streams = {}, {}
+    for m in meta["modalities"]:  # a sensor per model modality: named, same name, or trained
+        name = m["name"]
+        known = trained.get("sensors", {}).get(name, {})
+        if name in overrides:
+            stream = find_stream(recording, name, [overrides[name]])
+        else:
+            stream = find_stream(recording, name, [name, known.get("stream")], known.get("type"))
+        streams[name] = stream
+        channels = recording.streams[stream][1].shape[1]
+        sensors[name] = {"channels": channels, "rate_hz": source_rate(recording, stream)}
     publishers: list[dict] = [{"kind": "console", "every": args.print_every}]
     if args.out:
-        publishers.append({"kind": "jsonl", "path": str(Path(args.out).resolve())})
+        publishers.append(
+            {"kind": "jsonl", "path": str(Path(args.out).resolve()), "append": args.append}
+        )
     reader = ReplayReaderConfig(
         kind="replay",
         path=path.resolve(),
         speed="max" if args.speed == "max" else float(args.speed),
+        streams=streams,
         dropouts=tuple({"sensor": s, "start_s": a, "length_s": n} for s, a, n in args.drop),
         start_s=args.start,
         duration_s=args.duration,
     )
+    window = WindowConfig.model_validate(trained.get("window") or {})
+    hop = args.hop or window.hop_s
     cfg = PipelineConfig.model_validate(
         {
             "sensors": sensors,
             "readers": [reader],
-            "window": {"hop_s": args.hop},
+            "window": window.model_copy(update={"hop_s": hop, "target_rates": {}}),
             "inference": {
                 "model": str(Path(args.model).resolve()),
                 "device": args.device,
@@ -228,7 +388,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             "publishers": publishers,
         }
     )
-    return _play(cfg, Path.cwd(), "replay")
+    return _play(cfg, Path.cwd(), "replay", args.labels)
 
 
 def cmd_play(args: argparse.Namespace) -> int:
@@ -236,15 +396,29 @@ def cmd_play(args: argparse.Namespace) -> int:
     import signal
 
     from crossl_stream.readers.replay import Recording
-    from crossl_stream.training.datasets import shipped_excerpt
+    from crossl_stream.training.datasets import shipped_recording
 
-    path = Path(args.recording) if args.recording else shipped_excerpt().with_suffix(".xdf")
+    path = Path(args.recording) if args.recording else shipped_recording()
     recording = Recording.load(path)
+    if args.speed != 1:  # live sources stamp samples as they are sampled: k x would squeeze
+        rates = sorted({f"{r:g}" for _, _, r in recording.streams.values() if r > 0})
+        what = f"{' and '.join(rates)} Hz samples" if rates else "samples"
+        k = args.speed
+        why = ""
+        if k > 1:
+            why = f" (a faster play would stamp {what} {k:g}x closer together)"
+        elif k > 0:
+            why = f" (a slower play would stamp {what} {1 / k:g}x further apart)"
+        live = "LSL outlets" if args.to == "lsl" else "MQTT devices"
+        raise CrosslError(
+            f"--speed {k:g}: {live} play in real time only{why}; use 'crossl-stream replay "
+            f"--speed {k:g}' to run a recording at another pace through the model"
+        )
     section = (args.start, args.start + args.duration) if args.duration else None
     if args.to == "lsl":
         from crossl_stream.players.lsl import LslPlayer
 
-        player = LslPlayer(recording, args.speed, args.chunk, section=section)
+        player = LslPlayer(recording, chunk_s=args.chunk, section=section)
         where = f"LSL outlets {', '.join(player.names)} (+ markers)"
     else:
         from crossl_stream.players.mqtt import MqttPlayer
@@ -254,8 +428,7 @@ def cmd_play(args: argparse.Namespace) -> int:
         player = MqttPlayer(
             recording,
             Broker(host or "127.0.0.1", int(port or 1883)),
-            args.speed,
-            args.chunk,
+            chunk_s=args.chunk,
             topic=args.topic,
             subject=args.subject,
             fmt=args.format,
@@ -265,7 +438,7 @@ def cmd_play(args: argparse.Namespace) -> int:
             f"{args.format} payloads on {args.broker} "
             f"({args.topic.format(subject=args.subject, stream='STREAM')})"
         )
-    print(f"playing {path.name} as {where} at {args.speed:g}x real time; Ctrl-C stops")
+    print(f"playing {path.name} as {where} in real time; Ctrl-C stops")
 
     async def main() -> None:
         task = asyncio.current_task()
@@ -281,11 +454,14 @@ def cmd_play(args: argparse.Namespace) -> int:
     return 0
 
 
-def _play(cfg, base: Path, source: str) -> int:
-    """Build the pipeline of ``cfg``, run it (Ctrl-C stops and drains), print a summary."""
+def _play(cfg, base: Path, source: str, labels: str | None = None) -> int:
+    """Build the pipeline of ``cfg``, run it (Ctrl-C stops and drains), print a summary
+    (scored against the replayed recordings' labels: ``labels`` names a file of label
+    rules; default: the replay reader's, else the model's)."""
     import asyncio
     import signal
 
+    from crossl_stream.config import ReplayReaderConfig
     from crossl_stream.pipeline import Pipeline
     from crossl_stream.publishers import MemoryPublisher
 
@@ -293,6 +469,13 @@ def _play(cfg, base: Path, source: str) -> int:
     memory = MemoryPublisher()
     pipeline.publishers.append(memory)
     print(describe(pipeline))
+    model_dir = cfg.inference.model or default_model_dir()
+    model_dir = model_dir if model_dir.is_absolute() else base / model_dir
+    rules = [
+        rc.labels or _label_rules(labels, model_dir)
+        for rc in cfg.readers
+        if isinstance(rc, ReplayReaderConfig)
+    ]
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -310,7 +493,7 @@ def _play(cfg, base: Path, source: str) -> int:
 
     start = time.perf_counter()
     asyncio.run(main())
-    print_summary(pipeline, memory.records, time.perf_counter() - start)
+    print_summary(pipeline, memory.records, time.perf_counter() - start, rules)
     return 0
 
 
@@ -337,8 +520,10 @@ def describe(pipeline) -> str:
     return f"{'; '.join(parts)} through {model.model_id} on {model.device} ({model.runtime})"
 
 
-def print_summary(pipeline, records, wall: float) -> None:
-    """Windows, masks, refusals, accuracy against a replay's labels, latency, speed."""
+def print_summary(pipeline, records, wall: float, rules=()) -> None:
+    """Windows, masks, refusals, accuracy and macro-F1 against a replay's labels (``rules``:
+    one set of label rules per replay reader), latency, speed."""
+    from crossl_stream.labels import Labels
     from crossl_stream.readers.replay import Replay
 
     windowers, counters = list(pipeline.windowers.values()), pipeline.counters
@@ -347,6 +532,7 @@ def print_summary(pipeline, records, wall: float) -> None:
         for m, n in w.counters.masked.items():
             if n:
                 masked[m] = masked.get(m, 0) + n
+    skipped = sum(w.counters.empty_windows for w in windowers)
     refused = {
         "chunks": counters.bad_chunks,
         "out-of-order samples": sum(
@@ -357,7 +543,8 @@ def print_summary(pipeline, records, wall: float) -> None:
         "dropped windows": pipeline.worker.counters.dropped,
     }
     refused_text = ", ".join(f"{k} {v}" for k, v in refused.items() if v) or "nothing"
-    print(f"windows {len(records)}, masked {masked or 'none'}, refused {refused_text}")
+    gaps = f", skipped {skipped} (no sensor covered them)" if skipped else ""
+    print(f"windows {len(records)}{gaps}, masked {masked or 'none'}, refused {refused_text}")
     for reader in pipeline.readers:
         report = getattr(reader, "report", None)
         if report is not None:
@@ -370,21 +557,18 @@ def print_summary(pipeline, records, wall: float) -> None:
         print(f"windows encoding only their new samples (streaming): {shares}")
     replays = [r for r in pipeline.readers if isinstance(r, Replay)]
     span = None
-    if replays:
+    if replays and rules:
         recording = replays[0].recording
-        window_s = pipeline.model.window_s
-        scored = [
-            (r, recording.label_at(r["t_window_end"] - window_s, r["t_window_end"]))
-            for r in records
-        ]
-        scored = [(r, label) for r, label in scored if label is not None]
-        if scored:
-            correct = sum(r["label"] == label for r, label in scored)
-            partial = [(r, label) for r, label in scored if not all(r["mask"].values())]
-            line = f"accuracy {correct / len(scored):.3f} over {len(scored)} labelled windows"
-            if partial:
-                ok = sum(r["label"] == label for r, label in partial)
-                line += f" ({ok / len(partial):.3f} over the {len(partial)} with a masked sensor)"
+        labels = Labels.of(rules[0], recording.path, recording.start, recording.marker_streams)
+        truth = labels.labels_of(
+            np.array([r["t_window_end"] for r in records]), pipeline.model.window_s
+        )
+        for line in score(
+            [r["label"] for r in records],
+            truth,
+            [[m for m, used in r["mask"].items() if not used] for r in records],
+            pipeline.model.classes,
+        ):
             print(line)
         span = recording.end - recording.start
     if records:
@@ -403,23 +587,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a CroSSL model (SSL pretraining + fine-tuning)")
-    p.add_argument("config", help="training YAML, e.g. configs/train-watch.yaml")
-    p.add_argument("--out", default=str(default_model_dir()), help="model directory to write")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train)
+    def spec_command(name: str, help: str, func, labels: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("spec", help="training spec YAML, e.g. configs/train-emg.yaml")
+        p.add_argument("--out", default=None, help="model folder (default: models/<spec name>)")
+        if labels:
+            p.add_argument(
+                "--labels-fraction",
+                type=float,
+                default=1.0,
+                help="fine-tune on this fraction of the labelled windows (stratified)",
+            )
+        p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+        p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("eval", help="run the evaluation protocol and write the report")
-    p.add_argument("configs", nargs="+", help="training YAMLs (watch and/or basicmotions)")
-    p.add_argument("--model-dir", default=str(default_model_dir()), help="where metrics.json goes")
-    p.add_argument("--report", default=str(REPO_ROOT / "docs" / "results.md"))
-    p.add_argument(
-        "--results",
-        default=str(REPO_ROOT / "docs" / "results"),
-        help="folder for the raw results JSON (kept, so the report can be rebuilt)",
+    spec_command(
+        "pretrain",
+        "self-supervised pretraining on a spec's recordings (no labels needed)",
+        cmd_pretrain,
+        labels=False,
     )
-    p.add_argument("--skip-loso", action="store_true", help="reuse the saved LOSO results")
+    p = spec_command("finetune", "fine-tune a pretrained model on a spec's labels", cmd_finetune)
+    p.add_argument("--from", dest="pretrained", required=True, help="pretrained model folder")
+    spec_command("train", "pretrain, then fine-tune, in one model folder", cmd_train)
+
+    p = sub.add_parser("eval", help="the evaluation protocol on a spec; writes a report")
+    p.add_argument("spec", help="training spec YAML")
+    p.add_argument("--out", default=None, help="report folder (default: eval/<spec name>)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -434,7 +631,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(default_model_dir()), help="model directory")
     p.add_argument("--speed", default="max", help="1 (real time), k (k times), or max")
     p.add_argument("--out", default=None, help="also write predictions to this JSONL file")
-    p.add_argument("--hop", type=float, default=0.5, help="seconds between windows")
+    p.add_argument("--append", action="store_true", help="append to an existing --out file")
+    p.add_argument("--hop", type=float, default=None, help="seconds between windows")
+    p.add_argument(
+        "--stream",
+        action="append",
+        default=[],
+        metavar="MODALITY=STREAM",
+        help="the stream that feeds a model modality, e.g. acc=ACC (repeatable); default: "
+        "the stream of the modality's name, else the model's stream of that name or type",
+    )
+    p.add_argument("--labels", default=None, help="label rules to score with (a spec YAML)")
     p.add_argument(
         "--drop",
         type=_dropout,
@@ -455,7 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("play", help="play a recording as live sources (LSL outlets)")
     p.add_argument("recording", nargs="?", default=None, help="XDF (default: shipped session)")
     p.add_argument("--to", choices=["lsl", "mqtt"], default="lsl", help="what to play it as")
-    p.add_argument("--speed", type=float, default=1.0, help="times real time")
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="1 only: live sources play in real time (`replay --speed k` runs a recording "
+        "faster through the model)",
+    )
     p.add_argument("--chunk", type=float, default=0.02, help="seconds of samples per push")
     p.add_argument("--start", type=float, default=0.0, help="seconds into the recording")
     p.add_argument("--duration", type=float, default=None, help="seconds to play")
@@ -469,16 +682,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a streaming pipeline from a YAML config")
     p.add_argument("config", help="pipeline YAML, e.g. configs/replay.yaml")
     p.add_argument("--out", default=None, help="also write predictions to this JSONL file")
+    p.add_argument("--append", action="store_true", help="append to an existing --out file")
+    p.add_argument("--labels", default=None, help="label rules to score with (a spec YAML)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("predict", help="predict a watch recording file and score it")
+    p = sub.add_parser("predict", help="predict XDF recordings offline and score them")
+    p.add_argument("recordings", nargs="*", help="XDF files (default: the shipped session)")
     p.add_argument("--model", default=str(default_model_dir()), help="model directory")
-    p.add_argument(
-        "--recording",
-        default=None,
-        help="watch-format .npz (default: the shipped held-out excerpt)",
-    )
-    p.add_argument("--hop", type=float, default=1.0, help="seconds between windows")
+    p.add_argument("--hop", type=float, default=None, help="seconds between windows")
+    p.add_argument("--stream", action="append", default=[], metavar="MODALITY=STREAM")
+    p.add_argument("--labels", default=None, help="label rules to score with (a spec YAML)")
     p.set_defaults(func=cmd_predict)
     return parser
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from crossl_stream.errors import ConfigError
 from crossl_stream.model.crossl import ModelConfig
@@ -14,6 +23,14 @@ from crossl_stream.model.crossl import ModelConfig
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _id_text(value: object) -> object:
+    """Subject and session ids are strings; YAML's ``10`` means ``"10"``."""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+Id = Annotated[str, BeforeValidator(_id_text)]
 
 
 class MaskingConfig(_Strict):
@@ -43,12 +60,19 @@ class PretrainConfig(_Strict):
 class FinetuneConfig(_Strict):
     """Supervised budget, shared by fine-tuning, probing and the supervised baseline.
 
-    Steps are ``epochs`` passes over the labelled windows, clipped to [min_steps, max_steps].
+    Without a validation set: ``epochs`` passes over the labelled windows, clipped to
+    [min_steps, max_steps] steps. With one: epochs of one pass (at least ``min_epoch_steps``
+    steps), each followed by a validation pass; training stops once validation macro-F1 has
+    not improved for ``patience`` epochs (or after ``max_epochs``) and keeps the best epoch.
+    ``max_epochs`` is a safety cap, set far beyond where patience stops a converging run.
     """
 
     epochs: int = Field(30, gt=0)
     min_steps: int = Field(100, ge=1)
     max_steps: int = Field(400, ge=1)
+    max_epochs: int = Field(200, ge=1, description="cap with a validation set")
+    patience: int = Field(10, ge=1, description="epochs without a better validation score")
+    min_epoch_steps: int = Field(10, ge=1, description="steps between two validation passes")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     probe_lr: float = Field(1e-2, gt=0.0)
@@ -62,12 +86,16 @@ class FinetuneConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    """What `crossl-stream eval` runs."""
+    """What `crossl-stream eval` runs: each fold holds out one group (a subject or a
+    session) for testing; models see the other groups only."""
 
+    by: Literal["subject", "session"] = Field(
+        "subject", description="what a fold holds out; a session is named SUBJECT/SESSION"
+    )
     label_fractions: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = (0.01, 0.1, 1.0)
-    folds: tuple[int, ...] | None = Field(None, description="subjects to hold out; None = all")
+    folds: tuple[Id, ...] | None = Field(None, description="groups to hold out; None = each")
     masking_grid: tuple[MaskingConfig, ...] = ()
-    masking_folds: tuple[int, ...] = ()
+    masking_folds: tuple[Id, ...] = ()
     compare_attention: bool = False
 
     @model_validator(mode="after")
@@ -75,24 +103,6 @@ class EvaluationConfig(_Strict):
         if 1.0 not in self.label_fractions:
             raise ValueError("label_fractions must include 1.0 (missing-modality metrics use it)")
         return self
-
-
-class TrainConfig(_Strict):
-    """One training / evaluation run on one dataset."""
-
-    dataset: Literal["seglearn-watch", "basicmotions"] = "seglearn-watch"
-    window_s: float = Field(2.0, gt=0.0)
-    hop_s: float = Field(0.5, gt=0.0)
-    holdout_subject: int | None = Field(
-        None, description="subject left out of the trained model (its recordings: the demo)"
-    )
-    seed: int = 0
-    model: ModelConfig = ModelConfig()
-    masking: MaskingConfig = MaskingConfig()
-    loss: LossConfig = LossConfig()
-    pretrain: PretrainConfig = PretrainConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
 
 
 # -- the streaming pipeline (`crossl-stream run CONFIG`) -------------------------------------
@@ -137,6 +147,150 @@ class WindowConfig(_Strict):
         return self
 
 
+# -- data sets and training (`crossl-stream pretrain / finetune / train / eval SPEC`) -----
+
+
+class MarkerLabels(_Strict):
+    """Labels from a string marker stream: a marker that maps to a class starts it.
+
+    A label holds until the next marker that is not ignored (``hold: next``), or for
+    ``hold`` seconds (cut short by the next marker). A marker mapped to ``null``, or listed
+    in ``end``, ends the current label; so does a marker that ``map`` does not name.
+    """
+
+    stream: str | None = Field(None, description="marker stream name; default: every one")
+    prefix: str = Field("", description="only markers starting with it count; it is removed")
+    map: dict[str, str | None] = Field(
+        {}, description="marker -> class (null: ends the label); empty: a marker is its class"
+    )
+    hold: Literal["next"] | Annotated[float, Field(gt=0.0)] = "next"
+    ignore: tuple[str, ...] = Field((), description="markers that neither start nor end one")
+    end: tuple[str, ...] = Field((), description="markers that end the current label")
+
+
+class IntervalLabels(_Strict):
+    """Labels from a CSV (header ``start,end,label``) or JSON (a list of objects with those
+    keys) file per recording; ``{stem}`` in ``path`` is the recording's file name without
+    its suffix, and a relative path is relative to the recording's folder."""
+
+    path: str = Field(min_length=1)
+    time: Literal["recording", "relative"] = Field(
+        "recording",
+        description="recording: on the recording's clock; relative: seconds from its start",
+    )
+    map: dict[str, str | None] = Field({}, description="label -> class (null: no label)")
+
+
+class LabelRules(_Strict):
+    """Where window labels come from: markers or an intervals file (one of them). A window
+    is labelled when one label covers all of it."""
+
+    markers: MarkerLabels | None = None
+    intervals: IntervalLabels | None = None
+    classes: tuple[str, ...] | None = Field(None, description="class order; default: as found")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LabelRules:
+        if (self.markers is None) == (self.intervals is None):
+            raise ValueError("give exactly one of markers, intervals")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes repeat a name: {list(self.classes)}")
+        return self
+
+
+LABEL_MARKERS = LabelRules(markers=MarkerLabels(prefix="label:", end=("none",)))
+"""The rule of the project's own recordings: ``label:NAME`` starts, ``label:none`` ends."""
+
+
+class SensorSpec(_Strict):
+    """One model modality in a data set: the stream that feeds it and its target rate."""
+
+    stream: str | None = Field(None, description="stream name; default: the sensor's name")
+    type: str | None = Field(None, description="stream type, when names differ between files")
+    rate_hz: float = Field(gt=0.0, description="target rate: windows are resampled onto it")
+    channels: int | None = Field(None, gt=0, description="checked against every file")
+
+
+class RecordingSource(_Strict):
+    """XDF files (a path or a glob) and, when given, their subject and session."""
+
+    path: str = Field(min_length=1)
+    subject: Id | None = None
+    session: Id | None = None
+
+
+BIDS_IDS = r"sub-(?P<subject>[A-Za-z0-9]+)(?:_ses-(?P<session>[A-Za-z0-9]+))?"
+
+
+class DatasetSpec(_Strict):
+    """Recordings, the sensors in them, how they are cut into windows and labelled.
+
+    ``recordings`` are XDF files or globs (``{data}`` is the data cache; relative paths are
+    relative to the spec file). A recording's subject and session come from the entry, else
+    the XDF file header (``<subject>``, ``<session>``), else ``ids`` matched on the file
+    name (named groups ``subject``, ``session``), else the file name itself.
+    """
+
+    name: str | None = Field(None, description="default: the spec file's name")
+    recordings: tuple[RecordingSource | str, ...] = Field(min_length=1)
+    ids: str = Field(BIDS_IDS, description="regex on the file name")
+    sensors: dict[str, SensorSpec] = Field(min_length=1)
+    window: WindowConfig = WindowConfig(length_s=2.0)
+    labels: LabelRules | None = Field(None, description="none: unlabelled (pretraining only)")
+
+    @model_validator(mode="after")
+    def _window_length(self) -> DatasetSpec:
+        if self.window.length_s is None:
+            raise ValueError("window.length_s is needed to cut training windows")
+        if self.window.target_rates:
+            raise ValueError("window.target_rates: give each sensor's rate_hz instead")
+        return self
+
+    @field_validator("ids")
+    @classmethod
+    def _ids_pattern(cls, ids: str) -> str:
+        try:
+            pattern = re.compile(ids)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc})") from exc
+        unknown = set(pattern.groupindex) - {"subject", "session"}
+        if unknown:
+            raise ValueError(f"unknown groups {sorted(unknown)}; use subject, session")
+        return ids
+
+    @property
+    def sources(self) -> list[RecordingSource]:
+        return [RecordingSource(path=r) if isinstance(r, str) else r for r in self.recordings]
+
+
+class TrainConfig(_Strict):
+    """A training spec: the data set, the model, and how it is pretrained, fine-tuned and
+    evaluated (``crossl-stream pretrain / finetune / train / eval SPEC``)."""
+
+    data: DatasetSpec
+    holdout: tuple[Id, ...] = Field(
+        (),
+        description="subjects or SUBJECT/SESSION sessions whose labels a model never sees "
+        "(e.g. the demo's subject)",
+    )
+    pretrain_on: Literal["train", "all"] = Field(
+        "train",
+        description="train: pretraining sees no held-out window (holdout, or eval's test "
+        "group); all: it also sees theirs, without labels (a lab has a new subject's "
+        "unlabelled recording before their labels)",
+    )
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    masking: MaskingConfig = MaskingConfig()
+    loss: LossConfig = LossConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+
+# -- the streaming pipeline: inference, readers, publishers ----------------------------------
+
+
 class InferenceConfig(_Strict):
     """The model, where it runs, and how windows queue for it."""
 
@@ -148,7 +302,13 @@ class InferenceConfig(_Strict):
     max_batch: int = Field(32, ge=1, le=4096)
     max_wait_ms: float = Field(0.0, ge=0.0, description="wait this long for a fuller batch")
     queue_size: int = Field(64, ge=1)
-    backpressure: Literal["drop_oldest", "block"] = "drop_oldest"
+    backpressure: Literal["drop_oldest", "block"] | None = Field(
+        None,
+        description="block: a full queue makes the readers wait (nothing lost); drop_oldest: "
+        "the oldest queued window is dropped and counted (a live source cannot wait); None "
+        "(omitted): block when every reader is a replay or a max-speed simulation, else "
+        "drop_oldest",
+    )
     threads: int | None = Field(None, ge=1, description="torch threads; default: torch's")
     streaming: bool = Field(
         True,
@@ -166,7 +326,8 @@ class DropoutConfig(_Strict):
 
 
 class ReplayReaderConfig(_Strict):
-    """Plays an XDF recording (default: the shipped held-out session)."""
+    """Plays an XDF recording (default: the shipped held-out session; ``{data}`` in the path
+    is the data cache)."""
 
     kind: Literal["replay"]
     path: Path | None = None
@@ -177,11 +338,20 @@ class ReplayReaderConfig(_Strict):
         description="default: 0.04 s paced; at max speed half the shortest stale_s, at most "
         "0.25 s (the same windows from fewer chunks)",
     )
-    streams: dict[str, str] = Field({}, description="sensor -> stream name; default: same")
+    streams: dict[str, str] = Field(
+        {},
+        description="sensor -> stream name; default: the stream of the sensor's name, else the "
+        "model's stream of that name or type",
+    )
     dropouts: tuple[DropoutConfig, ...] = ()
     start_s: float = Field(0.0, ge=0.0)
     duration_s: float | None = Field(None, gt=0.0)
     sensors: tuple[str, ...] | None = Field(None, description="default: every sensor")
+    labels: LabelRules | None = Field(
+        None,
+        description="how the recording's markers score the predictions; default: the rules "
+        "the model was trained with",
+    )
 
 
 class SimulatedSensorConfig(_Strict):
@@ -283,10 +453,12 @@ ReaderConfig = Annotated[
 
 
 class JsonlPublisherConfig(_Strict):
-    """One prediction record per line, appended and flushed."""
+    """One prediction record per line, flushed as written. An existing file that is not
+    empty is refused unless ``append``."""
 
     kind: Literal["jsonl"]
     path: Path
+    append: bool = Field(False, description="add to an existing file instead of refusing it")
 
 
 class ConsolePublisherConfig(_Strict):

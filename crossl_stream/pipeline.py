@@ -30,7 +30,7 @@ from crossl_stream.config import (
 )
 from crossl_stream.errors import CheckpointError, ConfigError, InputError
 from crossl_stream.inference import InferenceWorker, Predictor, pick_device
-from crossl_stream.model.checkpoint import WEIGHTS, load_model, model_id
+from crossl_stream.model.checkpoint import WEIGHTS, load_model, model_id, read_meta
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.model.export import ONNX_FILE, OnnxModel, OnnxRuntime, weights_digest
 from crossl_stream.model.streaming import StreamingCroSSL
@@ -270,20 +270,20 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
 
     model_dir = resolve(cfg.inference.model) if cfg.inference.model else default_model_dir()
     model = load_model(model_dir)
+    if not model.classes:
+        raise ConfigError(
+            f"{source}: inference.model: {model_dir} is pretrained only (no class head); "
+            f"fine-tune it first: crossl-stream finetune SPEC --from {model_dir}"
+        )
     check_against_model(cfg, model, source)
     modality_of = {s: cfg.modality_of(s) for s in cfg.sensors}
     sensor_of = {m: s for s, m in modality_of.items()}
     w = cfg.window
-    windower = Windower(
+    windower = Windower.from_config(
         model.modalities,
-        hop_s=w.hop_s,
-        lateness_s=w.lateness_s,
-        stale_s={m: cfg.sensors[s].stale_s or w.stale_s for m, s in sensor_of.items()},
-        lost_s=w.lost_s,
-        min_coverage=w.min_coverage,
+        w,
         source_rates={m: cfg.sensors[s].rate_hz for m, s in sensor_of.items()},
-        max_future_s=w.max_future_s,
-        connect_grace_s=w.connect_grace_s,
+        stale_s={m: cfg.sensors[s].stale_s for m, s in sensor_of.items()},
     )
     inf = cfg.inference
     if inf.threads:
@@ -295,12 +295,24 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
     streaming = _streaming(model, model_dir, inf, w.hop_s, device, source)
     onnx = None if streaming else _onnx_session(model_dir, inf.runtime, device, source)
     predictor = Predictor(model, inf.device, inf.max_batch, model_id(model_dir), onnx, streaming)
-    worker = InferenceWorker(predictor, inf.queue_size, inf.max_wait_ms, inf.backpressure)
-    readers = [_reader(cfg, r, resolve, source) for r in cfg.readers]
+    backpressure = inf.backpressure
+    if backpressure is None:  # a recording can wait for the model; a live source cannot
+        recorded = all(
+            isinstance(r, ReplayReaderConfig)
+            or (isinstance(r, SimulateReaderConfig) and r.speed == "max")
+            for r in cfg.readers
+        )
+        backpressure = "block" if recorded else "drop_oldest"
+    worker = InferenceWorker(predictor, inf.queue_size, inf.max_wait_ms, backpressure)
+    known = read_meta(model_dir).get("info", {}).get("data", {}) or {}
+    readers = [_reader(cfg, r, resolve, source, known.get("sensors", {})) for r in cfg.readers]
     publishers: list[Publisher] = []
     for p in cfg.publishers:
         if isinstance(p, JsonlPublisherConfig):
-            publishers.append(JsonlPublisher(resolve(p.path)))
+            path = resolve(p.path)
+            if any(isinstance(q, JsonlPublisher) and q.same_file(path) for q in publishers):
+                raise ConfigError(f"{source}: predictions are written to {path} twice")
+            publishers.append(JsonlPublisher(path, append=p.append))  # refuses a used file
         elif isinstance(p, ConsolePublisherConfig):
             publishers.append(ConsolePublisher(every=p.every))
         elif isinstance(p, MqttPublisherConfig):
@@ -433,14 +445,29 @@ def check_against_model(cfg: PipelineConfig, model: CroSSL, source: str) -> None
         raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
 
 
-def _reader(cfg: PipelineConfig, rc, resolve, source: str) -> Reader:
+def _reader(
+    cfg: PipelineConfig, rc, resolve, source: str, known: Mapping[str, Mapping] | None = None
+) -> Reader:
+    """The reader ``rc`` configures; ``known`` (modality -> the stream name and type it was
+    trained on) finds a replayed sensor's stream when the file names it otherwise."""
     if isinstance(rc, ReplayReaderConfig):
-        from crossl_stream.readers.replay import Recording, Replay
-        from crossl_stream.training.datasets import shipped_excerpt
+        from crossl_stream.readers.replay import Recording, Replay, max_speed_chunk_s
+        from crossl_stream.training.datasets import data_cache, shipped_recording
+        from crossl_stream.training.spec import find_stream
 
-        path = resolve(rc.path) if rc.path else shipped_excerpt().with_suffix(".xdf")
+        if rc.path is None:
+            path = shipped_recording()
+        else:  # {data}: the data cache
+            path = resolve(Path(str(rc.path).replace("{data}", str(data_cache()))))
         recording = Recording.load(path)
-        names = {s: rc.streams.get(s, s) for s in cfg.reader_sensors(rc)}
+        names = {}
+        for s in cfg.reader_sensors(rc):
+            trained = (known or {}).get(cfg.modality_of(s), {})
+            if s in rc.streams:  # named in the config: that stream or an error
+                names[s] = find_stream(recording, s, [rc.streams[s]])
+            else:
+                wanted = [s, trained.get("stream")]
+                names[s] = find_stream(recording, s, wanted, trained.get("type"))
         dropouts: dict[str, list[tuple[float, float]]] = {}
         for d in rc.dropouts:
             dropouts.setdefault(d.sensor, []).append((d.start_s, d.length_s))
@@ -448,7 +475,7 @@ def _reader(cfg: PipelineConfig, rc, resolve, source: str) -> Reader:
         chunk_s = rc.chunk_s
         if chunk_s is None:  # windows do not depend on chunking while chunks come < stale_s
             stale = min(cfg.sensors[s].stale_s or cfg.window.stale_s for s in names)
-            chunk_s = 0.04 if rc.speed != "max" else min(0.25, stale / 2)
+            chunk_s = 0.04 if rc.speed != "max" else max_speed_chunk_s(stale)
         reader = Replay(
             recording,
             names,
@@ -465,13 +492,9 @@ def _reader(cfg: PipelineConfig, rc, resolve, source: str) -> Reader:
                     f"{names[sensor]!r} of {path.name} has {info.channels}"
                 )
             if info.rate_hz > 0 and abs(info.rate_hz - want.rate_hz) > 0.01 * want.rate_hz:
-                log.warning(
-                    "sensors.%s.rate_hz is %g Hz; stream %r of %s says %g Hz",
-                    sensor,
-                    want.rate_hz,
-                    names[sensor],
-                    path.name,
-                    info.rate_hz,
+                raise ConfigError(  # nominal rate 0: an irregular stream, nothing to compare
+                    f"{source}: sensors.{sensor}.rate_hz: {want.rate_hz:g} Hz, but stream "
+                    f"{names[sensor]!r} of {path.name} has a nominal rate of {info.rate_hz:g} Hz"
                 )
         return reader
     if isinstance(rc, SimulateReaderConfig):
@@ -502,7 +525,8 @@ def _reader(cfg: PipelineConfig, rc, resolve, source: str) -> Reader:
             )
             for name, s in rc.streams.items()
         }
-        return LslReader(streams, rc.watchdog_s, rc.lost_s, rc.resolve_s)
+        grace = cfg.window.connect_grace_s  # then a missing stream is named, with what is seen
+        return LslReader(streams, rc.watchdog_s, rc.lost_s, rc.resolve_s, connect_grace_s=grace)
     if isinstance(rc, MqttReaderConfig):
         from crossl_stream.readers.base import SensorInfo
         from crossl_stream.readers.mqtt import MqttReader, MqttTopic

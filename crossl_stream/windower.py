@@ -28,6 +28,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from crossl_stream.buffer import RingBuffer
 from crossl_stream.clock import host_clock
 from crossl_stream.errors import InputError
 from crossl_stream.model.specs import ModalitySpec
+
+if TYPE_CHECKING:
+    from crossl_stream.config import WindowConfig
 
 MAX_RECEIPTS = 8192  # chunk receipt times kept per sensor while no window is cut
 
@@ -261,6 +265,30 @@ class Windower:
             future_samples=dict.fromkeys(self.buffers, 0),
         )
 
+    @classmethod
+    def from_config(
+        cls,
+        modalities: Sequence[ModalitySpec],
+        window: WindowConfig,
+        source_rates: Mapping[str, float],
+        stale_s: Mapping[str, float | None] | None = None,
+    ) -> Windower:
+        """The windower a ``window:`` config section describes, for the pipeline and for
+        cutting training windows offline alike (so both cut the same windows);
+        ``stale_s`` overrides ``window.stale_s`` per modality."""
+        stale = {m.name: (stale_s or {}).get(m.name) or window.stale_s for m in modalities}
+        return cls(
+            modalities,
+            hop_s=window.hop_s,
+            lateness_s=window.lateness_s,
+            stale_s=stale,
+            lost_s=window.lost_s,
+            min_coverage=window.min_coverage,
+            source_rates=source_rates,
+            max_future_s=window.max_future_s,
+            connect_grace_s=window.connect_grace_s,
+        )
+
     def fresh(self, subject: str) -> Windower:
         """A new, empty windower with the same settings, for another subject's sensors."""
         windower = Windower(**self._params)
@@ -355,9 +383,11 @@ class Windower:
         return self._emit(self._watermark(now, states), states)
 
     def flush(self) -> list[Window]:
-        """At the end of a stream: every window up to the newest sample of any sensor."""
+        """At the end of a stream: every window whose last grid point the newest sample of
+        any sensor has reached (a window ``[t - W, t)`` needs no sample at ``t`` itself)."""
         newest = self._newest
-        return self._emit(newest, self.states(newest))
+        last_point = min(1.0 / m.rate_hz for m in self.modalities)
+        return self._emit(newest + last_point - 1e-9, self.states(newest))
 
     def _emit(self, mark: float, states: dict[str, StreamState]) -> list[Window]:
         if mark == -np.inf:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -40,10 +41,34 @@ def batch() -> dict[str, torch.Tensor]:
     return {"acc": torch.randn(5, 3, 100, generator=g), "gyro": torch.randn(5, 3, 100, generator=g)}
 
 
-@pytest.fixture(scope="session")
-def excerpt():
-    """Windows of the first two held-out recordings (2 s, 1 s hop)."""
-    from crossl_stream.training.datasets import load_watch, make_windows, shipped_excerpt
+def watch_spec(path, hop_s: float = 1.0):
+    """The watch data set spec over ``path`` (the shipped session by default's layout)."""
+    from crossl_stream.config import DatasetSpec
 
-    ds = load_watch(shipped_excerpt())
-    return make_windows(ds.recordings[:2], ds.specs(2.0), 1.0)
+    return DatasetSpec.model_validate(
+        {
+            "recordings": [str(path)],
+            "sensors": {"acc": {"rate_hz": 50}, "gyro": {"rate_hz": 50}},
+            "window": {"length_s": 2.0, "hop_s": hop_s},
+            "labels": {
+                "markers": {"prefix": "label:", "end": ["none"]},
+                "classes": ["PEN", "ABD", "FEL", "IR", "ER", "TRAP", "ROW"],
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    """The shipped held-out session, read like any data set: 2 s windows every 1 s."""
+    from crossl_stream.training.datasets import shipped_recording
+    from crossl_stream.training.spec import load_data
+
+    return load_data(watch_spec(shipped_recording()), ROOT, "shipped", progress=False)
+
+
+@pytest.fixture(scope="session")
+def excerpt(shipped):
+    """Windows of the shipped session's first 100 s."""
+    w = shipped.windows
+    return w.take(np.flatnonzero(w.t_end < w.t_end[0] + 100))

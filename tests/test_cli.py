@@ -9,40 +9,54 @@ import sys
 import pytest
 
 from crossl_stream.model import load_model
+from crossl_stream.training.datasets import shipped_recording
 
 CLI = [sys.executable, "-m", "crossl_stream.cli"]
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
-def test_train_writes_a_checkpoint_that_loads_and_predicts(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        "dataset: seglearn-watch\nholdout_subject: 10\nhop_s: 2.0\n"
+def test_train_writes_a_model_folder_that_loads_predicts_and_resumes(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(
+        f"data:\n  recordings: ['{shipped_recording()}']\n"
+        "  sensors: {acc: {rate_hz: 50}, gyro: {rate_hz: 50}}\n"
+        "  window: {length_s: 2.0, hop_s: 2.0}\n"
+        "  labels: {markers: {prefix: 'label:', end: [none]}}\n"
         "model: {code_size: 16}\n"
         "pretrain: {steps: 3, batch_size: 32}\n"
-        "finetune: {epochs: 1, min_steps: 3, max_steps: 3, batch_size: 16}\n"
+        "finetune: {batch_size: 16, max_epochs: 2, min_epoch_steps: 3}\n"
     )
     out = tmp_path / "model"
-    result = run("train", str(config), "--out", str(out), "--quiet")
+    result = run("train", str(spec), "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     model = load_model(out)
-    meta = (out / "model.json").read_text()
-    assert '"holdout_subject": 10' in meta
-    assert 10 not in json.loads(meta)["info"]["train_subjects"]
-    assert model.modality_names == ["acc", "gyro"]
+    info = json.loads((out / "model.json").read_text())["info"]
+    assert info["data"]["subjects"] == ["10"] and info["stage"] == "finetuned"
+    assert model.modality_names == ["acc", "gyro"] and len(model.classes) == 7
+    assert (out / "pretrain.state").is_file() and (out / "finetune.state").is_file()
+    weights = (out / "model.safetensors").read_bytes()
+    # the same command again resumes two finished runs: nothing changes
+    result = run("train", str(spec), "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout
+    assert (out / "model.safetensors").read_bytes() == weights
     result = run("predict", "--model", str(out))
     assert result.returncode == 0, result.stderr
-    assert "accuracy" in result.stdout.splitlines()[-1]
+    assert result.stdout.splitlines()[-1].startswith("accuracy")
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["predict", "--model", "no/such/dir"], "no/such/dir: not a directory"),
-        (["predict", "--recording", "absent.npz"], "seglearn watch data not found at absent.npz"),
+        (["predict", "absent.xdf"], "recording not found: absent.xdf"),
+        (["replay", "--stream", "acc"], "--stream 'acc': expected MODALITY=STREAM"),
+        (["replay", "--stream", "eeg=EEG"], "--stream: the model has no modality ['eeg']"),
+        (["replay", "--stream", "acc=ACC"], "no stream for sensor 'acc' (name 'ACC')"),
+        (["pretrain", "absent.yaml"], "absent.yaml: config file not found"),
     ],
 )
 def test_errors_are_one_clear_line_and_exit_2(args, message):
@@ -52,9 +66,11 @@ def test_errors_are_one_clear_line_and_exit_2(args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_bad_config_names_the_key(tmp_path):
-    config = tmp_path / "bad.yaml"
-    config.write_text("dataset: seglearn-watch\npretrain: {epochs: 3}\n")
-    result = run("train", str(config), "--out", str(tmp_path / "m"))
+def test_bad_spec_names_the_key(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "data: {recordings: [a.xdf], sensors: {acc: {rate_hz: 50}}}\npretrain: {epochs: 3}\n"
+    )
+    result = run("train", str(spec), "--out", str(tmp_path / "m"))
     assert result.returncode == 2
-    assert f"{config}: pretrain.epochs: unknown key" in result.stderr
+    assert f"{spec}: pretrain.epochs: unknown key" in result.stderr

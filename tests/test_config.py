@@ -19,7 +19,7 @@ def test_shipped_configs_load(name):
 
 
 def test_watch_config_holds_out_the_demo_subject():
-    assert load_config(CONFIGS / "train-watch.yaml").holdout_subject == 10
+    assert load_config(CONFIGS / "train-watch.yaml").holdout == ("10",)
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,15 @@ def test_watch_config_holds_out_the_demo_subject():
         ("pretrain: {stepz: 3}\n", "pretrain.stepz: unknown key"),
         ("masking: {strategy: sideways}\n", "masking.strategy: Input should be"),
         ("masking: {keep: 1.5}\n", "masking.keep: Input should be less than or equal to 1"),
-        ("window_s: -2\n", "window_s: Input should be greater than 0"),
+        ("data: {window: {length_s: -2}}\n", "data.window.length_s: Input should be greater"),
+        ("data: {recordings: [a.xdf], sensors: {}}\n", "data.sensors: Dictionary should have"),
+        ("data: {recordings: [], sensors: {a: {rate_hz: 5}}}\n", "data.recordings: Tuple should"),
+        ("data: {ids: '(?P<who>x)'}\n", "data.ids: Value error, unknown groups ['who']"),
+        ("data: {labels: {}}\n", "data.labels: Value error, give exactly one of markers"),
+        ("data: {labels: {markers: {hold: -1}}}\n", "data.labels.markers.hold"),
+        ("data: {sensors: {acc: {rate: 5}}}\n", "data.sensors.acc.rate: unknown key"),
+        ("dataset: seglearn-watch\n", "dataset: unknown key"),
+        ("evaluation: {by: person}\n", "evaluation.by: Input should be 'subject' or 'session'"),
         ("pretrain: {batch_size: 8}\n", "pretrain.batch_size: Input should be greater than"),
         ("model: {aggregator: gru}\n", "model.aggregator: Input should be 'mlp' or 'attention'"),
         ("seed: abc\n", "seed: Input should be a valid integer"),

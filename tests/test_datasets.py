@@ -1,72 +1,80 @@
-"""Loaders read the real recordings; windows, splits and normalisation behave."""
+"""The real data sets, each read through its spec by the one loader: watch (10 subjects),
+BasicMotions (a fixed split) and the EMG gestures (2 people x 2 sessions)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from crossl_stream.config import TrainConfig, load_config
 from crossl_stream.errors import DatasetError
-from crossl_stream.training.datasets import (
-    fit_normalisation,
-    labelled_subset,
-    load_basicmotions,
-    load_watch,
-    make_windows,
-    shipped_excerpt,
-)
+from crossl_stream.training.datasets import fit_normalisation, labelled_subset
+from crossl_stream.training.spec import load_data
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def data_of(name: str):
+    cfg = load_config(CONFIGS / name, TrainConfig)
+    return load_data(cfg.data, CONFIGS, name, progress=False)
 
 
 @pytest.fixture(scope="module")
 def watch():
-    return load_watch()
+    return data_of("train-watch.yaml")
 
 
-def test_watch_recordings_as_fetched(watch):
-    assert len(watch.recordings) == 140
-    assert sorted({r.subject for r in watch.recordings}) == list(range(1, 11))
+def test_watch_sessions_as_fetched(watch):
+    assert len(watch.files) == 10
+    assert sorted({f.subject for f in watch.files}, key=int) == [str(i) for i in range(1, 11)]
     assert watch.classes == ["PEN", "ABD", "FEL", "IR", "ER", "TRAP", "ROW"]
-    assert watch.rate_hz == 50.0
-    assert {k: v for k, v in watch.channel_names.items()} == {
-        "acc": ["ax", "ay", "az"],
-        "gyro": ["wx", "wy", "wz"],
-    }
-    assert sum(r.samples for r in watch.recordings) == 244102
+    assert [(m.name, m.channels, m.rate_hz, m.samples) for m in watch.modalities] == [
+        ("acc", 3, 50.0, 100),
+        ("gyro", 3, 50.0, 100),
+    ]
+    w = watch.windows
+    assert w.x["acc"].shape == (len(w), 3, 100) and w.x["acc"].dtype == np.float32
+    # every 2 s window inside one exercise is labelled; the 140 exercises give ~9000
+    assert 8500 < len(w.labelled) < 10000 and set(np.unique(w.y[w.y >= 0])) == set(range(7))
+    assert w.available.all()  # pauses leave windows out; they never mask a sensor
 
 
-def test_shipped_excerpt_is_subject_10_unchanged(watch):
-    excerpt = load_watch(shipped_excerpt())
-    original = [r for r in watch.recordings if r.subject == 10]
-    assert len(excerpt.recordings) == len(original) == 14
-    for a, b in zip(excerpt.recordings, original, strict=True):
-        assert a.label == b.label
-        np.testing.assert_array_equal(a.signals["gyro"], b.signals["gyro"])
+def test_the_shipped_session_is_subject_10_of_the_cache(watch, shipped):
+    mine = watch.windows.take(np.flatnonzero(watch.windows.subject == "10"))
+    ours = shipped.windows
+    # the spec reads both with a 0.5 s hop, the fixture with 1 s: every other window
+    step = np.flatnonzero(np.isin(np.round(mine.t_end, 6), np.round(ours.t_end, 6)))
+    assert len(step) == len(ours)
+    np.testing.assert_array_equal(mine.x["gyro"][step], ours.x["gyro"])
+    np.testing.assert_array_equal(mine.y[step], ours.y)
 
 
-def test_windows_cover_each_recording_at_the_hop(watch):
-    specs = watch.specs(2.0)
-    recs = watch.recordings[:3]
-    w = make_windows(recs, specs, hop_s=0.5)
-    expected = sum((r.samples - 100) // 25 + 1 for r in recs)
-    assert len(w) == expected
-    assert w.x["acc"].shape == (expected, 3, 100) and w.x["acc"].dtype == np.float32
-    first = recs[0].signals["acc"]
-    np.testing.assert_array_equal(w.x["acc"][1], first[:, 25:125])
-    assert set(w.recording.tolist()) == {0, 1, 2}
+def test_a_window_of_the_grid_is_the_samples_it_covers(watch):
+    # the watch samples lie on the 50 Hz grid: resampling returns them (up to float rounding)
+    from crossl_stream.readers.replay import Recording
+
+    f = watch.files[0]
+    t, x, _ = Recording.load(f.path).streams["acc"]
+    w = watch.windows.take(np.flatnonzero(watch.windows.recording == 0))
+    i = len(w) // 2
+    start = np.searchsorted(t, w.t_end[i] - 2.0 - 1e-9)
+    np.testing.assert_allclose(w.x["acc"][i], x[start : start + 100].T, rtol=0, atol=1e-6)
 
 
-def test_recordings_shorter_than_a_window_give_an_error(watch):
-    with pytest.raises(DatasetError, match="no recording is as long as one window"):
-        make_windows(watch.recordings[:2], watch.specs(100.0), 1.0)
-
-
-def test_normalisation_uses_only_the_windows_given(watch):
-    specs = watch.specs(2.0)
-    w = make_windows(watch.recordings, specs, 1.0)
-    train = w.take(np.flatnonzero(w.subject != 3))
+def test_normalisation_uses_only_the_windows_given_and_skips_masked_ones(watch):
+    w = watch.windows
+    train = w.take(np.flatnonzero(w.subject != "3"))
     mean, std = fit_normalisation(train)["gyro"]
     pooled = train.x["gyro"].transpose(1, 0, 2).reshape(3, -1)
     np.testing.assert_allclose(mean, pooled.mean(axis=1), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(std, pooled.std(axis=1), rtol=1e-3)
+    masked = train.take(np.arange(200))
+    masked.available[:100, 1] = False
+    masked.x["gyro"][:100] = 0.0  # what a masked window carries
+    mean, _ = fit_normalisation(masked)["gyro"]
+    np.testing.assert_allclose(mean, masked.x["gyro"][100:].mean(axis=(0, 2)), rtol=1e-5)
 
 
 def test_labelled_subset_is_stratified_seeded_and_never_empty():
@@ -81,24 +89,41 @@ def test_labelled_subset_is_stratified_seeded_and_never_empty():
         labelled_subset(labels, 0.0, seed=0)
 
 
-def test_basicmotions_split():
-    ds = load_basicmotions()
-    assert ds.classes == ["Standing", "Running", "Walking", "Badminton"]
-    splits = [r.split for r in ds.recordings]
-    assert splits.count("train") == splits.count("test") == 40
-    assert all(r.signals["acc"].shape == (3, 100) for r in ds.recordings)
+def test_basicmotions_split_one_window_per_series():
+    data = data_of("train-basicmotions.yaml")
+    assert sorted(data.classes) == ["Badminton", "Running", "Standing", "Walking"]
+    w = data.windows
+    assert sorted(set(w.session.tolist())) == ["basicmotions/test", "basicmotions/train"]
+    for session in ("basicmotions/train", "basicmotions/test"):
+        part = w.y[w.session == session]
+        assert len(part) == 40 and np.bincount(part).tolist() == [10] * 4
+    assert w.x["acc"].shape == (80, 3, 100)
+
+
+def test_emg_sessions_two_people_five_gestures():
+    data = data_of("train-emg.yaml")
+    assert sorted(set(data.windows.session.tolist())) == ["mg/1", "mg/2", "rr/1", "rr/2"]
+    assert data.classes == ["rest", "rock", "paper", "scissors", "ok"]
+    assert data.modalities[0].channels == 8 and data.modalities[0].samples == 200
+    assert {f.streams["emg"] for f in data.files} == {"EMG"}  # found by type
+    w = data.windows
+    counts = np.bincount(w.y[w.y >= 0], minlength=5)
+    # 6 runs x 5 signs x 25 s per session, 1 s windows every 0.5 s: ~48 a block
+    assert counts.min() > 0.8 * counts.max() and 4 * 30 * 40 < counts.sum() < 4 * 30 * 50
+    assert data.unmapped == {"pause": 24}  # a run's end marker: it ends the label
 
 
 def test_missing_data_says_how_to_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("CROSSL_STREAM_DATA", str(tmp_path))
-    with pytest.raises(DatasetError, match="tools/fetch_datasets.py"):
-        load_watch()
-    with pytest.raises(DatasetError, match="BasicMotions not found"):
-        load_basicmotions()
+    with pytest.raises(DatasetError, match=r"matches no file; run `python tools/fetch_datasets"):
+        data_of("train-watch.yaml")
 
 
 def test_a_file_that_is_not_a_recording(tmp_path):
-    bad = tmp_path / "bad.npz"
-    np.savez(bad, something=np.zeros(3))
-    with pytest.raises(DatasetError, match="not a watch recording file"):
-        load_watch(bad)
+    bad = tmp_path / "bad.xdf"
+    bad.write_bytes(b"not an xdf file at all")
+    spec = TrainConfig.model_validate(
+        {"data": {"recordings": [str(bad)], "sensors": {"acc": {"rate_hz": 50}}}}
+    )
+    with pytest.raises(DatasetError, match="bad.xdf"):
+        load_data(spec.data, tmp_path, "spec.yaml", progress=False)

@@ -165,5 +165,5 @@ def test_subjects_whose_sensors_are_all_lost_are_retired(model):
         return worker.counters.windows_in
 
     flushed = asyncio.run(main())
-    assert flushed == 4  # windows ending 102.0 ... 103.5 (the data ends at 103.99)
+    assert flushed == 5  # windows ending 102.0 ... 104.0 (the data ends at 103.99)
     assert set(pipeline.windowers) == {""}

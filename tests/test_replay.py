@@ -9,17 +9,19 @@ import sys
 import numpy as np
 import pytest
 
+from crossl_stream.config import LABEL_MARKERS
 from crossl_stream.errors import DatasetError
 from crossl_stream.inference import InferenceWorker, Predictor
+from crossl_stream.labels import Labels
 from crossl_stream.pipeline import run_pipeline
 from crossl_stream.publishers import MemoryPublisher
 from crossl_stream.readers.replay import Recording, Replay
-from crossl_stream.training.datasets import load_watch, shipped_excerpt
+from crossl_stream.training.datasets import shipped_recording
 from crossl_stream.windower import Windower
 from crossl_stream.xdf import XdfStream, write_xdf
 from tests.test_pipeline import assert_same_predictions
 
-XDF = shipped_excerpt().with_suffix(".xdf")
+XDF = shipped_recording()
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +29,17 @@ def recording():
     return Recording.load(XDF)
 
 
-def test_the_session_holds_the_excerpt_and_its_labels(recording):
-    excerpt = load_watch(shipped_excerpt())
+def test_the_session_holds_subject_10_and_its_labels(recording):
     t, x, rate = recording.streams["gyro"]
-    assert rate == 50.0 and x.shape == (sum(r.samples for r in excerpt.recordings), 3)
-    np.testing.assert_array_equal(
-        x[: excerpt.recordings[0].samples].T, excerpt.recordings[0].signals["gyro"]
-    )
-    labels = [m for _, m in recording.markers if m != "label:none"]
-    assert labels == [f"label:{excerpt.classes[r.label]}" for r in excerpt.recordings]
+    assert rate == 50.0 and x.shape == (len(t), 3) and recording.header["subject"] == "10"
+    assert recording.types == {"acc": "Accelerometer", "gyro": "Gyroscope"}
+    starts = [m for _, m in recording.markers if m != "label:none"]
+    assert len(starts) == 14 and starts[0] == "label:FEL"
+    labels = Labels.of(LABEL_MARKERS, XDF, recording.start, recording.marker_streams)
     first_end = recording.markers[1][0]
-    assert recording.label_at(first_end - 2, first_end) == "FEL"
-    assert recording.label_at(first_end - 1, first_end + 1) is None  # spans the pause
+    assert labels.label_at(first_end - 2, first_end) == "FEL"
+    assert labels.label_at(first_end - 1, first_end + 1) is None  # spans the pause
+    assert labels.names[0] == "FEL" and len(labels.intervals) == 14
 
 
 def play(model, recording, speed=None, section=(0.0, 20.0), dropouts=None):
@@ -53,8 +54,8 @@ def play(model, recording, speed=None, section=(0.0, 20.0), dropouts=None):
 def test_real_time_max_speed_and_offline_inference_agree(model, recording):
     fast, windower = play(model, recording)
     real, _ = play(model, recording, speed=1.0, section=(0.0, 4.0))
-    assert len(real) == 4 and len(fast) > 30
-    assert_same_predictions(real, fast[:4])
+    assert len(real) == 5 and len(fast) > 30  # ends 2.0 ... 4.0 s: the last needs no sample at 4
+    assert_same_predictions(real, fast[:5])
     # offline: the same windows cut straight from the recording, one batch through the model
     t, acc, _ = recording.streams["acc"]
     _, gyro, _ = recording.streams["gyro"]
@@ -83,12 +84,27 @@ def test_bad_recordings_say_what_is_wrong(tmp_path, recording):
     with pytest.raises(DatasetError, match="recording not found"):
         Recording.load(tmp_path / "absent.xdf")
     (tmp_path / "junk.xdf").write_bytes(b"XDF:junk")
-    with pytest.raises(DatasetError, match="no numeric stream"):
+    with pytest.raises(DatasetError, match="junk.xdf: not an XDF recording"):
         Recording.load(tmp_path / "junk.xdf")
     with pytest.raises(DatasetError, match=r"no stream named \['emg'\]"):
         Replay(recording, {"acc": "acc", "gyro": "emg"})
     with pytest.raises(DatasetError, match=r"dropouts for unknown sensors \['eeg'\]"):
         Replay(recording, ["acc"], dropouts={"eeg": [(0, 1)]})
+
+
+def test_a_cut_off_recording_plays_what_it_holds_and_says_where_it_stops(model, tmp_path, caplog):
+    whole = XDF.read_bytes()
+    cut = tmp_path / "cut.xdf"
+    cut.write_bytes(whole[: len(whole) // 3])  # a LabRecorder killed a third of the way in
+    recording = Recording.load(cut)
+    t, _, _ = recording.streams["acc"]
+    assert recording.truncated_at == pytest.approx(
+        max(x[0][-1] for x in recording.streams.values())
+    )
+    assert 0.2 < (t[-1] - t[0]) / (Recording.load(XDF).end - t[0]) < 0.4
+    assert "cut.xdf" in caplog.text and f"{recording.truncated_at:.3f}"[:6] in caplog.text
+    records, _ = play(model, recording, section=(t[-1] - t[0] - 10, np.inf))
+    assert records and records[-1]["t_window_end"] <= t[-1] + 0.02
 
 
 def test_nan_samples_and_a_clock_jump_in_a_recording_are_counted_not_fatal(model, tmp_path):
@@ -119,15 +135,18 @@ def recording_faults(path):
 
 def test_cli_replay_prints_a_summary(tmp_path):
     out = tmp_path / "p.jsonl"
-    # a model directory made by `train` with a tiny budget keeps this test quick
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        "holdout_subject: 10\nhop_s: 2.0\nmodel: {code_size: 16}\npretrain: {steps: 2, "
-        "batch_size: 32}\nfinetune: {epochs: 1, min_steps: 2, max_steps: 2, batch_size: 16}\n"
+    # a model folder made by `train` with a tiny budget (on the session itself: this tests
+    # the plumbing, not the accuracy) keeps this test quick
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(
+        f"data:\n  recordings: [{XDF}]\n  sensors: {{acc: {{rate_hz: 50}}, gyro: {{rate_hz: 50}}}}"
+        "\n  window: {length_s: 2.0, hop_s: 2.0}\n  labels: {markers: {prefix: 'label:', "
+        "end: [none]}}\nmodel: {code_size: 16}\npretrain: {steps: 2, batch_size: 32}\n"
+        "finetune: {batch_size: 16, max_epochs: 1, min_epoch_steps: 2}\n"
     )
     cli = [sys.executable, "-m", "crossl_stream.cli"]
     subprocess.run(
-        [*cli, "train", str(config), "--out", str(tmp_path / "m"), "--quiet"],
+        [*cli, "train", str(spec), "--out", str(tmp_path / "m"), "--quiet"],
         check=True,
         capture_output=True,
         timeout=300,
@@ -151,6 +170,7 @@ def test_cli_replay_prints_a_summary(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "accuracy" in result.stdout and "latency total p50" in result.stdout
-    assert len(out.read_text().splitlines()) > 40
+    assert "with gyro masked:" in result.stdout
+    assert len(out.read_text().splitlines()) > 10  # the model's hop: 2 s
     bad = subprocess.run([*cli, "replay", "--drop", "gyro-10"], capture_output=True, text=True)
     assert bad.returncode == 2 and "expected SENSOR:START_S:LENGTH_S" in bad.stderr

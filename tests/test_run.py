@@ -18,7 +18,7 @@ from crossl_stream.errors import CheckpointError, ConfigError, DatasetError
 from crossl_stream.pipeline import Pipeline
 from crossl_stream.publishers import MemoryPublisher
 from crossl_stream.readers.base import Chunk, Reader, SensorInfo
-from crossl_stream.training.datasets import shipped_excerpt
+from crossl_stream.training.datasets import shipped_recording
 from crossl_stream.xdf import XdfStream, write_xdf
 from tests.test_pipeline import assert_same_predictions
 
@@ -72,7 +72,7 @@ def test_run_at_real_time_and_at_max_speed_publishes_the_same_predictions(tmp_pa
         assert result.returncode == 0, result.stderr
         assert "accuracy" in result.stdout and "latency total p50" in result.stdout
         outputs[speed] = [json.loads(x) for x in (tmp_path / f"{speed}.jsonl").open()]
-    assert len(outputs["1"]) == 6  # windows ending 42, 42.5, ... 44.5 s into the session
+    assert len(outputs["1"]) == 7  # windows ending 42, 42.5, ... 45 s into the session
     assert_same_predictions(outputs["1"], outputs["max"])
     record = outputs["1"][0]
     assert record["model"].startswith("default@") and record["latency_ms"]["total"] > 0
@@ -173,7 +173,10 @@ def test_recordings_that_do_not_fit_the_config_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="sensors.acc.channels: 3, but stream 'acc' of four.xdf"):
         build(raw)
     raw["readers"][0]["streams"] = {}
-    with pytest.raises(DatasetError, match=r"no stream named \['gyro'\]"):
+    with pytest.raises(
+        DatasetError,
+        match=r"sensor 'gyro' \(name 'gyro' or type 'Gyroscope'\); the file has 'acc' \(type 'Acc",
+    ):
         build(raw)
 
 
@@ -233,7 +236,7 @@ def test_stop_ends_a_live_run_and_drains_what_was_read():
 def shipped_session_start() -> float:
     from crossl_stream.readers.replay import Recording
 
-    return Recording.load(shipped_excerpt().with_suffix(".xdf")).start
+    return Recording.load(shipped_recording()).start
 
 
 def test_runtime_auto_picks_the_current_onnx_export_on_the_cpu(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -73,8 +74,11 @@ class CroSSL(nn.Module):
         names = [m.name for m in modalities]
         if len(set(names)) != len(names):
             raise InputError(f"modality names must be unique, got {names}")
-        if len(classes) < 2 or len(set(classes)) != len(classes):
-            raise InputError(f"need at least two distinct class names, got {list(classes)}")
+        if len(classes) == 1 or len(set(classes)) != len(classes):
+            raise InputError(
+                f"need at least two distinct class names (or none, for a pretrained model "
+                f"without a class head), got {list(classes)}"
+            )
         self.config = config or ModelConfig()
         min_samples = ConvEncoder.receptive_field(self.config.kernels)
         short = [m.name for m in modalities if m.samples < min_samples]
@@ -94,10 +98,22 @@ class CroSSL(nn.Module):
         )
         self.mask_token = nn.Parameter(torch.zeros(len(modalities), cfg.code_size))
         self.aggregator = AGGREGATORS[cfg.aggregator](len(modalities), cfg.code_size, cfg.embed_dim)
-        self.head = nn.Linear(cfg.embed_dim, len(self.classes))
+        with warnings.catch_warnings():  # no classes: an empty head (a pretrained model)
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            self.head = nn.Linear(cfg.embed_dim, len(self.classes))
         for m in modalities:
             self.register_buffer(f"norm_mean_{m.name}", torch.zeros(m.channels))
             self.register_buffer(f"norm_std_{m.name}", torch.ones(m.channels))
+
+    def with_classes(self, classes: Sequence[str]) -> CroSSL:
+        """This model (encoders, aggregator, normalisation) with a new class head for
+        ``classes``: how a pretrained model is fine-tuned."""
+        if len(classes) < 2:
+            raise InputError(f"a class head needs at least two classes, got {list(classes)}")
+        model = CroSSL(self.modalities, classes, self.config)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
+        model.load_state_dict(state, strict=False)
+        return model.to(self.mask_token.device)
 
     @property
     def window_s(self) -> float:

@@ -1,8 +1,8 @@
 """Replay: plays the streams of an XDF recording as chunks, with their own timestamps.
 
 Timestamps are kept as recorded (jitter, gaps, chunking) after pyxdf's clock-offset
-correction; no dejittering. String marker streams carry labels: a marker ``label:NAME``
-starts a labelled segment, ``label:none`` ends it.
+correction; no dejittering. String marker streams are kept as markers; which of them are
+labels is up to the label rules (``crossl_stream.labels``).
 """
 
 from __future__ import annotations
@@ -17,19 +17,25 @@ import numpy as np
 from crossl_stream.clock import host_clock
 from crossl_stream.errors import DatasetError
 from crossl_stream.readers.base import Chunk, Reader, SensorInfo
+from crossl_stream.xdf import read_xdf
 
 log = logging.getLogger(__name__)
-LABEL_PREFIX = "label:"
 YIELD_EVERY = 256  # chunks between yields to the event loop at max speed
 
 
-class Recording:
-    """Owns the numeric streams and label markers of one XDF file.
+def max_speed_chunk_s(stale_s: float) -> float:
+    """Chunk length of a max-speed replay: windows do not depend on chunking as long as
+    chunks come closer than ``stale_s``, and fewer chunks are faster."""
+    return min(0.25, stale_s / 2)
 
-    >>> from crossl_stream.training.datasets import shipped_excerpt
-    >>> rec = Recording.load(shipped_excerpt().with_suffix(".xdf"))
-    >>> sorted(rec.streams), rec.label_at(rec.start + 0.5, rec.start + 1.5)
-    (['acc', 'gyro'], 'FEL')
+
+class Recording:
+    """Owns the numeric streams and the marker streams of one XDF file.
+
+    >>> from crossl_stream.training.datasets import shipped_recording
+    >>> rec = Recording.load(shipped_recording())
+    >>> sorted(rec.streams), rec.types["acc"], rec.markers[0][1]
+    (['acc', 'gyro'], 'Accelerometer', 'label:FEL')
     """
 
     def __init__(
@@ -38,41 +44,46 @@ class Recording:
         markers: list[tuple[float, str]],
         path: Path,
         dropped: dict[str, int] | None = None,
+        types: dict[str, str] | None = None,
+        header: dict[str, str] | None = None,
+        marker_streams: dict[str, list[tuple[float, str]]] | None = None,
     ) -> None:
         self.streams = streams  # name -> (timestamps [n], values [n, c] float32, nominal rate)
-        self.markers = markers
+        self.markers = markers  # every marker stream's (time, text), in time order
+        self.marker_streams = marker_streams or {"": markers}
         self.path = path
-        self._label_t = np.array([t for t, _ in markers])
         self.dropped = dropped or {}  # samples cut after a clock jump, per stream
+        self.types = types or {}  # stream name -> stream type ("" when the file gives none)
+        self.header = header or {}  # the file header's fields (subject, session, ...)
+        self.truncated_at: float | None = None  # where a cut-off file stops
 
     @classmethod
     def load(cls, path: str | Path, max_gap_s: float = 600.0) -> Recording:
         """Read ``path`` with pyxdf; numeric streams by name, string streams as markers.
 
-        A stream whose clock jumps forward by more than ``max_gap_s`` between two samples
-        (a reset, or a switch to Unix time) is cut at the jump; the cut is logged and
-        counted in ``dropped``. Backward steps are left to the ring buffers, which refuse
-        and count them.
+        A file cut off while recording plays what it holds: ``truncated_at`` says where it
+        stops (a warning says so too). A stream whose clock jumps forward by more than
+        ``max_gap_s`` between two samples (a reset, or a switch to Unix time) is cut at the
+        jump; the cut is logged and counted in ``dropped``. Backward steps are left to the
+        ring buffers, which refuse and count them.
         """
-        import pyxdf
-
         path = Path(path)
         if not path.is_file():
             raise DatasetError(f"recording not found: {path}")
-        try:
-            raw, _ = pyxdf.load_xdf(str(path), dejitter_timestamps=False, verbose=False)
-        except Exception as exc:  # pyxdf raises bare Exceptions on damaged files
-            raise DatasetError(f"{path}: not a readable XDF recording ({exc})") from exc
-        streams, markers, dropped = {}, [], {}
-        for s in raw:
+        contents = read_xdf(path)  # a cut-off file gives what it holds, with a warning
+        streams, markers, dropped, types, marker_streams = {}, [], {}, {}, {}
+        for s in contents.streams:
             info = s["info"]
             name = info["name"][0]
             if info["channel_format"][0] == "string":
-                markers += [
+                mine = [
                     (float(t), str(v[0]))
                     for t, v in zip(s["time_stamps"], s["time_series"], strict=True)
                 ]
+                marker_streams.setdefault(name, []).extend(mine)
+                markers += mine
                 continue
+            types[name] = str((info.get("type") or [""])[0] or "")
             values = np.asarray(s["time_series"], dtype=np.float32)
             if values.ndim != 2 or not len(values):
                 log.warning("%s: stream %r has no samples; skipped", path, name)
@@ -96,7 +107,18 @@ class Recording:
         if not streams:
             raise DatasetError(f"{path}: no numeric stream (is it an XDF recording?)")
         markers.sort()
-        return cls(streams, markers, path, dropped)
+        for mine in marker_streams.values():
+            mine.sort()
+        recording = cls(streams, markers, path, dropped, types, contents.header, marker_streams)
+        recording.truncated_at = contents.truncated_at
+        return recording
+
+    def describe_streams(self) -> str:
+        """The numeric streams, for error messages: name, type, channels and rate."""
+        return ", ".join(
+            f"{name!r} (type {self.types.get(name) or '-'!r}, {x.shape[1]} ch @ {rate:g} Hz)"
+            for name, (_, x, rate) in self.streams.items()
+        )
 
     @property
     def start(self) -> float:
@@ -105,16 +127,6 @@ class Recording:
     @property
     def end(self) -> float:
         return max(t[-1] for t, _, _ in self.streams.values())
-
-    def label_at(self, t0: float, t1: float) -> str | None:
-        """The label covering all of [t0, t1), or None (no label, or it changes inside)."""
-        i = int(np.searchsorted(self._label_t, t0, side="right")) - 1
-        if i < 0 or not self.markers[i][1].startswith(LABEL_PREFIX):
-            return None
-        if i + 1 < len(self.markers) and self.markers[i + 1][0] < t1:
-            return None
-        label = self.markers[i][1][len(LABEL_PREFIX) :]
-        return None if label == "none" else label
 
 
 class Replay(Reader):
@@ -158,7 +170,10 @@ class Replay(Reader):
         self._wall0: float | None = None
         self._origin = recording.start
 
-    def _schedule(self) -> list[tuple[float, str, np.ndarray, np.ndarray]]:
+    def schedule(self) -> list[tuple[float, str, np.ndarray, np.ndarray]]:
+        """Every chunk to play: (arrival on the recording's clock, sensor, timestamps,
+        values), in arrival order; chunk edges lie on the recording's clock, so every
+        speed, and offline windowing, cut the same chunks."""
         start = self.recording.start
         events = []
         for sensor, name in self.names.items():
@@ -169,7 +184,6 @@ class Replay(Reader):
             t, x = t[keep], x[keep]
             if not len(t):
                 continue
-            # chunk boundaries on the recording's clock, so every speed cuts the same chunks
             edges = np.searchsorted(t, np.arange(start, t[-1] + self.chunk_s, self.chunk_s)[1:])
             for lo, hi in zip(np.r_[0, edges[:-1]], edges, strict=True):
                 if hi > lo:
@@ -187,7 +201,7 @@ class Replay(Reader):
         self._wall0 = wall0 = host_clock()
         # paced from the start of the section played, on the recording's clock
         start = self._origin = self.recording.start + self.section[0]
-        for i, (arrival, sensor, t, x) in enumerate(self._schedule()):
+        for i, (arrival, sensor, t, x) in enumerate(self.schedule()):
             if self.speed is not None:
                 delay = wall0 + (arrival - start) / self.speed - host_clock()
                 if delay > 0:

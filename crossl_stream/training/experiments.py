@@ -1,7 +1,11 @@
-"""The evaluation protocol: leave-one-subject-out on the watch data, label fractions,
-missing modalities, masking strategies, and the BasicMotions split.
+"""The evaluation protocol on any data set read from a spec: each fold holds out one group
+(a subject or a session); label fractions; CroSSL fine-tune and probe against a supervised
+baseline trained to convergence (early stopping on a validation group drawn from the
+training groups, never the test group); missing modalities; masking strategies.
 
-Every model is trained on training subjects only; normalisation is fitted on them too.
+Every model is trained on training groups only, and normalisation is fitted on them too;
+with ``pretrain_on: all`` pretraining also sees the held-out group's windows,
+without their labels.
 """
 
 from __future__ import annotations
@@ -18,19 +22,12 @@ from tqdm.auto import tqdm
 
 from crossl_stream.config import MaskingConfig, TrainConfig
 from crossl_stream.model.crossl import CroSSL
-from crossl_stream.model.masking import LatentMasker
+from crossl_stream.model.masking import NO_MASKING, LatentMasker
 from crossl_stream.model.specs import ModalitySpec
-from crossl_stream.training.datasets import (
-    Dataset,
-    Windows,
-    fit_normalisation,
-    labelled_subset,
-    load_basicmotions,
-    load_watch,
-    make_windows,
-)
+from crossl_stream.training.datasets import Windows, fit_normalisation, labelled_subset
 from crossl_stream.training.metrics import accuracy, confusion_matrix, macro_f1
-from crossl_stream.training.train import fit_classifier, predict, pretrain
+from crossl_stream.training.spec import LoadedData
+from crossl_stream.training.train import fit_classifier, predict, pretrain, validation_split
 
 
 def masker_of(cfg: MaskingConfig) -> LatentMasker:
@@ -51,80 +48,123 @@ def fraction_key(fraction: float) -> str:
     return str(float(fraction))
 
 
-def train_crossl(
-    specs: list[ModalitySpec],
+def labelled_split(
+    windows: Windows, fraction: float, by: str, seed: int
+) -> tuple[Windows, Windows | None]:
+    """A class-stratified ``fraction`` of the labelled windows, split into (train, validation)
+    by whole groups (``by``); the validation part decides when supervised training stops."""
+    labelled = windows.take(windows.labelled)
+    chosen = labelled.take(labelled_subset(labelled.y, fraction, seed))
+    train_index, val_index = validation_split(chosen, by, seed)
+    if not len(val_index):
+        return chosen, None
+    return chosen.take(train_index), chosen.take(val_index)
+
+
+def finetune(
+    base: CroSSL,
+    windows: Windows,
     classes: list[str],
     cfg: TrainConfig,
-    train: Windows,
     fraction: float = 1.0,
+    mode: str = "finetune",
     progress: bool = True,
-) -> tuple[CroSSL, dict[str, Any]]:
-    """SSL pretraining on all of ``train``, then fine-tuning on a labelled ``fraction``."""
-    masker = masker_of(cfg.masking)
-    model = new_model(specs, classes, cfg, train)
-    ssl = pretrain(model, train, masker, cfg.pretrain, cfg.loss, cfg.seed, progress)
-    labelled = train.take(labelled_subset(train.y, fraction, cfg.seed))
-    sup = fit_classifier(model, labelled, "finetune", cfg.finetune, masker, cfg.seed, progress)
-    return model, {"pretrain": ssl, "finetune": sup}
+    checkpoint=None,
+):
+    """``base`` with a class head, trained on a ``fraction`` of the labelled windows
+    (``finetune``: everything, with latent masking; ``probe``: the head only); returns the
+    model and the fit result."""
+    train, val = labelled_split(windows, fraction, cfg.evaluation.by, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the new head: the same whether pretraining ran just now or not
+    model = base.with_classes(classes) if base.classes != classes else copy.deepcopy(base)
+    masker = masker_of(cfg.masking) if mode == "finetune" else NO_MASKING
+    result = fit_classifier(
+        model, train, mode, cfg.finetune, masker, cfg.seed, progress, val=val, checkpoint=checkpoint
+    )
+    return model, result
+
+
+def supervised(
+    data: LoadedData,
+    windows: Windows,
+    cfg: TrainConfig,
+    fraction: float = 1.0,
+    masking: bool = False,
+    progress: bool = True,
+):
+    """The supervised baseline: the same architecture from scratch, trained to convergence
+    (early stopping) on the same labelled windows; ``masking`` adds CroSSL's latent masking
+    as augmentation."""
+    train, val = labelled_split(windows, fraction, cfg.evaluation.by, cfg.seed)
+    model = new_model(data.modalities, data.classes, cfg, windows)
+    masker = masker_of(cfg.masking) if masking else NO_MASKING
+    result = fit_classifier(
+        model, train, "supervised", cfg.finetune, masker, cfg.seed, progress, val=val
+    )
+    return model, result
 
 
 @dataclass
 class FoldOutcome:
-    """Predictions of every variant on one held-out subject."""
+    """Predictions of every variant on one held-out group."""
 
-    subject: int
+    group: str
     y_true: np.ndarray
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    stops: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
-def run_fold(
-    dataset: Dataset, windows: Windows, cfg: TrainConfig, subject: int, progress: bool = True
-) -> FoldOutcome:
-    """All variants with ``subject`` held out: CroSSL fine-tune and probe, supervised, and the
-    missing-modality evaluations of the full-label models."""
-    start = time.perf_counter()
-    specs, classes = dataset.specs(cfg.window_s), dataset.classes
-    train = windows.take(np.flatnonzero(windows.subject != subject))
-    test = windows.take(np.flatnonzero(windows.subject == subject))
-    out = FoldOutcome(subject, test.y)
-    masker = masker_of(cfg.masking)
-    names = [s.name for s in specs]
+def split_fold(data: LoadedData, cfg: TrainConfig, group: str) -> tuple[Windows, Windows]:
+    """(training windows, test windows) with ``group`` held out. The test windows are the
+    group's labelled windows in which every modality is available, so that every variant,
+    and each modality left out, is scored on the same windows."""
+    w = data.windows
+    groups = w.subject if cfg.evaluation.by == "subject" else w.session
+    train = w.take(np.flatnonzero(groups != group))
+    test_index = np.flatnonzero((groups == group) & (w.y >= 0) & w.available.all(axis=1))
+    return train, w.take(test_index)
 
-    def evaluate(name: str, model: CroSSL, with_missing: bool = False) -> None:
+
+def run_fold(data: LoadedData, cfg: TrainConfig, group: str, progress: bool = True) -> FoldOutcome:
+    """Every variant with ``group`` held out: CroSSL fine-tune and probe, supervised (with and
+    without masking at full labels), and the missing-modality scores of the full-label
+    models."""
+    start = time.perf_counter()
+    train, test = split_fold(data, cfg, group)
+    if not len(test):
+        raise ValueError(f"fold {group!r}: no labelled window with every sensor to test on")
+    out = FoldOutcome(group, test.y)
+    names = [m.name for m in data.modalities]
+
+    def evaluate(name: str, model: CroSSL, result, with_missing: bool = False) -> None:
         out.predictions[name] = predict(model, test).argmax(1)
+        out.curves[name] = result.history
+        out.stops[name] = {"stopped": result.stopped, "best_epoch": result.best_epoch}
         if with_missing:
             for m in names:
                 out.predictions[f"{name}|{m}"] = predict(model, test, [m]).argmax(1)
 
-    base = new_model(specs, classes, cfg, train)
+    unlabelled = data.windows if cfg.pretrain_on == "all" else train
+    base = new_model(data.modalities, [], cfg, unlabelled)
     out.curves["pretrain"] = pretrain(
-        base, train, masker, cfg.pretrain, cfg.loss, cfg.seed, progress
+        base, unlabelled, masker_of(cfg.masking), cfg.pretrain, cfg.loss, cfg.seed, progress
     )
     for fraction in cfg.evaluation.label_fractions:
         key = fraction_key(fraction)
-        labelled = train.take(labelled_subset(train.y, fraction, cfg.seed))
         full = fraction == 1.0
-        model = copy.deepcopy(base)
-        out.curves[f"crossl@{key}"] = fit_classifier(
-            model, labelled, "finetune", cfg.finetune, masker, cfg.seed, progress
-        )
-        evaluate(f"crossl@{key}", model, full)
-        probe = copy.deepcopy(base)
-        fit_classifier(probe, labelled, "probe", cfg.finetune, seed=cfg.seed, progress=progress)
-        evaluate(f"crossl-probe@{key}", probe)
-        sup = new_model(specs, classes, cfg, train)
-        out.curves[f"supervised@{key}"] = fit_classifier(
-            sup, labelled, "supervised", cfg.finetune, seed=cfg.seed, progress=progress
-        )
-        evaluate(f"supervised@{key}", sup, full)
+        model, result = finetune(base, train, data.classes, cfg, fraction, "finetune", progress)
+        evaluate(f"crossl@{key}", model, result, full)
+        probe, result = finetune(base, train, data.classes, cfg, fraction, "probe", progress)
+        evaluate(f"crossl-probe@{key}", probe, result)
+        sup, result = supervised(data, train, cfg, fraction, False, progress)
+        evaluate(f"supervised@{key}", sup, result, full)
         if full:
-            # Ablation: the supervised model trained with the same latent masking as CroSSL,
-            # to separate what pretraining brings from what masking as augmentation brings.
-            aug = new_model(specs, classes, cfg, train)
-            fit_classifier(aug, labelled, "supervised", cfg.finetune, masker, cfg.seed, progress)
-            evaluate(f"supervised+masking@{key}", aug, True)
+            # the supervised model trained with the same latent masking as CroSSL: separates
+            # what pretraining brings from what masking as augmentation brings
+            aug, result = supervised(data, train, cfg, fraction, True, progress)
+            evaluate(f"supervised+masking@{key}", aug, result, True)
     out.seconds = time.perf_counter() - start
     return out
 
@@ -139,54 +179,76 @@ def summarise(folds: list[FoldOutcome], n_classes: int) -> dict[str, dict[str, A
         summary[name] = {
             "macro_f1": float(np.mean(per_fold)),
             "macro_f1_std": float(np.std(per_fold)),
-            "macro_f1_per_fold": {str(f.subject): v for f, v in zip(folds, per_fold, strict=True)},
+            "macro_f1_per_fold": {f.group: v for f, v in zip(folds, per_fold, strict=True)},
             "accuracy": accuracy(y_true, y_pred),
             "confusion": confusion_matrix(y_true, y_pred, n_classes).tolist(),
         }
     return summary
 
 
-def watch_windows(cfg: TrainConfig) -> tuple[Dataset, Windows]:
-    dataset = load_watch()
-    return dataset, make_windows(dataset.recordings, dataset.specs(cfg.window_s), cfg.hop_s)
+def fold_groups(data: LoadedData, cfg: TrainConfig) -> list[str]:
+    """The groups held out in turn: ``evaluation.folds``, or every group with labels."""
+    w = data.windows
+    groups = w.subject if cfg.evaluation.by == "subject" else w.session
+    present = sorted(set(groups[w.y >= 0].tolist()))
+    if cfg.evaluation.folds is None:
+        return present
+    missing = sorted(set(cfg.evaluation.folds) - set(present))
+    if missing:
+        raise ValueError(
+            f"evaluation.folds: no labelled {cfg.evaluation.by} {missing}; there are {present}"
+        )
+    return list(cfg.evaluation.folds)
 
 
-def run_loso(
-    cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = print
+def run_folds(
+    data: LoadedData,
+    cfg: TrainConfig,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Leave-one-subject-out over the watch subjects (or ``cfg.evaluation.folds``)."""
-    dataset, windows = watch_windows(cfg)
-    subjects = cfg.evaluation.folds or sorted(set(windows.subject.tolist()))
+    """The protocol over every fold; a dict ready for the report (and saved as JSON)."""
+    groups = fold_groups(data, cfg)
+    w = data.windows
+    if len(set((w.subject if cfg.evaluation.by == "subject" else w.session).tolist())) < 2:
+        raise ValueError(f"evaluation.by {cfg.evaluation.by}: one group only; nothing to hold out")
     folds = []
-    for subject in tqdm(subjects, desc="LOSO folds", disable=not progress):
-        fold = run_fold(dataset, windows, cfg, subject, progress)
+    for group in tqdm(groups, desc="folds", disable=not progress):
+        fold = run_fold(data, cfg, group, progress)
         folds.append(fold)
         f1 = {
-            k: round(macro_f1(fold.y_true, v, len(dataset.classes)), 3)
+            k: round(macro_f1(fold.y_true, v, len(data.classes)), 3)
             for k, v in fold.predictions.items()
             if "|" not in k
         }
-        log(f"fold subject={subject} seconds={fold.seconds:.0f} macro_f1={f1}")
+        log(f"fold {cfg.evaluation.by}={group} seconds={fold.seconds:.0f} macro_f1={f1}")
     return {
-        "classes": dataset.classes,
-        "modalities": [s.name for s in dataset.specs(cfg.window_s)],
-        "subjects": [int(s) for s in subjects],
-        "windows": len(windows),
-        "variants": summarise(folds, len(dataset.classes)),
+        "name": data.name,
+        "by": cfg.evaluation.by,
+        "pretrain_on": cfg.pretrain_on,
+        "classes": data.classes,
+        "modalities": [m.name for m in data.modalities],
+        "window_s": data.modalities[0].window_s,
+        "folds": groups,
+        "windows": len(data.windows),
+        "labelled_windows": len(data.windows.labelled),
+        "variants": summarise(folds, len(data.classes)),
+        "stops": {f.group: f.stops for f in folds},
         "curves": folds[0].curves,
-        "curves_subject": int(folds[0].subject),
+        "curves_fold": folds[0].group,
         "seconds": float(sum(f.seconds for f in folds)),
     }
 
 
 def run_masking_grid(
-    cfg: TrainConfig, progress: bool = True, log: Callable[[str], None] = print
+    data: LoadedData,
+    cfg: TrainConfig,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Each masking config (and the attention aggregator with the default masking): SSL,
     then linear probe on all labels and fine-tuning on 10%, on the configured folds."""
-    dataset, windows = watch_windows(cfg)
-    specs, classes = dataset.specs(cfg.window_s), dataset.classes
-    subjects = cfg.evaluation.masking_folds or sorted(set(windows.subject.tolist()))
+    groups = list(cfg.evaluation.masking_folds) or fold_groups(data, cfg)
     variants: list[tuple[str, TrainConfig]] = [
         (f"mlp/{m.strategy}@{m.keep:g}", cfg.model_copy(update={"masking": m}))
         for m in cfg.evaluation.masking_grid
@@ -195,58 +257,31 @@ def run_masking_grid(
         attention = cfg.model.model_copy(update={"aggregator": "attention"})
         name = f"attention/{cfg.masking.strategy}@{cfg.masking.keep:g}"
         variants.append((name, cfg.model_copy(update={"model": attention})))
+    n = len(data.classes)
     rows = []
     for name, vcfg in variants:
         probe_f1, ft_f1 = [], []
         start = time.perf_counter()
-        for subject in subjects:
-            train = windows.take(np.flatnonzero(windows.subject != subject))
-            test = windows.take(np.flatnonzero(windows.subject == subject))
-            masker = masker_of(vcfg.masking)
-            base = new_model(specs, classes, vcfg, train)
-            pretrain(base, train, masker, vcfg.pretrain, vcfg.loss, vcfg.seed, progress)
-            probe = copy.deepcopy(base)
-            fit_classifier(probe, train, "probe", vcfg.finetune, seed=vcfg.seed, progress=progress)
-            probe_f1.append(macro_f1(test.y, predict(probe, test).argmax(1), len(classes)))
-            labelled = train.take(labelled_subset(train.y, 0.1, vcfg.seed))
-            fit_classifier(base, labelled, "finetune", vcfg.finetune, masker, vcfg.seed, progress)
-            ft_f1.append(macro_f1(test.y, predict(base, test).argmax(1), len(classes)))
+        for group in groups:
+            train, test = split_fold(data, vcfg, group)
+            base = new_model(data.modalities, [], vcfg, train)
+            pretrain(
+                base, train, masker_of(vcfg.masking), vcfg.pretrain, vcfg.loss, vcfg.seed, progress
+            )
+            probe, _ = finetune(base, train, data.classes, vcfg, 1.0, "probe", progress)
+            probe_f1.append(macro_f1(test.y, predict(probe, test).argmax(1), n))
+            model, _ = finetune(base, train, data.classes, vcfg, 0.1, "finetune", progress)
+            ft_f1.append(macro_f1(test.y, predict(model, test).argmax(1), n))
         row = {
             "variant": name,
             "probe@1": float(np.mean(probe_f1)),
             "finetune@0.1": float(np.mean(ft_f1)),
-            "folds": [int(s) for s in subjects],
+            "folds": groups,
             "seconds": time.perf_counter() - start,
         }
         log(f"masking {row}")
         rows.append(row)
     return rows
-
-
-def run_basicmotions(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """BasicMotions: CroSSL (SSL on the training series, fine-tune on all their labels) and
-    the supervised baseline, tested on the fixed test split; one window per series."""
-    dataset = load_basicmotions()
-    specs = dataset.specs(cfg.window_s)
-    train_recs = [r for r in dataset.recordings if r.split == "train"]
-    test_recs = [r for r in dataset.recordings if r.split == "test"]
-    train = make_windows(train_recs, specs, cfg.hop_s)
-    test = make_windows(test_recs, specs, cfg.window_s)
-    model, curves = train_crossl(specs, dataset.classes, cfg, train, 1.0, progress)
-    sup = new_model(specs, dataset.classes, cfg, train)
-    fit_classifier(sup, train, "supervised", cfg.finetune, seed=cfg.seed, progress=progress)
-    n = len(dataset.classes)
-    result = {}
-    for name, m in (("crossl", model), ("supervised", sup)):
-        pred = predict(m, test).argmax(1)
-        result[name] = {
-            "accuracy": accuracy(test.y, pred),
-            "macro_f1": macro_f1(test.y, pred, n),
-            "confusion": confusion_matrix(test.y, pred, n).tolist(),
-        }
-    result["classes"] = dataset.classes
-    result["train_windows"], result["test_windows"] = len(train), len(test)
-    return result
 
 
 def set_threads(n: int | None) -> None:

@@ -1,0 +1,169 @@
+"""What ``crossl-stream pretrain``, ``finetune`` and ``train`` do: a spec's recordings in,
+a model folder out, one that ``run``, ``replay`` and ``predict`` take as it is.
+
+A model folder remembers where its windows came from (sensors and their streams, window
+settings, label rules), so that replaying a recording through it needs no other config.
+Training state is saved in the folder as it goes (``pretrain.state``, ``finetune.state``):
+the same command on the same folder resumes where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crossl_stream.config import TrainConfig
+from crossl_stream.errors import CheckpointError
+from crossl_stream.model.checkpoint import read_meta, save_model
+from crossl_stream.model.crossl import CroSSL
+from crossl_stream.training.experiments import finetune, masker_of, new_model
+from crossl_stream.training.spec import LoadedData
+from crossl_stream.training.train import pretrain
+
+log = logging.getLogger(__name__)
+PRETRAIN_STATE = "pretrain.state"
+FINETUNE_STATE = "finetune.state"
+
+
+def provenance(cfg: TrainConfig, data: LoadedData, windows: np.ndarray) -> dict[str, Any]:
+    """What model.json records of the data: the spec, the streams, windows and labels."""
+    first = data.files[0]  # the stream each modality was read from, and its type
+    sensors = {
+        m.name: {"stream": first.streams[m.name], "type": first.types.get(m.name) or None}
+        for m in data.modalities
+    }
+    used = data.windows.take(windows)
+    return {
+        "data": {
+            "name": data.name,
+            "sensors": sensors,
+            "window": cfg.data.window.model_dump(mode="json"),
+            "labels": cfg.data.labels.model_dump(mode="json") if cfg.data.labels else None,
+            "subjects": sorted(set(used.subject.tolist())),
+            "sessions": len({(f.subject, f.session) for f in data.files}),
+            "windows": len(used),
+            "labelled_windows": len(used.labelled),
+        },
+        "holdout": list(cfg.holdout),
+        "seed": cfg.seed,
+        "config": cfg.model_dump(mode="json", exclude={"data", "evaluation"}),
+    }
+
+
+def training_windows(cfg: TrainConfig, data: LoadedData, labels: bool = True) -> np.ndarray:
+    """Indices of the windows a model may train on: all but the held-out subjects and
+    sessions (``cfg.holdout``); for pretraining (``labels=False``) with ``pretrain_on:
+    all``, every window."""
+    if not labels and cfg.pretrain_on == "all":
+        return np.arange(len(data.windows))
+    held = list(cfg.holdout)
+    keep = ~(np.isin(data.windows.subject, held) | np.isin(data.windows.session, held))
+    if not keep.any():
+        raise CheckpointError(f"holdout {held} leaves no window to train on")
+    return np.flatnonzero(keep)
+
+
+def run_pretrain(cfg: TrainConfig, data: LoadedData, out: Path, progress: bool = True) -> CroSSL:
+    """VICReg on every window of the training subjects, labelled or not; the model (no
+    class head) is saved to ``out``. Resumes from ``out/pretrain.state``."""
+    index = training_windows(cfg, data, labels=False)
+    windows = data.windows.take(index)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = new_model(data.modalities, [], cfg, windows)
+    history = pretrain(
+        model,
+        windows,
+        masker_of(cfg.masking),
+        cfg.pretrain,
+        cfg.loss,
+        cfg.seed,
+        progress,
+        checkpoint=out / PRETRAIN_STATE,
+    )
+    info = provenance(cfg, data, index)
+    info["stage"] = "pretrained"
+    info["pretrain_seconds"] = round(time.perf_counter() - start, 1)
+    info["final_pretrain_loss"] = history[-1]["loss"] if history else None
+    save_model(model, out, info)
+    _save_curves(out, {"pretrain": history})
+    return model
+
+
+def run_finetune(
+    cfg: TrainConfig,
+    data: LoadedData,
+    base: CroSSL,
+    out: Path,
+    fraction: float = 1.0,
+    progress: bool = True,
+    base_info: dict[str, Any] | None = None,
+) -> CroSSL:
+    """``base`` with a class head, fine-tuned on ``fraction`` of the training subjects'
+    labelled windows (early stopping on a validation group), saved to ``out``."""
+    data.require_classes(cfg.data.name or data.name)
+    _check_same_inputs(base, data)
+    index = training_windows(cfg, data)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model, result = finetune(
+        base,
+        data.windows.take(index),
+        data.classes,
+        cfg,
+        fraction,
+        "finetune",
+        progress,
+        checkpoint=out / FINETUNE_STATE,
+    )
+    info = provenance(cfg, data, index)
+    info.update(
+        stage="finetuned",
+        labels_fraction=fraction,
+        pretrained={  # what the encoder saw before its labels
+            k: ((base_info or {}).get("data") or {}).get(k) for k in ("name", "windows")
+        },
+        finetune_seconds=round(time.perf_counter() - start, 1),
+        stopped=result.stopped,
+        best_epoch=result.best_epoch,
+        epochs=result.epochs,
+    )
+    if base_info:
+        info["pretrain_seconds"] = base_info.get("pretrain_seconds")
+    save_model(model, out, info)
+    curves = _load_curves(out)
+    curves["finetune"] = result.history
+    _save_curves(out, curves)
+    return model
+
+
+def pretrained_info(directory: Path) -> dict[str, Any]:
+    """The info block of a pretrained model folder."""
+    return read_meta(directory).get("info", {})
+
+
+def _check_same_inputs(model: CroSSL, data: LoadedData) -> None:
+    ours = [m.model_dump(exclude={"channel_names"}) for m in data.modalities]
+    theirs = [m.model_dump(exclude={"channel_names"}) for m in model.modalities]
+    if ours != theirs:
+        raise CheckpointError(
+            f"the pretrained model's modalities {theirs} differ from the spec's {ours} "
+            "(sensors, channels, rates and window length must match)"
+        )
+
+
+def _save_curves(out: Path, curves: dict[str, Any]) -> None:
+    (out / "curves.json").write_text(json.dumps(curves) + "\n")
+
+
+def _load_curves(out: Path) -> dict[str, Any]:
+    path = out / "curves.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}

@@ -1,0 +1,230 @@
+"""Your recordings in, your model out: a spec over multi-rate XDF sessions, pretrain,
+fine-tune, run and scored output through the CLI only; training windows equal the windows
+the pipeline emits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossl_stream.config import PipelineConfig, TrainConfig, load_config
+from crossl_stream.errors import DatasetError
+from crossl_stream.pipeline import Pipeline
+from crossl_stream.publishers import MemoryPublisher
+from crossl_stream.training.spec import load_data
+from crossl_stream.xdf import XdfStream, write_xdf
+
+CLI = [sys.executable, "-m", "crossl_stream.cli"]
+RATES = {"ECG": 128.0, "EDA": 16.0, "ACC": 32.0}
+CLASSES = ["rest", "task"]
+
+
+def session(path: Path, seed: int, blocks: int = 8, block_s: float = 12.0, gap: bool = True):
+    """A three-sensor session (ECG 1 ch @ 128 Hz, EDA 1 ch @ 16 Hz, ACC 3 ch @ 32 Hz) with
+    plain marker strings, blocks of 'rest' and 'task' that differ in heart rate, skin
+    conductance and movement, and a 3 s accelerometer gap in block 2."""
+    rng = np.random.default_rng(seed)
+    t0 = 5000.0 + 100 * seed
+    end = t0 + blocks * block_s
+    streams, marks, texts = [], [], []
+    for b in range(blocks):
+        marks += [t0 + b * block_s]
+        texts += [CLASSES[b % 2]]
+    marks += [t0 + 3.3 * block_s]  # a marker no rule names: ignored by the spec
+    texts += ["impedance check"]
+    task = lambda t: (np.floor((t - t0) / block_s) % 2 == 1).astype(np.float32)  # noqa: E731
+    for name, rate in RATES.items():
+        t = np.arange(t0, end, 1 / rate) + rng.normal(0, 0.1 / rate, int(round((end - t0) * rate)))
+        t.sort()
+        k = task(t)
+        if name == "ECG":
+            x = np.sin(2 * np.pi * (1.0 + 1.0 * k) * t)[:, None]
+        elif name == "EDA":
+            x = (2.0 + 1.5 * k + 0.1 * np.sin(0.3 * t))[:, None]
+        else:
+            x = np.stack([np.sin(2 * np.pi * 3 * t) * k, np.cos(t), 0.2 * k], axis=1)
+            if gap:
+                keep = ~((t > t0 + 2 * block_s + 4) & (t < t0 + 2 * block_s + 7))
+                t, x = t[keep], x[keep]
+        x = x + rng.normal(0, 0.05, x.shape)
+        kind = {"ECG": "ECG", "EDA": "EDA", "ACC": "Accelerometer"}[name]
+        streams.append(XdfStream(name, kind, t, x.astype(np.float32), rate, f"dev-{name}"))
+    streams.append(XdfStream("Markers", "Markers", np.array(marks), texts, 0.0, "stim"))
+    return write_xdf(path, streams)
+
+
+SPEC = """\
+data:
+  recordings: ["sub-*_ses-1.xdf"]
+  sensors:
+    ecg: {type: ECG, rate_hz: 64}
+    eda: {stream: EDA, rate_hz: 8}
+    acc: {stream: ACC, rate_hz: 32}
+  window: {length_s: 2.0, hop_s: 0.5}
+  labels:
+    markers: {map: {rest: rest, task: task}, ignore: ["impedance check"]}
+evaluation: {by: subject}
+model: {code_size: 16, kernels: [6, 4, 4]}   # 12 samples: EDA has 16 a window
+pretrain: {steps: 6, batch_size: 32}
+finetune: {batch_size: 32, max_epochs: 6, patience: 2, min_epoch_steps: 4}
+"""
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("lab")
+    for i, subject in enumerate(["p01", "p02", "p03"]):
+        session(folder / f"sub-{subject}_ses-1.xdf", seed=i)
+    (folder / "spec.yaml").write_text(SPEC)
+    return folder
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_spec_reads_multi_rate_sessions_with_ids_labels_and_the_gap(sessions):
+    cfg = load_config(sessions / "spec.yaml", TrainConfig)
+    data = load_data(cfg.data, sessions, "spec.yaml", progress=False)
+    assert [f.subject for f in data.files] == ["p01", "p02", "p03"]
+    assert [f.session for f in data.files] == ["1", "1", "1"]
+    assert {f.streams["ecg"] for f in data.files} == {"ECG"}  # found by type
+    assert [(m.name, m.channels, m.samples) for m in data.modalities] == [
+        ("ecg", 1, 128),
+        ("eda", 1, 16),
+        ("acc", 3, 64),
+    ]
+    assert data.classes == CLASSES
+    w = data.windows
+    # the 3 s accelerometer gap masks acc in the windows it leaves under 80% covered
+    masked_acc = ~w.available[:, 2]
+    assert masked_acc.sum() >= 3 * 4 and w.available[:, :2].all()  # a few windows per file
+    start = np.round(w.t_end - 2.0 - (5000.0 + 100 * w.recording), 6)  # from the file start
+    assert np.all((start[masked_acc] < 24 + 7) & (start[masked_acc] + 2 > 24 + 4))
+    # a window is labelled only when one block covers all of it: never across a change
+    block = np.floor(start / 12.0)
+    same_block = np.floor((start + 2.0 - 1e-6) / 12.0) == block
+    assert np.array_equal(w.y >= 0, same_block)
+    assert np.array_equal(w.y[w.y >= 0], (block[w.y >= 0] % 2).astype(int))
+    assert data.unmapped == {}  # 'impedance check' is ignored, not unmapped
+
+
+def test_training_windows_equal_the_windows_the_pipeline_emits(sessions, tmp_path):
+    """One windowing path: what a model trains on is what the pipeline cuts on a replay."""
+    from crossl_stream.model import CroSSL
+    from crossl_stream.model.checkpoint import save_model
+
+    cfg = load_config(sessions / "spec.yaml", TrainConfig)
+    data = load_data(cfg.data, sessions, "spec.yaml", progress=False)
+    model_dir = save_model(CroSSL(data.modalities, CLASSES, cfg.model), tmp_path / "m")
+    path = data.files[1].path
+    mine = data.windows.take(np.flatnonzero(data.windows.recording == 1))
+    raw = {
+        "sensors": {
+            "ecg": {"channels": 1, "rate_hz": 128},
+            "eda": {"channels": 1, "rate_hz": 16},
+            "acc": {"channels": 3, "rate_hz": 32},
+        },
+        "readers": [{"kind": "replay", "path": str(path), "streams": data.files[1].streams}],
+        "window": {"hop_s": 0.5},
+        "inference": {"model": str(model_dir), "runtime": "torch"},
+        "publishers": [],
+    }
+    pipeline = Pipeline.from_config(PipelineConfig.model_validate(raw), ".", "test")
+    cut = []
+    put = pipeline._put
+
+    async def record(window):  # the windows on their way to the model
+        cut.append(window)
+        await put(window)
+
+    pipeline._put = record
+    pipeline.publishers.append(MemoryPublisher())
+    asyncio.run(pipeline.run())
+    assert len(cut) == len(mine) > 100
+    assert np.allclose([w.t_end for w in cut], mine.t_end)
+    for i, m in enumerate(("ecg", "eda", "acc")):
+        assert np.array_equal([w.available[m] for w in cut], mine.available[:, i])
+        assert np.array_equal(np.stack([w.data[m] for w in cut]), mine.x[m])
+
+
+def test_pretrain_finetune_run_and_score_through_the_cli(sessions, tmp_path):
+    spec = sessions / "spec.yaml"
+    pre, fine = tmp_path / "pre", tmp_path / "fine"
+    result = cli("pretrain", str(spec), "--out", str(pre), "--quiet", cwd=sessions)
+    assert result.returncode == 0, result.stderr
+    assert "3 recordings, 3 subjects" in result.stdout
+    meta = json.loads((pre / "model.json").read_text())
+    assert meta["classes"] == [] and meta["info"]["stage"] == "pretrained"
+    result = cli(
+        "finetune", str(spec), "--from", str(pre), "--out", str(fine),
+        "--labels-fraction", "0.5", "--quiet", cwd=sessions,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((fine / "model.json").read_text())
+    assert meta["classes"] == CLASSES and meta["info"]["labels_fraction"] == 0.5
+    assert meta["info"]["data"]["sensors"]["ecg"] == {"stream": "ECG", "type": "ECG"}
+    assert (fine / "head.onnx").is_file() and (fine / "README.md").is_file()
+    # a pipeline config replays a session through the folder as it is, scored by the
+    # model's own label rules
+    run_cfg = tmp_path / "run.yaml"
+    run_cfg.write_text(
+        "sensors:\n"
+        "  ecg: {channels: 1, rate_hz: 128}\n  eda: {channels: 1, rate_hz: 16}\n"
+        "  acc: {channels: 3, rate_hz: 32}\n"
+        f"readers: [{{kind: replay, path: {sessions / 'sub-p03_ses-1.xdf'}, speed: max}}]\n"
+        f"inference: {{model: {fine}}}\n"
+        "publishers: []\n"
+    )
+    out = tmp_path / "predictions.jsonl"
+    result = cli("run", str(run_cfg), "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) > 100 and {r["label"] for r in records} <= set(CLASSES)
+    line = next(x for x in result.stdout.splitlines() if x.startswith("accuracy"))
+    assert "macro-F1" in line and "labelled windows" in line
+    assert "with acc masked:" in result.stdout
+    # the same file offline, through `predict`, scored with the same rules
+    result = cli("predict", str(sessions / "sub-p03_ses-1.xdf"), "--model", str(fine), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert any(x.startswith("accuracy") for x in result.stdout.splitlines())
+    # an existing output is not appended to unless asked
+    result = cli("run", str(run_cfg), "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 2 and "--append" in result.stderr
+    # a pretrained-only model cannot serve
+    run_cfg.write_text(run_cfg.read_text().replace(str(fine), str(pre)))
+    result = cli("run", str(run_cfg), cwd=tmp_path)
+    assert result.returncode == 2 and "pretrained only" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("sub-*_ses-1.xdf", "nobody-*.xdf"), "recordings.0: nobody-*.xdf matches no file"),
+        (("{stream: EDA,", "{stream: GSR,"), "no stream for sensor 'eda' (name 'GSR')"),
+        (("{rest: rest, task: task}", "{Rest: rest, Task: task}"), "none of ['Rest', 'Task']"),
+        (("{rest: rest, task: task}", "{task: task}"), "at least two"),
+        (('ignore: ["impedance check"]}', "hold: 0.5}"), "the rules label no window"),
+    ],
+)
+def test_bad_specs_get_one_clear_line(sessions, tmp_path, change, message):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.replace(*change).replace('"sub-*', f'"{sessions}/sub-*'))
+    result = cli("train", str(spec), "--out", str(tmp_path / "m"), "--quiet", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_stream_error_lists_what_the_file_has(sessions):
+    cfg = load_config(sessions / "spec.yaml", TrainConfig)
+    emg = cfg.data.sensors["acc"].model_copy(update={"stream": None, "type": "EMG"})
+    spec = cfg.data.model_copy(update={"sensors": {"emg": emg}})
+    with pytest.raises(DatasetError, match=r"'ACC' \(type 'Accelerometer', 3 ch @ 32 Hz\)"):
+        load_data(spec, sessions, "spec.yaml", progress=False)
