@@ -51,19 +51,19 @@ def _spec(args: argparse.Namespace):
     return cfg, data
 
 
-def _out_dir(args: argparse.Namespace) -> Path:
-    """``--out``, or ``models/<spec name>``; ``--fresh`` forgets a run to resume."""
-    from crossl_stream.training.workflow import FINETUNE_STATE, PRETRAIN_STATE
+def _out_dir(args: argparse.Namespace, suffix: str = "") -> Path:
+    """``--out``, or ``models/<spec name><suffix>``."""
+    return Path(args.out) if args.out else Path("models") / f"{Path(args.spec).stem}{suffix}"
 
-    out = Path(args.out) if args.out else Path("models") / Path(args.spec).stem
-    for name in (PRETRAIN_STATE, FINETUNE_STATE):
-        state = out / name
-        if state.is_file():
-            if args.fresh:
-                state.unlink()
-            else:
-                print(f"resuming from {_shown(state)} (--fresh starts over)")
-    return out
+
+def _resume(args: argparse.Namespace, state: Path) -> None:
+    """Say that ``state`` is resumed, or forget it with ``--fresh``."""
+    if not state.is_file():
+        return
+    if args.fresh:
+        state.unlink()
+    else:
+        print(f"resuming from {_shown(state)} (--fresh starts over)")
 
 
 def _finish(out: Path) -> None:
@@ -77,10 +77,11 @@ def _finish(out: Path) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from crossl_stream.training.workflow import run_pretrain
+    from crossl_stream.training.workflow import PRETRAIN_STATE, run_pretrain
 
+    out = _out_dir(args, "-pretrained")
     cfg, data = _spec(args)
-    out = _out_dir(args)
+    _resume(args, out / PRETRAIN_STATE)
     run_pretrain(cfg, data, out, not args.quiet)
     print(
         f"saved pretrained model (no class head) to {_shown(out)}; next: crossl-stream "
@@ -91,28 +92,45 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from crossl_stream.model.checkpoint import load_model
-    from crossl_stream.training.workflow import pretrained_info, run_finetune
+    from crossl_stream.training.workflow import FINETUNE_STATE, pretrained_info, run_finetune
 
-    cfg, data = _spec(args)
-    base = load_model(args.pretrained)
     out = _out_dir(args)
-    info = pretrained_info(args.pretrained)
-    run_finetune(cfg, data, base, out, args.labels_fraction, not args.quiet, info)
+    source = Path(args.pretrained)
+    info = pretrained_info(source)  # a missing or foreign folder: said before reading data
+    if out.resolve() == source.resolve():
+        raise CrosslError(f"--out {out}: the pretrained folder itself; fine-tune into another")
+    if info.get("stage") == "finetuned":
+        raise CrosslError(
+            f"--from {source}: already fine-tuned (on {info.get('labels_fraction', 1.0):.0%} of "
+            "the labels); fine-tune from the pretrained folder it came from"
+        )
+    cfg, data = _spec(args)
+    _resume(args, out / FINETUNE_STATE)
+    run_finetune(cfg, data, load_model(source), out, args.labels_fraction, not args.quiet, info)
     _finish(out)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from crossl_stream.training.workflow import pretrained_info, run_finetune, run_pretrain
+    from crossl_stream.training.workflow import (
+        FINETUNE_STATE,
+        PRETRAIN_STATE,
+        pretrained_info,
+        run_finetune,
+        run_pretrain,
+    )
 
+    out = _out_dir(args)
     cfg, data = _spec(args)
     data.require_classes(_shown(args.spec))
-    out = _out_dir(args)
     start = time.perf_counter()
-    base = run_pretrain(cfg, data, out, not args.quiet)
-    info = pretrained_info(out)
+    _resume(args, out / "pretrained" / PRETRAIN_STATE)
+    _resume(args, out / FINETUNE_STATE)
+    base = run_pretrain(cfg, data, out / "pretrained", not args.quiet)
+    info = pretrained_info(out / "pretrained")
     run_finetune(cfg, data, base, out, args.labels_fraction, not args.quiet, info)
-    print(f"trained in {time.perf_counter() - start:.0f} s")
+    seconds = time.perf_counter() - start
+    print(f"trained in {seconds:.0f} s (the pretrained model: {_shown(out / 'pretrained')})")
     _finish(out)
     return 0
 
@@ -252,13 +270,31 @@ def score(
     return lines
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from crossl_stream.config import WindowConfig
+def _truth(rules, recording, t_end: np.ndarray, window_s: float) -> list[str | None] | None:
+    """The label of each window under ``rules``, or None (said once) when the recording
+    carries no labels those rules can read: it is predicted, not scored."""
+    from crossl_stream.errors import DatasetError
     from crossl_stream.labels import Labels
+
+    if rules.markers is not None and not recording.marker_streams:
+        print(f"not scored: {recording.path.name} has no marker stream")
+        return None
+    try:
+        labels = Labels.of(rules, recording.path, recording.start, recording.marker_streams)
+    except DatasetError as exc:
+        print(f"not scored: {exc}")
+        return None
+    return labels.labels_of(t_end, window_s)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from crossl_stream.config import WindowConfig
     from crossl_stream.model.checkpoint import load_model, read_meta
     from crossl_stream.readers.replay import Recording
     from crossl_stream.training.datasets import shipped_recording
-    from crossl_stream.training.spec import cut_windows, find_stream
+    from crossl_stream.training.spec import iter_windows, model_streams
 
     model_dir = Path(args.model)
     model = load_model(model_dir)
@@ -269,42 +305,50 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.hop:
         window = window.model_copy(update={"hop_s": args.hop})
     rules = _label_rules(args.labels, model_dir)
-    overrides = _stream_map(args.stream)
+    named = _stream_map(args.stream)
     paths = [Path(p) for p in args.recordings] or [shipped_recording()]
+    names = model.modality_names
     print(
-        f"model {_shown(model_dir)} ({', '.join(model.modality_names)}; "
-        f"{', '.join(model.classes)}): {model.window_s:g} s windows every {window.hop_s:g} s"
+        f"model {_shown(model_dir)} ({', '.join(names)}; {', '.join(model.classes)}): "
+        f"{model.window_s:g} s windows every {window.hop_s:g} s"
     )
     print(f"{'recording':<28}{'windows':>9}{'labelled':>10}{'accuracy':>10}")
     predicted, truth, masked = [], [], []
     for path in paths:
         recording = Recording.load(path)
-        streams = {}
-        for m in model.modality_names:
-            known = trained.get("sensors", {}).get(m, {})
-            if m in overrides:
-                streams[m] = find_stream(recording, m, [overrides[m]])
-            else:
-                streams[m] = find_stream(recording, m, [m, known.get("stream")], known.get("type"))
-        windows = cut_windows(recording, streams, model.modalities, window)
-        if not windows:
+        streams = model_streams(recording, model.modalities, trained.get("sensors", {}), named)
+        windows = iter_windows(recording, streams, model.modalities, window)
+        mine, ends, gone = [], [], []
+        while batch := list(islice(windows, 512)):  # a long recording never sits in memory
+            x = {m: np.stack([w.data[m] for w in batch]) for m in names}
+            available = np.array([[w.available[m] for m in names] for w in batch])
+            mine += [model.classes[i] for i in model.predict_proba(x, available).argmax(1)]
+            ends += [w.t_end for w in batch]
+            gone += [[m for m in names if not w.available[m]] for w in batch]
+        if not mine:
             print(f"{path.name:<28}{0:>9}  (shorter than one window)")
             continue
-        x = {m: np.stack([w.data[m] for w in windows]) for m in model.modality_names}
-        available = np.array([[w.available[m] for m in model.modality_names] for w in windows])
-        probs = model.predict_proba(x, available)
-        labels = Labels.of(rules, path, recording.start, recording.marker_streams)
-        names = labels.labels_of(np.array([w.t_end for w in windows]), model.window_s)
-        mine = [model.classes[i] for i in probs.argmax(1)]
-        hits = [p == t for p, t in zip(mine, names, strict=True) if t is not None]
+        labels = _truth(rules, recording, np.array(ends), model.window_s) or [None] * len(mine)
+        hits = [p == t for p, t in zip(mine, labels, strict=True) if t is not None]
         shown = f"{np.mean(hits):>10.3f}" if hits else f"{'-':>10}"
-        print(f"{path.name:<28}{len(windows):>9}{len(hits):>10}{shown}")
+        print(f"{path.name:<28}{len(mine):>9}{len(hits):>10}{shown}")
         predicted += mine
-        truth += names
-        masked += [[m for m, used in w.available.items() if not used] for w in windows]
+        truth += labels
+        masked += gone
     for line in score(predicted, truth, masked, model.classes):
         print(line)
     return 0
+
+
+def _fraction(text: str) -> float:
+    """A label fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a fraction in (0, 1], e.g. 0.1")
+    return value
 
 
 def _dropout(text: str) -> tuple[str, float, float]:
@@ -331,32 +375,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from crossl_stream.config import PipelineConfig, ReplayReaderConfig, WindowConfig
     from crossl_stream.model.checkpoint import read_meta
+    from crossl_stream.model.specs import ModalitySpec
     from crossl_stream.readers.replay import Recording
     from crossl_stream.training.datasets import shipped_recording
-    from crossl_stream.training.spec import find_stream, source_rate
+    from crossl_stream.training.spec import model_streams, source_rate
 
     path = Path(args.recording) if args.recording else shipped_recording()
     meta = read_meta(Path(args.model))
     trained = meta.get("info", {}).get("data", {}) or {}
-    overrides = _stream_map(args.stream)
-    unknown = sorted(set(overrides) - {m["name"] for m in meta["modalities"]})
-    if unknown:
-        raise CrosslError(
-            f"--stream: the model has no modality {unknown}; it has "
-            f"{[m['name'] for m in meta['modalities']]}"
-        )
+    modalities = [ModalitySpec(**m) for m in meta["modalities"]]
     recording = Recording.load(path)
-    sensors, streams = {}, {}
-    for m in meta["modalities"]:  # a sensor per model modality: named, same name, or trained
-        name = m["name"]
-        known = trained.get("sensors", {}).get(name, {})
-        if name in overrides:
-            stream = find_stream(recording, name, [overrides[name]])
-        else:
-            stream = find_stream(recording, name, [name, known.get("stream")], known.get("type"))
-        streams[name] = stream
-        channels = recording.streams[stream][1].shape[1]
-        sensors[name] = {"channels": channels, "rate_hz": source_rate(recording, stream)}
+    streams = model_streams(
+        recording, modalities, trained.get("sensors", {}), _stream_map(args.stream)
+    )
+    sensors = {  # a sensor per model modality, at its stream's rate
+        m: {"channels": recording.streams[s][1].shape[1], "rate_hz": source_rate(recording, s)}
+        for m, s in streams.items()
+    }
     publishers: list[dict] = [{"kind": "console", "every": args.print_every}]
     if args.out:
         publishers.append(
@@ -471,8 +506,8 @@ def _play(cfg, base: Path, source: str, labels: str | None = None) -> int:
     print(describe(pipeline))
     model_dir = cfg.inference.model or default_model_dir()
     model_dir = model_dir if model_dir.is_absolute() else base / model_dir
-    rules = [
-        rc.labels or _label_rules(labels, model_dir)
+    rules = [  # --labels first, then the reader's, then the model's
+        _label_rules(labels, model_dir) if labels or not rc.labels else rc.labels
         for rc in cfg.readers
         if isinstance(rc, ReplayReaderConfig)
     ]
@@ -523,7 +558,6 @@ def describe(pipeline) -> str:
 def print_summary(pipeline, records, wall: float, rules=()) -> None:
     """Windows, masks, refusals, accuracy and macro-F1 against a replay's labels (``rules``:
     one set of label rules per replay reader), latency, speed."""
-    from crossl_stream.labels import Labels
     from crossl_stream.readers.replay import Replay
 
     windowers, counters = list(pipeline.windowers.values()), pipeline.counters
@@ -559,17 +593,16 @@ def print_summary(pipeline, records, wall: float, rules=()) -> None:
     span = None
     if replays and rules:
         recording = replays[0].recording
-        labels = Labels.of(rules[0], recording.path, recording.start, recording.marker_streams)
-        truth = labels.labels_of(
-            np.array([r["t_window_end"] for r in records]), pipeline.model.window_s
-        )
-        for line in score(
-            [r["label"] for r in records],
-            truth,
-            [[m for m, used in r["mask"].items() if not used] for r in records],
-            pipeline.model.classes,
-        ):
-            print(line)
+        ends = np.array([r["t_window_end"] for r in records])
+        truth = _truth(rules[0], recording, ends, pipeline.model.window_s)
+        if truth is not None:
+            for line in score(
+                [r["label"] for r in records],
+                truth,
+                [[m for m, used in r["mask"].items() if not used] for r in records],
+                pipeline.model.classes,
+            ):
+                print(line)
         span = recording.end - recording.start
     if records:
         total = np.array([r["latency_ms"]["total"] for r in records])
@@ -594,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         if labels:
             p.add_argument(
                 "--labels-fraction",
-                type=float,
+                type=_fraction,
                 default=1.0,
                 help="fine-tune on this fraction of the labelled windows (stratified)",
             )

@@ -217,6 +217,9 @@ class RecordingSource(_Strict):
     path: str = Field(min_length=1)
     subject: Id | None = None
     session: Id | None = None
+    labelled: bool = Field(
+        True, description="false: no labels are read from these files (e.g. a new subject's)"
+    )
 
 
 BIDS_IDS = r"sub-(?P<subject>[A-Za-z0-9]+)(?:_ses-(?P<session>[A-Za-z0-9]+))?"
@@ -270,8 +273,9 @@ class TrainConfig(_Strict):
     data: DatasetSpec
     holdout: tuple[Id, ...] = Field(
         (),
-        description="subjects or SUBJECT/SESSION sessions whose labels a model never sees "
-        "(e.g. the demo's subject)",
+        description="subjects or SUBJECT/SESSION sessions whose labels pretrain / finetune / "
+        "train never use (e.g. the demo's subject); eval holds out every group in turn, "
+        "these included",
     )
     pretrain_on: Literal["train", "all"] = Field(
         "train",

@@ -52,7 +52,7 @@ class Labels:
         unmapped: Counter[str] = Counter()
         matched: Counter[str] = Counter()
         current: tuple[float, str] | None = None
-        for t, raw in sorted(markers):
+        for t, raw in sorted(markers, key=lambda m: m[0]):  # ties keep the recorded order
             if not raw.startswith(rules.prefix):
                 continue
             text = raw[len(rules.prefix) :]
@@ -75,7 +75,13 @@ class Labels:
         if current is not None:
             start, name = current
             intervals.append((start, np.inf if rules.hold == "next" else start + rules.hold, name))
-        labels = cls(intervals)
+        merged: list[tuple[float, float, str]] = []
+        for a, b, name in intervals:  # a class marked again while it holds: one stretch
+            if merged and merged[-1][2] == name and merged[-1][1] >= a:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b), name)
+            else:
+                merged.append((a, b, name))
+        labels = cls(merged)
         labels.unmapped, labels.matched = unmapped, matched
         return labels
 

@@ -36,13 +36,17 @@ def test_train_writes_a_model_folder_that_loads_predicts_and_resumes(tmp_path):
     info = json.loads((out / "model.json").read_text())["info"]
     assert info["data"]["subjects"] == ["10"] and info["stage"] == "finetuned"
     assert model.modality_names == ["acc", "gyro"] and len(model.classes) == 7
-    assert (out / "pretrain.state").is_file() and (out / "finetune.state").is_file()
-    weights = (out / "model.safetensors").read_bytes()
-    # the same command again resumes two finished runs: nothing changes
+    assert (out / "pretrained" / "pretrain.state").is_file() and (out / "finetune.state").is_file()
+    assert json.loads((out / "pretrained" / "model.json").read_text())["classes"] == []
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    # the same command again resumes two finished runs: nothing changes, not even model.json
     result = run("train", str(spec), "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stdout
-    assert (out / "model.safetensors").read_bytes() == weights
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
+    # a fine-tuned folder is no starting point for another fine-tuning
+    result = run("finetune", str(spec), "--from", str(out), "--out", str(tmp_path / "again"))
+    assert result.returncode == 2 and "already fine-tuned" in result.stderr
     result = run("predict", "--model", str(out))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].startswith("accuracy")

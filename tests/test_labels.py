@@ -83,3 +83,11 @@ def test_rules_choose_one_source_and_a_marker_stream_by_name(tmp_path):
         DatasetError, match=r"no marker stream 'Events'; it has \['Notes', 'Stim'\]"
     ):
         Labels.of(LabelRules(markers=MarkerLabels(stream="Events")), tmp_path / "r.xdf", 0, streams)
+
+
+def test_a_class_marked_again_while_it_holds_is_one_stretch_and_ties_keep_their_order():
+    markers = [(0.0, "PEN"), (5.0, "PEN"), (9.0, "rest"), (9.0, "PEN"), (20.0, "end")]
+    labels = Labels.from_markers(MarkerLabels(end=("end",)), markers)
+    # 'rest' and 'PEN' at 9 s: in recorded order, so 'rest' lasts no time and PEN holds on
+    assert labels.intervals == [(0.0, 9.0, "PEN"), (9.0, 20.0, "PEN")]
+    assert labels.label_at(4.0, 6.0) == "PEN"  # across the repeated marker

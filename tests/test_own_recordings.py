@@ -25,18 +25,20 @@ RATES = {"ECG": 128.0, "EDA": 16.0, "ACC": 32.0}
 CLASSES = ["rest", "task"]
 
 
-def session(path: Path, seed: int, blocks: int = 8, block_s: float = 12.0, gap: bool = True):
+def session(
+    path: Path, seed: int, blocks: int = 8, block_s: float = 12.0, gap: bool = True, marks=True
+):
     """A three-sensor session (ECG 1 ch @ 128 Hz, EDA 1 ch @ 16 Hz, ACC 3 ch @ 32 Hz) with
     plain marker strings, blocks of 'rest' and 'task' that differ in heart rate, skin
     conductance and movement, and a 3 s accelerometer gap in block 2."""
     rng = np.random.default_rng(seed)
     t0 = 5000.0 + 100 * seed
     end = t0 + blocks * block_s
-    streams, marks, texts = [], [], []
+    streams, times, texts = [], [], []
     for b in range(blocks):
-        marks += [t0 + b * block_s]
+        times += [t0 + b * block_s]
         texts += [CLASSES[b % 2]]
-    marks += [t0 + 3.3 * block_s]  # a marker no rule names: ignored by the spec
+    times += [t0 + 3.3 * block_s]  # a marker no rule names: ignored by the spec
     texts += ["impedance check"]
     task = lambda t: (np.floor((t - t0) / block_s) % 2 == 1).astype(np.float32)  # noqa: E731
     for name, rate in RATES.items():
@@ -55,7 +57,8 @@ def session(path: Path, seed: int, blocks: int = 8, block_s: float = 12.0, gap: 
         x = x + rng.normal(0, 0.05, x.shape)
         kind = {"ECG": "ECG", "EDA": "EDA", "ACC": "Accelerometer"}[name]
         streams.append(XdfStream(name, kind, t, x.astype(np.float32), rate, f"dev-{name}"))
-    streams.append(XdfStream("Markers", "Markers", np.array(marks), texts, 0.0, "stim"))
+    if marks:
+        streams.append(XdfStream("Markers", "Markers", np.array(times), texts, 0.0, "stim"))
     return write_xdf(path, streams)
 
 
@@ -194,6 +197,13 @@ def test_pretrain_finetune_run_and_score_through_the_cli(sessions, tmp_path):
     result = cli("predict", str(sessions / "sub-p03_ses-1.xdf"), "--model", str(fine), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert any(x.startswith("accuracy") for x in result.stdout.splitlines())
+    # a recording without labels is predicted, and said not to be scored
+    bare = session(tmp_path / "bare.xdf", seed=5, marks=False)
+    result = cli("predict", str(bare), "--model", str(fine), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "not scored: bare.xdf has no marker stream" in result.stdout
+    result = cli("predict", str(bare), "--model", str(fine), "--stream", "emg=EMG", cwd=tmp_path)
+    assert result.returncode == 2 and "the model has no modality ['emg']" in result.stderr
     # an existing output is not appended to unless asked
     result = cli("run", str(run_cfg), "--out", str(out), cwd=tmp_path)
     assert result.returncode == 2 and "--append" in result.stderr
@@ -211,6 +221,7 @@ def test_pretrain_finetune_run_and_score_through_the_cli(sessions, tmp_path):
         (("{rest: rest, task: task}", "{Rest: rest, Task: task}"), "none of ['Rest', 'Task']"),
         (("{rest: rest, task: task}", "{task: task}"), "at least two"),
         (('ignore: ["impedance check"]}', "hold: 0.5}"), "the rules label no window"),
+        (("evaluation:", "holdout: [p9]\nevaluation:"), "holdout: ['p9'] is no subject"),
     ],
 )
 def test_bad_specs_get_one_clear_line(sessions, tmp_path, change, message):
@@ -220,6 +231,26 @@ def test_bad_specs_get_one_clear_line(sessions, tmp_path, change, message):
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_unlabelled_recording_joins_and_an_entry_names_a_globbed_file(sessions, tmp_path):
+    from crossl_stream.training.workflow import training_windows
+
+    bare = session(tmp_path / "bare.xdf", seed=5, marks=False)
+    cfg = load_config(sessions / "spec.yaml", TrainConfig)
+    recordings = [
+        "sub-*_ses-1.xdf",
+        {"path": "sub-p01_ses-1.xdf", "subject": "anna"},
+        {"path": str(bare), "subject": "p09", "labelled": False},
+    ]
+    spec = cfg.data.model_validate({**cfg.data.model_dump(), "recordings": recordings})
+    data = load_data(spec, sessions, "spec.yaml", progress=False)
+    assert [f.subject for f in data.files] == ["anna", "p02", "p03", "p09"]
+    new = data.windows.subject == "p09"
+    assert new.sum() > 100 and (data.windows.y[new] == -1).all()
+    cfg = cfg.model_copy(update={"data": spec, "holdout": ("p09",), "pretrain_on": "all"})
+    assert new[training_windows(cfg, data, labels=False)].sum() == new.sum()  # pretraining
+    assert not new[training_windows(cfg, data)].any()  # fine-tuning
 
 
 def test_a_stream_error_lists_what_the_file_has(sessions):

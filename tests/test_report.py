@@ -253,7 +253,7 @@ def test_card_of_a_finetuned_model_with_metrics():
     assert "`rock`, `paper`" in text
     assert "on 10% of the labelled training windows" in text
     assert "epoch cap (200 epochs)" in text and "epoch 190" in text
-    assert "Held out (never trained on): subject rr" in text
+    assert "Held out (never trained on): rr" in text
     assert "aeon" in text and "BSD 3-Clause" in text
     assert "| 10% | 70.0 | 72.0 | -2.0 |" in text
     assert "each of 2 sessions held out" in text

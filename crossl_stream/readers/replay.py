@@ -50,7 +50,9 @@ class Recording:
     ) -> None:
         self.streams = streams  # name -> (timestamps [n], values [n, c] float32, nominal rate)
         self.markers = markers  # every marker stream's (time, text), in time order
-        self.marker_streams = marker_streams or {"": markers}
+        if marker_streams is None:  # markers given without their streams' names
+            marker_streams = {"markers": markers} if markers else {}
+        self.marker_streams = marker_streams
         self.path = path
         self.dropped = dropped or {}  # samples cut after a clock jump, per stream
         self.types = types or {}  # stream name -> stream type ("" when the file gives none)
@@ -83,7 +85,6 @@ class Recording:
                 marker_streams.setdefault(name, []).extend(mine)
                 markers += mine
                 continue
-            types[name] = str((info.get("type") or [""])[0] or "")
             values = np.asarray(s["time_series"], dtype=np.float32)
             if values.ndim != 2 or not len(values):
                 log.warning("%s: stream %r has no samples; skipped", path, name)
@@ -104,6 +105,7 @@ class Recording:
                 )
                 t, values = t[:cut], values[:cut]
             streams[name] = (t, values, float(info["nominal_srate"][0]))
+            types[name] = str((info.get("type") or [""])[0] or "")
         if not streams:
             raise DatasetError(f"{path}: no numeric stream (is it an XDF recording?)")
         markers.sort()

@@ -3,9 +3,10 @@
 baseline trained to convergence (early stopping on a validation group drawn from the
 training groups, never the test group); missing modalities; masking strategies.
 
-Every model is trained on training groups only, and normalisation is fitted on them too;
-with ``pretrain_on: all`` pretraining also sees the held-out group's windows,
-without their labels.
+Every classifier is trained on the training groups' labels only. Pretraining, and the
+normalisation statistics of the pretrained model, see the training groups' windows; with
+``pretrain_on: all`` they also see the held-out group's windows, without their labels (the
+supervised baselines' normalisation always comes from the training groups alone).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crossl_stream.config import MaskingConfig, TrainConfig
+from crossl_stream.errors import DatasetError
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.model.masking import NO_MASKING, LatentMasker
 from crossl_stream.model.specs import ModalitySpec
@@ -134,7 +136,7 @@ def run_fold(data: LoadedData, cfg: TrainConfig, group: str, progress: bool = Tr
     start = time.perf_counter()
     train, test = split_fold(data, cfg, group)
     if not len(test):
-        raise ValueError(f"fold {group!r}: no labelled window with every sensor to test on")
+        raise DatasetError(f"fold {group!r}: no labelled window with every sensor to test on")
     out = FoldOutcome(group, test.y)
     names = [m.name for m in data.modalities]
 
@@ -195,7 +197,7 @@ def fold_groups(data: LoadedData, cfg: TrainConfig) -> list[str]:
         return present
     missing = sorted(set(cfg.evaluation.folds) - set(present))
     if missing:
-        raise ValueError(
+        raise DatasetError(
             f"evaluation.folds: no labelled {cfg.evaluation.by} {missing}; there are {present}"
         )
     return list(cfg.evaluation.folds)
@@ -211,7 +213,9 @@ def run_folds(
     groups = fold_groups(data, cfg)
     w = data.windows
     if len(set((w.subject if cfg.evaluation.by == "subject" else w.session).tolist())) < 2:
-        raise ValueError(f"evaluation.by {cfg.evaluation.by}: one group only; nothing to hold out")
+        raise DatasetError(
+            f"evaluation.by: {cfg.evaluation.by}: the data has one only; nothing to hold out"
+        )
     folds = []
     for group in tqdm(groups, desc="folds", disable=not progress):
         fold = run_fold(data, cfg, group, progress)
@@ -264,10 +268,10 @@ def run_masking_grid(
         start = time.perf_counter()
         for group in groups:
             train, test = split_fold(data, vcfg, group)
-            base = new_model(data.modalities, [], vcfg, train)
-            pretrain(
-                base, train, masker_of(vcfg.masking), vcfg.pretrain, vcfg.loss, vcfg.seed, progress
-            )
+            unlabelled = data.windows if vcfg.pretrain_on == "all" else train
+            base = new_model(data.modalities, [], vcfg, unlabelled)
+            masker = masker_of(vcfg.masking)
+            pretrain(base, unlabelled, masker, vcfg.pretrain, vcfg.loss, vcfg.seed, progress)
             probe, _ = finetune(base, train, data.classes, vcfg, 1.0, "probe", progress)
             probe_f1.append(macro_f1(test.y, predict(probe, test).argmax(1), n))
             model, _ = finetune(base, train, data.classes, vcfg, 0.1, "finetune", progress)

@@ -344,8 +344,8 @@ def render_eval(
         counted += f" of {window_s:g} s"
     lines += [
         f"Leave-one-{by}-out: each of the {n} folds holds out one {by} "
-        f"({', '.join(folds)}); every classifier, and its normalisation, is fitted on the "
-        f"other {by}s. {counted[0].upper() + counted[1:]}; modalities "
+        f"({', '.join(folds)}); every classifier is fitted on the other {by}s' labels. "
+        f"{counted[0].upper() + counted[1:]}; modalities "
         f"{', '.join(r['modalities']) or '—'}; {len(r['classes'])} classes. {where}. "
         "CroSSL is then fine-tuned (every weight) or probed (a linear head on the frozen "
         "encoder) on a class-stratified fraction of the labelled training windows; the "
@@ -1006,7 +1006,14 @@ def _data_lines(v: dict[str, Any], name: str) -> list[str]:
             line += f", {data['labelled_windows']} of them labelled"
         out.append(line + ".")
     if v["holdout"]:
-        out.append(f"- Held out (never trained on): subject {', '.join(map(str, v['holdout']))}.")
+        held = ", ".join(map(str, v["holdout"]))
+        if v["info"].get("pretrain_on") == "all":
+            out.append(
+                f"- Held out: {held}; their labels were never used (their windows were, "
+                "unlabelled, in pretraining)."
+            )
+        else:
+            out.append(f"- Held out (never trained on): {held}.")
     pretrained = v["info"].get("pretrained")
     if isinstance(pretrained, dict) and pretrained.get("name"):
         if pretrained.get("name") != name or pretrained.get("windows") != v["windows"]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from crossl_stream.config import DatasetSpec, SensorSpec, WindowConfig
+from crossl_stream.config import DatasetSpec, RecordingSource, SensorSpec, WindowConfig
 from crossl_stream.errors import DatasetError
 from crossl_stream.labels import Labels
 from crossl_stream.model.specs import ModalitySpec
@@ -90,9 +91,11 @@ class LoadedData:
         return "\n".join(lines)
 
 
-def expand(spec: DatasetSpec, base: Path, source: str) -> list[tuple[Path, str | None, str | None]]:
-    """The files ``spec.recordings`` names: (path, given subject, given session), in order."""
-    out: dict[Path, tuple[str | None, str | None]] = {}
+def expand(spec: DatasetSpec, base: Path, source: str) -> list[tuple[Path, RecordingSource]]:
+    """The files ``spec.recordings`` names, in order, each with what its entries say of it:
+    an entry that names a subject, a session or ``labelled: false`` wins over an earlier glob
+    that also matched the file."""
+    out: dict[Path, RecordingSource] = {}
     for i, entry in enumerate(spec.sources):
         text = entry.path.replace("{data}", str(data_cache()))
         pattern = Path(text).expanduser()
@@ -107,8 +110,13 @@ def expand(spec: DatasetSpec, base: Path, source: str) -> list[tuple[Path, str |
             hint = f"; {FETCH_HINT}" if "{data}" in entry.path else ""
             raise DatasetError(f"{source}: recordings.{i}: {entry.path} matches no file{hint}")
         for path in found:
-            out.setdefault(path, (entry.subject, entry.session))
-    return [(p, s, e) for p, (s, e) in out.items()]
+            seen = out.get(path)
+            if seen is None:
+                out[path] = entry
+                continue
+            given = entry.model_dump(exclude_unset=True, exclude={"path"})
+            out[path] = seen.model_copy(update=given)
+    return list(out.items())
 
 
 def find_stream(
@@ -186,22 +194,65 @@ def modality_specs(spec: DatasetSpec, channels: dict[str, int], source: str) -> 
     return out
 
 
+def iter_windows(
+    recording: Recording,
+    streams: dict[str, str],
+    modalities: list[ModalitySpec],
+    window: WindowConfig,
+) -> Iterator[Window]:
+    """The windows the pipeline emits for a max-speed replay of ``recording`` (``streams``:
+    modality -> stream) with the ``window`` settings, as they are cut."""
+    rates = {m: source_rate(recording, s) for m, s in streams.items()}
+    windower = Windower.from_config(modalities, window, source_rates=rates)
+    replay = Replay(recording, streams, None, chunk_s=max_speed_chunk_s(window.stale_s))
+    for arrival, sensor, t, x in replay.schedule():
+        windower.push(sensor, x, t, arrival)
+        yield from windower.poll(now=arrival)
+    yield from windower.flush()
+
+
 def cut_windows(
     recording: Recording,
     streams: dict[str, str],
     modalities: list[ModalitySpec],
     window: WindowConfig,
 ) -> list[Window]:
-    """The windows the pipeline emits for a max-speed replay of ``recording`` (``streams``:
-    modality -> stream) with the ``window`` settings."""
-    rates = {m: source_rate(recording, s) for m, s in streams.items()}
-    windower = Windower.from_config(modalities, window, source_rates=rates)
-    replay = Replay(recording, streams, None, chunk_s=max_speed_chunk_s(window.stale_s))
-    out: list[Window] = []
-    for arrival, sensor, t, x in replay.schedule():
-        windower.push(sensor, x, t, arrival)
-        out += windower.poll(now=arrival)
-    return out + windower.flush()
+    """Every window of ``iter_windows``."""
+    return list(iter_windows(recording, streams, modalities, window))
+
+
+def model_streams(
+    recording: Recording,
+    modalities: list[ModalitySpec],
+    trained: dict[str, dict],
+    named: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The stream of ``recording`` for each model modality: the one ``named`` for it, else
+    the stream of the modality's name, else the stream the model was ``trained`` on (its
+    name, else its type); checked for the model's channel count."""
+    named = named or {}
+    unknown = sorted(set(named) - {m.name for m in modalities})
+    if unknown:
+        raise DatasetError(
+            f"--stream: the model has no modality {unknown}; it has {[m.name for m in modalities]}"
+        )
+    out = {}
+    for m in modalities:
+        known = trained.get(m.name) or {}
+        if m.name in named:
+            stream = find_stream(recording, m.name, [named[m.name]])
+        else:
+            stream = find_stream(
+                recording, m.name, [m.name, known.get("stream")], known.get("type")
+            )
+        channels = recording.streams[stream][1].shape[1]
+        if channels != m.channels:
+            raise DatasetError(
+                f"{recording.path}: stream {stream!r} has {channels} channels; the model's "
+                f"{m.name!r} has {m.channels}"
+            )
+        out[m.name] = stream
+    return out
 
 
 def load_data(spec: DatasetSpec, base: Path, source: str, progress: bool = True) -> LoadedData:
@@ -217,7 +268,7 @@ def load_data(spec: DatasetSpec, base: Path, source: str, progress: bool = True)
     parts: list[tuple[SourceFile, list[Window], list[str | None]]] = []
     unmapped: Counter[str] = Counter()
     matched: Counter[str] = Counter()
-    for path, subject, session in tqdm(files, desc="recordings", disable=not progress, leave=False):
+    for path, entry in tqdm(files, desc="recordings", disable=not progress, leave=False):
         recording = Recording.load(path)
         streams = {s: spec_stream(recording, s, want) for s, want in spec.sensors.items()}
         for sensor, stream in streams.items():
@@ -233,11 +284,11 @@ def load_data(spec: DatasetSpec, base: Path, source: str, progress: bool = True)
         if modalities is None:
             modalities = modality_specs(spec, channels, source)
         got_subject, got_session = ids_of(path, recording, spec.ids)
-        info = SourceFile(path, subject or got_subject, session or got_session, streams)
+        info = SourceFile(path, entry.subject or got_subject, entry.session or got_session, streams)
         info.types = {m: recording.types.get(stream, "") for m, stream in streams.items()}
         windows = cut_windows(recording, streams, modalities, spec.window)
         names: list[str | None] = [None] * len(windows)
-        if spec.labels is not None:
+        if spec.labels is not None and entry.labelled:
             labels = Labels.of(spec.labels, path, recording.start, recording.marker_streams)
             unmapped.update(labels.unmapped)
             matched.update(labels.matched)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from crossl_stream.config import TrainConfig
-from crossl_stream.errors import CheckpointError
+from crossl_stream.errors import CheckpointError, DatasetError
 from crossl_stream.model.checkpoint import read_meta, save_model
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.training.experiments import finetune, masker_of, new_model
@@ -31,12 +33,20 @@ FINETUNE_STATE = "finetune.state"
 
 
 def provenance(cfg: TrainConfig, data: LoadedData, windows: np.ndarray) -> dict[str, Any]:
-    """What model.json records of the data: the spec, the streams, windows and labels."""
-    first = data.files[0]  # the stream each modality was read from, and its type
-    sensors = {
-        m.name: {"stream": first.streams[m.name], "type": first.types.get(m.name) or None}
-        for m in data.modalities
-    }
+    """What model.json records of the data: the spec, the streams, windows and labels.
+
+    Each modality's stream is the one the spec names (else the name most files have), and
+    its type the spec's (else the type most files have): what replay matches a new file on.
+    """
+    sensors = {}
+    for m in data.modalities:
+        want = cfg.data.sensors[m.name]
+        names = Counter(f.streams[m.name] for f in data.files)
+        types = Counter(f.types.get(m.name) for f in data.files if f.types.get(m.name))
+        sensors[m.name] = {
+            "stream": want.stream or names.most_common(1)[0][0],
+            "type": want.type or (types.most_common(1)[0][0] if types else None),
+        }
     used = data.windows.take(windows)
     return {
         "data": {
@@ -50,6 +60,7 @@ def provenance(cfg: TrainConfig, data: LoadedData, windows: np.ndarray) -> dict[
             "labelled_windows": len(used.labelled),
         },
         "holdout": list(cfg.holdout),
+        "pretrain_on": cfg.pretrain_on,
         "seed": cfg.seed,
         "config": cfg.model_dump(mode="json", exclude={"data", "evaluation"}),
     }
@@ -59,13 +70,31 @@ def training_windows(cfg: TrainConfig, data: LoadedData, labels: bool = True) ->
     """Indices of the windows a model may train on: all but the held-out subjects and
     sessions (``cfg.holdout``); for pretraining (``labels=False``) with ``pretrain_on:
     all``, every window."""
+    w, held = data.windows, list(cfg.holdout)
+    subjects, sessions = sorted(set(w.subject.tolist())), sorted(set(w.session.tolist()))
+    unknown = sorted(set(held) - set(subjects) - set(sessions))
+    if unknown:
+        raise DatasetError(
+            f"holdout: {unknown} is no subject or SUBJECT/SESSION of the data; there are "
+            f"subjects {subjects}, sessions {sessions}"
+        )
     if not labels and cfg.pretrain_on == "all":
-        return np.arange(len(data.windows))
-    held = list(cfg.holdout)
-    keep = ~(np.isin(data.windows.subject, held) | np.isin(data.windows.session, held))
+        return np.arange(len(w))
+    keep = ~(np.isin(w.subject, held) | np.isin(w.session, held))
     if not keep.any():
-        raise CheckpointError(f"holdout {held} leaves no window to train on")
+        raise DatasetError(f"holdout {held} leaves no window to train on")
     return np.flatnonzero(keep)
+
+
+def _finished(state: Path, folder: Path, stage: str) -> bool:
+    """Whether ``folder`` already holds the finished run of ``state`` (a no-op to redo)."""
+    if not (state.is_file() and (folder / "model.json").is_file()):
+        return False
+    try:
+        done = bool(torch.load(state, weights_only=True).get("complete"))
+    except Exception:  # unreadable: the training loop says why
+        return False
+    return done and read_meta(folder).get("info", {}).get("stage") == stage
 
 
 def run_pretrain(cfg: TrainConfig, data: LoadedData, out: Path, progress: bool = True) -> CroSSL:
@@ -73,6 +102,7 @@ def run_pretrain(cfg: TrainConfig, data: LoadedData, out: Path, progress: bool =
     class head) is saved to ``out``. Resumes from ``out/pretrain.state``."""
     index = training_windows(cfg, data, labels=False)
     windows = data.windows.take(index)
+    finished = _finished(out / PRETRAIN_STATE, out, "pretrained")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model = new_model(data.modalities, [], cfg, windows)
@@ -86,6 +116,8 @@ def run_pretrain(cfg: TrainConfig, data: LoadedData, out: Path, progress: bool =
         progress,
         checkpoint=out / PRETRAIN_STATE,
     )
+    if finished:  # the state checked it is this run: the folder holds it already
+        return model
     info = provenance(cfg, data, index)
     info["stage"] = "pretrained"
     info["pretrain_seconds"] = round(time.perf_counter() - start, 1)
@@ -109,6 +141,7 @@ def run_finetune(
     data.require_classes(cfg.data.name or data.name)
     _check_same_inputs(base, data)
     index = training_windows(cfg, data)
+    finished = _finished(out / FINETUNE_STATE, out, "finetuned")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     model, result = finetune(
@@ -121,6 +154,8 @@ def run_finetune(
         progress,
         checkpoint=out / FINETUNE_STATE,
     )
+    if finished:  # the state checked it is this run: the folder holds it already
+        return model
     info = provenance(cfg, data, index)
     info.update(
         stage="finetuned",
