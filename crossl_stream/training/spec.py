@@ -211,16 +211,6 @@ def iter_windows(
     yield from windower.flush()
 
 
-def cut_windows(
-    recording: Recording,
-    streams: dict[str, str],
-    modalities: list[ModalitySpec],
-    window: WindowConfig,
-) -> list[Window]:
-    """Every window of ``iter_windows``."""
-    return list(iter_windows(recording, streams, modalities, window))
-
-
 def model_streams(
     recording: Recording,
     modalities: list[ModalitySpec],
@@ -286,7 +276,7 @@ def load_data(spec: DatasetSpec, base: Path, source: str, progress: bool = True)
         got_subject, got_session = ids_of(path, recording, spec.ids)
         info = SourceFile(path, entry.subject or got_subject, entry.session or got_session, streams)
         info.types = {m: recording.types.get(stream, "") for m, stream in streams.items()}
-        windows = cut_windows(recording, streams, modalities, spec.window)
+        windows = list(iter_windows(recording, streams, modalities, spec.window))
         names: list[str | None] = [None] * len(windows)
         if spec.labels is not None and entry.labelled:
             labels = Labels.of(spec.labels, path, recording.start, recording.marker_streams)
