@@ -288,7 +288,16 @@ def load_data(spec: DatasetSpec, base: Path, source: str, progress: bool = True)
         info.masked = {m.name: sum(not w.available[m.name] for w in windows) for m in modalities}
         parts.append((info, windows, names))
     assert modalities is not None
-    classes = _classes(spec, [n for _, _, names in parts for n in names if n is not None])
+    found = [n for _, _, names in parts for n in names if n is not None]
+    classes = _classes(spec, found)
+    other = Counter(n for n in found if n not in classes)
+    if other:  # labelled windows of a class the spec does not list: left unlabelled
+        log.warning(
+            "%s: labels not among the classes %s, left unlabelled: %s",
+            source,
+            classes,
+            dict(other.most_common(8)),
+        )
     windows = _stack(parts, modalities, classes)
     if not len(windows):
         raise DatasetError(
