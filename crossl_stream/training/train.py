@@ -294,7 +294,7 @@ class _Checkpoint:
         if differ:
             raise CheckpointError(
                 f"{self.path}: checkpoint of a different run (differs in {', '.join(differ)}); "
-                "delete it to start afresh, or give another checkpoint path"
+                "delete it (crossl-stream: --fresh) to start afresh, or write elsewhere"
             )
         return state
 
