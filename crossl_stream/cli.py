@@ -456,8 +456,8 @@ def cmd_play(args: argparse.Namespace) -> int:
         player = LslPlayer(recording, chunk_s=args.chunk, section=section)
         where = f"LSL outlets {', '.join(player.names)} (+ markers)"
     else:
+        from crossl_stream.broker import Broker
         from crossl_stream.players.mqtt import MqttPlayer
-        from crossl_stream.readers.mqtt import Broker
 
         host, _, port = args.broker.partition(":")
         player = MqttPlayer(

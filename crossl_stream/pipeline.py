@@ -37,7 +37,8 @@ from crossl_stream.model.streaming import StreamingCroSSL
 from crossl_stream.publishers import ConsolePublisher, JsonlPublisher
 from crossl_stream.publishers.base import Publisher
 from crossl_stream.readers.base import Chunk, Reader
-from crossl_stream.windower import StreamState, Windower
+from crossl_stream.states import StreamState
+from crossl_stream.windower import Windower
 
 log = logging.getLogger(__name__)
 
@@ -546,7 +547,7 @@ def _broker(b, resolve, source: str):
     """A Broker from its config; the password read from the environment variable named."""
     import os
 
-    from crossl_stream.readers.mqtt import Broker
+    from crossl_stream.broker import Broker
 
     password = None
     if b.password_env:

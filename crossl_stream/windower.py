@@ -27,7 +27,6 @@ import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,20 +35,12 @@ from crossl_stream.buffer import RingBuffer
 from crossl_stream.clock import host_clock
 from crossl_stream.errors import InputError
 from crossl_stream.model.specs import ModalitySpec
+from crossl_stream.states import StreamState
 
 if TYPE_CHECKING:
     from crossl_stream.config import WindowConfig
 
 MAX_RECEIPTS = 8192  # chunk receipt times kept per sensor while no window is cut
-
-
-class StreamState(str, Enum):
-    """Where a sensor stands, judged from the age of its newest sample."""
-
-    CONNECTING = "connecting"  # no usable sample yet
-    LIVE = "live"
-    STALE = "stale"  # silent for longer than stale_s: out of the watermark
-    LOST = "lost"  # silent for longer than lost_s
 
 
 @dataclass

@@ -13,7 +13,8 @@ import torch
 from crossl_stream.clock import host_clock
 from crossl_stream.errors import InputError
 from crossl_stream.inference import InferenceWorker, Prediction, Predictor
-from crossl_stream.windower import StreamState, Window
+from crossl_stream.states import StreamState
+from crossl_stream.windower import Window
 
 
 def windows_of(excerpt, drop_gyro_every=3):

@@ -25,7 +25,7 @@ from crossl_stream import default_model_dir
 from crossl_stream.model import load_model
 from crossl_stream.readers.base import SensorInfo
 from crossl_stream.readers.lsl import LslReader, LslSelector
-from crossl_stream.windower import StreamState
+from crossl_stream.states import StreamState
 
 CLI = [sys.executable, "-m", "crossl_stream.cli"]
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,9 +20,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from crossl_stream.broker import Broker
 from crossl_stream.clock import DeviceClock
 from crossl_stream.readers.base import SensorInfo
-from crossl_stream.readers.mqtt import Broker, MqttReader, MqttTopic
+from crossl_stream.readers.mqtt import MqttReader, MqttTopic
 from crossl_stream.readers.payload import PayloadError, decode, encode_binary, encode_json
 
 ROOT = Path(__file__).resolve().parents[1]

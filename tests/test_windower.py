@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from crossl_stream.errors import InputError
 from crossl_stream.model.specs import ModalitySpec
-from crossl_stream.windower import StreamState, Windower
+from crossl_stream.states import StreamState
+from crossl_stream.windower import Windower
 
 EEG = ModalitySpec(name="eeg", channels=3, rate_hz=50, samples=50)  # 1 s at 50 Hz
 IMU = ModalitySpec(name="imu", channels=2, rate_hz=20, samples=20)

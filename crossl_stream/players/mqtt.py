@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crossl_stream.readers.mqtt import Broker
+from crossl_stream.broker import Broker
 from crossl_stream.readers.payload import Format, encode_binary, encode_json
 from crossl_stream.readers.replay import Recording, Replay
 

@@ -17,6 +17,7 @@ class ConsolePublisher(Publisher):
     """
 
     def __init__(self, stream: TextIO | None = None, every: int = 1) -> None:
+        super().__init__()
         self.stream = stream or sys.stdout
         self.every = max(1, every)
 

@@ -18,6 +18,7 @@ class JsonlPublisher(Publisher):
     a ConfigError (naming it) before anything streams."""
 
     def __init__(self, path: str | Path, append: bool = False) -> None:
+        super().__init__()
         self.path = Path(path)
         self.append = append
         if self.path.is_dir():

@@ -26,6 +26,7 @@ class LslPublisher(Publisher):
         source_id: str | None = None,
         rate_hz: float = 0.0,
     ) -> None:
+        super().__init__()
         import pylsl
 
         self.classes = list(classes)

@@ -12,6 +12,7 @@ class MemoryPublisher(Publisher):
     """Owns a list of prediction records, in publishing order."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.records: list[dict[str, Any]] = []
 
     def send(self, prediction: Prediction) -> None:

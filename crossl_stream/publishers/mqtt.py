@@ -8,9 +8,9 @@ import json
 import logging
 import time
 
+from crossl_stream.broker import Broker
 from crossl_stream.inference import Prediction
 from crossl_stream.publishers.base import Publisher
-from crossl_stream.readers.mqtt import Broker
 
 log = logging.getLogger(__name__)
 _STOP = ("", b"")  # queued by aclose: publish the offline status and disconnect
@@ -36,6 +36,7 @@ class MqttPublisher(Publisher):
         queue_size: int = 1024,
         backoff_s: tuple[float, float] = (0.2, 10.0),
     ) -> None:
+        super().__init__()
         self.broker = broker
         self.model_id = model_id
         self.topic = topic

@@ -24,7 +24,7 @@ import numpy as np
 
 from crossl_stream.clock import host_clock
 from crossl_stream.readers.base import Chunk, Reader, SensorInfo
-from crossl_stream.windower import StreamState
+from crossl_stream.states import StreamState
 
 log = logging.getLogger(__name__)
 

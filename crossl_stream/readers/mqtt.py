@@ -12,58 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from crossl_stream.broker import Broker
 from crossl_stream.clock import DeviceClock, host_clock
 from crossl_stream.readers.base import Chunk, Reader, SensorInfo
 from crossl_stream.readers.payload import Format, PayloadError, decode
 
 log = logging.getLogger(__name__)
 REORDER = 64  # a sequence number this far back (and on the device's clock) is a duplicate
-
-
-@dataclass(frozen=True)
-class Broker:
-    """Where a broker is and how to log in to it."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ca_file: str | None = None  # default: the system's CAs
-    cert_file: str | None = None  # a client certificate, when the broker asks for one
-    key_file: str | None = None
-    client_id: str | None = None
-    keepalive: int = 30
-
-    def client(self, will=None):
-        """An aiomqtt client for this broker."""
-        import aiomqtt
-
-        tls = None
-        if self.tls:
-            context = ssl.create_default_context(cafile=self.ca_file)
-            if self.cert_file:
-                context.load_cert_chain(self.cert_file, self.key_file)
-            tls = context
-        return aiomqtt.Client(
-            self.host,
-            self.port,
-            identifier=self.client_id,
-            username=self.username,
-            password=self.password,
-            tls_context=tls,
-            keepalive=self.keepalive,
-            will=will,
-            # paho leaves Nagle on: a small publish after another would wait for an ACK
-            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
-        )
 
 
 @dataclass(frozen=True)

@@ -201,11 +201,26 @@ class Replay(Reader):
         events.sort(key=lambda e: e[0])
         return events
 
+    live = False
+
     def now(self) -> float | None:
         """The recording's clock while paced; None at max speed or before playing."""
         if self.speed is None or self._wall0 is None:
             return None
         return self._origin + (host_clock() - self._wall0) * self.speed
+
+    def to_host(self, t: float) -> float | None:
+        if self.speed is None or self._wall0 is None:
+            return None
+        return self._wall0 + (t - self._origin) / self.speed
+
+    def describe(self) -> str:
+        rec = self.recording
+        pace = "as fast as possible" if self.speed is None else f"at {self.speed:g}x real time"
+        return (
+            f"replaying {rec.path.name} ({rec.end - rec.start:.0f} s, streams "
+            f"{', '.join(self.names.values())}) {pace}"
+        )
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         self._wall0 = wall0 = host_clock()

@@ -91,11 +91,18 @@ class Simulator(Reader):
         events.sort(key=lambda e: e[0])
         return events
 
+    live = False
+
     def now(self) -> float | None:
         """The simulated clock while paced; None at max speed or before playing."""
         if self.speed is None or self._wall0 is None:
             return None
         return self.start + (host_clock() - self._wall0) * self.speed
+
+    def to_host(self, t: float) -> float | None:
+        if self.speed is None or self._wall0 is None:
+            return None
+        return self._wall0 + (t - self.start) / self.speed
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         rng = np.random.default_rng(self.seed + 1)
