@@ -488,12 +488,63 @@ class MqttPublisherConfig(_Strict):
     topic: str = Field("crossl/{subject}/predictions", description="{subject} is filled in")
     status_topic: str = "crossl/status"
     qos: Literal[0, 1] = 1
+    queue_size: int = Field(
+        10000, ge=1, description="records held while the broker is away (oldest dropped, counted)"
+    )
+    spool: Path | None = Field(
+        None,
+        description="a folder: records waiting for the broker are kept there on disk, and "
+        "survive a restart of the daemon",
+    )
+    spool_max_mb: float = Field(64.0, gt=0.0, description="disk the spool may use")
 
 
 PublisherConfig = Annotated[
     JsonlPublisherConfig | ConsolePublisherConfig | LslPublisherConfig | MqttPublisherConfig,
     Field(discriminator="kind"),
 ]
+
+
+class SubjectsConfig(_Strict):
+    """Who may have windows: an MQTT wildcard lets anyone who can publish name a subject."""
+
+    allow: tuple[Id, ...] | None = Field(None, description="the only subject ids admitted")
+    pattern: str | None = Field(None, description="a regex every subject id must match whole")
+    max: int = Field(256, ge=1, description="subjects admitted at once; beyond: refused")
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression ({exc})") from exc
+        return pattern
+
+
+class HealthConfig(_Strict):
+    """``/healthz`` and ``/metrics`` over HTTP (the daemon; 127.0.0.1 unless told)."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(9464, ge=0, le=65535, description="null: no server; 0: any free")
+    publisher_fail_s: float = Field(
+        30.0, gt=0.0, description="a publisher failing for this long makes the daemon unhealthy"
+    )
+    silent_s: float = Field(
+        30.0, gt=0.0, description="no record published for this long: unhealthy"
+    )
+
+
+class DaemonConfig(_Strict):
+    """How `crossl-stream daemon` runs unattended."""
+
+    health: HealthConfig = HealthConfig()
+    stop_deadline_s: float = Field(
+        5.0, gt=0.0, description="SIGTERM/SIGINT: drain and exit 0 within this"
+    )
+    log_format: Literal["json", "text"] = "json"
+    log_every_s: float = Field(10.0, gt=0.0, description="a repeating fault: one line per this")
 
 
 class PipelineConfig(_Strict):
@@ -507,6 +558,8 @@ class PipelineConfig(_Strict):
     window: WindowConfig = WindowConfig()
     inference: InferenceConfig = InferenceConfig()
     publishers: tuple[PublisherConfig, ...] = (ConsolePublisherConfig(kind="console"),)
+    subjects: SubjectsConfig = SubjectsConfig()
+    daemon: DaemonConfig = DaemonConfig()
 
     def modality_of(self, sensor: str) -> str:
         """The model modality a sensor feeds."""
