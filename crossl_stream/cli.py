@@ -372,6 +372,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _play(cfg, Path(args.config).parent, _shown(args.config), args.labels)
 
 
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from crossl_stream.daemon import run_daemon
+
+    return run_daemon(args.config, args.verbose)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from crossl_stream.config import PipelineConfig, ReplayReaderConfig, WindowConfig
     from crossl_stream.model.checkpoint import read_meta
@@ -486,31 +492,33 @@ def cmd_play(args: argparse.Namespace) -> int:
 
     with contextlib.suppress(asyncio.CancelledError):
         asyncio.run(main())
+    _ignore_late_signals()
     return 0
 
 
 def _play(cfg, base: Path, source: str, labels: str | None = None) -> int:
-    """Build the pipeline of ``cfg``, run it (Ctrl-C stops and drains), print a summary
-    (scored against the replayed recordings' labels: ``labels`` names a file of label
-    rules; default: the replay reader's, else the model's)."""
+    """Build the pipeline of ``cfg``, run it (the first Ctrl-C or SIGTERM stops and drains,
+    a second one stops at once), print a summary (scored against the replayed recordings'
+    labels: ``labels`` names a file of label rules; default: the replay reader's, else the
+    model's). Exit status 1 when a publisher lost records it was given."""
     import asyncio
     import signal
 
     from crossl_stream.config import ReplayReaderConfig
     from crossl_stream.pipeline import Pipeline
-    from crossl_stream.publishers import MemoryPublisher
 
     pipeline = Pipeline.from_config(cfg, base, source)
-    memory = MemoryPublisher()
-    pipeline.publishers.append(memory)
     print(describe(pipeline))
     model_dir = cfg.inference.model or default_model_dir()
     model_dir = model_dir if model_dir.is_absolute() else base / model_dir
-    rules = [  # --labels first, then the reader's, then the model's
-        _label_rules(labels, model_dir) if labels or not rc.labels else rc.labels
-        for rc in cfg.readers
-        if isinstance(rc, ReplayReaderConfig)
-    ]
+    replays = [rc for rc in cfg.readers if isinstance(rc, ReplayReaderConfig)]
+    scorer = None
+    if replays:  # --labels first, then the reader's, then the model's
+        rc = replays[0]
+        rules = _label_rules(labels, model_dir) if labels or not rc.labels else rc.labels
+        scorer = _scorer(rules, pipeline)
+        if scorer is not None:
+            pipeline.publishers.append(scorer)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -528,89 +536,105 @@ def _play(cfg, base: Path, source: str, labels: str | None = None) -> int:
 
     start = time.perf_counter()
     asyncio.run(main())
-    print_summary(pipeline, memory.records, time.perf_counter() - start, rules)
+    _ignore_late_signals()
+    print_summary(pipeline, time.perf_counter() - start, scorer)
+    lost = {p.name: p.lost for p in pipeline.publishers if p.lost}
+    if lost:
+        print(f"crossl-stream: publishers lost records they were given: {lost}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _ignore_late_signals() -> None:
+    """Once the run's own handlers are gone, a late Ctrl-C or SIGTERM (a second one while
+    the summary prints) is ignored instead of turning a clean exit into 130 / 143; ``main``
+    puts the previous handlers back."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+
+
+def _scorer(rules, pipeline):
+    """A ScorePublisher for the first replayed recording under ``rules``, or None (said)
+    when the recording carries no labels those rules can read."""
+    from crossl_stream.errors import DatasetError
+    from crossl_stream.labels import Labels
+    from crossl_stream.publishers.score import ScorePublisher
+    from crossl_stream.readers.replay import Replay
+
+    recording = next(r.recording for r in pipeline.readers if isinstance(r, Replay))
+    if rules.markers is not None and not recording.marker_streams:
+        print(f"not scored: {recording.path.name} has no marker stream")
+        return None
+    try:
+        labels = Labels.of(rules, recording.path, recording.start, recording.marker_streams)
+    except DatasetError as exc:
+        print(f"not scored: {exc}")
+        return None
+    return ScorePublisher(labels, pipeline.model.classes, pipeline.model.window_s)
 
 
 def describe(pipeline) -> str:
     """One line: what plays, at what pace, through which model."""
-    from crossl_stream.readers.replay import Replay
-
-    parts = []
-    for reader in pipeline.readers:
-        speed = getattr(reader, "speed", "live")  # replay and simulator: None = max speed
-        if speed == "live":
-            pace = "live"
-        else:
-            pace = "as fast as possible" if speed is None else f"at {speed:g}x real time"
-        if isinstance(reader, Replay):
-            rec = reader.recording
-            parts.append(
-                f"replaying {rec.path.name} ({rec.end - rec.start:.0f} s, streams "
-                f"{', '.join(reader.names.values())}) {pace}"
-            )
-        else:
-            parts.append(f"{type(reader).__name__.lower()} ({', '.join(reader.sensors)}) {pace}")
+    parts = [reader.describe() for reader in pipeline.readers]
     model = pipeline.worker.predictor
     return f"{'; '.join(parts)} through {model.model_id} on {model.device} ({model.runtime})"
 
 
-def print_summary(pipeline, records, wall: float, rules=()) -> None:
-    """Windows, masks, refusals, accuracy and macro-F1 against a replay's labels (``rules``:
-    one set of label rules per replay reader), latency, speed."""
+def print_summary(pipeline, wall: float, scorer=None) -> None:
+    """Windows, masks, refusals, publishers, accuracy and macro-F1 against a replay's labels
+    (``scorer``), latency, speed: all read from the pipeline's metrics."""
     from crossl_stream.readers.replay import Replay
 
-    windowers, counters = list(pipeline.windowers.values()), pipeline.counters
+    metrics = pipeline.metrics
+    c = metrics.counts
     masked: dict[str, int] = {}
-    for w in windowers:  # one windower per subject
-        for m, n in w.counters.masked.items():
-            if n:
-                masked[m] = masked.get(m, 0) + n
-    skipped = sum(w.counters.empty_windows for w in windowers)
-    refused = {
-        "chunks": counters.bad_chunks,
-        "out-of-order samples": sum(
-            b.counters.out_of_order for w in windowers for b in w.buffers.values()
-        ),
-        "future samples": sum(sum(w.counters.future_samples.values()) for w in windowers),
-        "NaN samples": sum(sum(w.counters.nan_samples.values()) for w in windowers),
-        "dropped windows": pipeline.worker.counters.dropped,
-    }
+    for key, n in c.masked.items():
+        sensor = key.split(":")[0]
+        masked[sensor] = masked.get(sensor, 0) + n
+    refused = {f"chunks ({k})": n for k, n in c.refused_chunks.items()}
+    for key, n in pipeline.sample_faults().items():
+        sensor, reason = key.split(":")
+        refused[f"{reason.replace('_', '-')} samples"] = (
+            refused.get(f"{reason.replace('_', '-')} samples", 0) + n
+        )
+    refused["dropped windows"] = c.dropped_windows
     refused_text = ", ".join(f"{k} {v}" for k, v in refused.items() if v) or "nothing"
-    gaps = f", skipped {skipped} (no sensor covered them)" if skipped else ""
-    print(f"windows {len(records)}{gaps}, masked {masked or 'none'}, refused {refused_text}")
+    empty = f", {c.empty_windows} with no sensor (published as such)" if c.empty_windows else ""
+    print(
+        f"windows {c.windows}: predicted {c.predictions}{empty}, masked {masked or 'none'}, "
+        f"refused {refused_text}"
+    )
     for reader in pipeline.readers:
-        report = getattr(reader, "report", None)
-        if report is not None:
-            print(report())
+        if line := reader.report():
+            print(line)
     streaming = pipeline.worker.predictor.streaming
     if streaming is not None:
         shares = ", ".join(
-            f"{m} {c.reused}/{c.reused + c.full}" for m, c in streaming.counters.items()
+            f"{m} {s.reused}/{s.reused + s.full}" for m, s in streaming.counters.items()
         )
         print(f"windows encoding only their new samples (streaming): {shares}")
-    replays = [r for r in pipeline.readers if isinstance(r, Replay)]
-    span = None
-    if replays and rules:
-        recording = replays[0].recording
-        ends = np.array([r["t_window_end"] for r in records])
-        truth = _truth(rules[0], recording, ends, pipeline.model.window_s)
-        if truth is not None:
-            for line in score(
-                [r["label"] for r in records],
-                truth,
-                [[m for m, used in r["mask"].items() if not used] for r in records],
-                pipeline.model.classes,
-            ):
-                print(line)
-        span = recording.end - recording.start
-    if records:
-        total = np.array([r["latency_ms"]["total"] for r in records])
-        infer = np.array([r["latency_ms"]["infer"] for r in records])
+    shown = [p for p in pipeline.publishers if p is not scorer]
+    faults = [
+        f"{p.name} sent {p.counters.sent}/{p.counters.given}, failed {p.counters.failed}, "
+        f"dropped {p.counters.dropped}" + (f" ({p.last_error})" if p.last_error else "")
+        for p in shown
+        if p.lost or p.counters.sent != p.counters.given
+    ]
+    if faults:
+        print("publishers: " + "; ".join(faults))
+    if scorer is not None:
+        for line in scorer.lines():
+            print(line)
+    if metrics.latency["total"].count:
+        total, infer = metrics.latency["total"], metrics.latency["infer"]
         print(
-            f"latency total p50 {np.percentile(total, 50):.2f} ms, p99 "
-            f"{np.percentile(total, 99):.2f} ms (inference p50 {np.percentile(infer, 50):.2f} ms)"
+            f"latency total p50 {total.quantile(0.5):.2f} ms, p99 {total.quantile(0.99):.2f} ms "
+            f"(inference p50 {infer.quantile(0.5):.2f} ms)"
         )
+    replays = [r for r in pipeline.readers if isinstance(r, Replay)]
+    span = replays[0].recording.end - replays[0].recording.start if replays else None
     pace = f" ({span / wall:.0f}x real time)" if span else ""
     print(f"ran {wall:.1f} s{pace}")
 
@@ -719,6 +743,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="label rules to score with (a spec YAML)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser(
+        "daemon",
+        help="run a pipeline config unattended: SIGTERM drains and exits, SIGHUP reloads, "
+        "/healthz and /metrics on 127.0.0.1",
+    )
+    p.add_argument("config", help="pipeline YAML, e.g. configs/edge-mqtt.yaml")
+    p.set_defaults(func=cmd_daemon)
+
     p = sub.add_parser("predict", help="predict XDF recordings offline and score them")
     p.add_argument("recordings", nargs="*", help="XDF files (default: the shipped session)")
     p.add_argument("--model", default=str(default_model_dir()), help="model directory")
@@ -735,11 +767,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return args.func(args)
     except CrosslError as exc:
         print(f"crossl-stream {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -19,6 +19,12 @@ from pydantic import (
 
 from crossl_stream.errors import ConfigError
 from crossl_stream.model.crossl import ModelConfig
+
+if TYPE_CHECKING:
+    from crossl_stream.broker import Broker
+    from crossl_stream.pipeline import BuildContext
+    from crossl_stream.publishers.base import Publisher
+    from crossl_stream.readers.base import Reader
 
 
 class _Strict(BaseModel):
@@ -357,6 +363,11 @@ class ReplayReaderConfig(_Strict):
         "the model was trained with",
     )
 
+    def build(self, ctx: BuildContext) -> Reader:
+        from crossl_stream.readers.replay import replay_from_config
+
+        return replay_from_config(self, ctx)
+
 
 class SimulatedSensorConfig(_Strict):
     """How one configured sensor is synthesised."""
@@ -375,6 +386,25 @@ class SimulateReaderConfig(_Strict):
     speed: Speed = 1.0
     seed: int = 0
     sensors: dict[str, SimulatedSensorConfig]
+
+    def build(self, ctx: BuildContext) -> Reader:
+        from crossl_stream.readers.simulate import SimulatedSensor, Simulator
+
+        sensors = ctx.cfg.sensors
+        sims = [
+            SimulatedSensor(
+                name,
+                sensors[name].channels,
+                sensors[name].rate_hz,
+                kind=s.kind,
+                chunk_s=s.chunk_s,
+                jitter_s=s.jitter_s,
+                dropouts=s.dropouts,
+            )
+            for name, s in self.sensors.items()
+        ]
+        speed = None if self.speed == "max" else float(self.speed)
+        return Simulator(sims, self.duration_s, speed=speed, seed=self.seed)
 
 
 class LslStreamConfig(_Strict):
@@ -405,6 +435,23 @@ class LslReaderConfig(_Strict):
     lost_s: float = Field(5.0, gt=0.0, description="silence after which the inlet is renewed")
     resolve_s: float = Field(0.5, gt=0.0, description="how long each resolve attempt waits")
 
+    def build(self, ctx: BuildContext) -> Reader:
+        from crossl_stream.readers.base import SensorInfo
+        from crossl_stream.readers.lsl import LslReader, LslSelector
+
+        sensors = ctx.cfg.sensors
+        streams = {
+            name: (
+                SensorInfo(name, sensors[name].channels, sensors[name].rate_hz),
+                LslSelector(**s.model_dump()),
+            )
+            for name, s in self.streams.items()
+        }
+        grace = ctx.cfg.window.connect_grace_s  # then a missing stream is named
+        return LslReader(
+            streams, self.watchdog_s, self.lost_s, self.resolve_s, connect_grace_s=grace
+        )
+
 
 class BrokerConfig(_Strict):
     """An MQTT broker and how to log in. The password comes from an environment variable,
@@ -420,6 +467,43 @@ class BrokerConfig(_Strict):
     key_file: Path | None = None
     client_id: str | None = None
     keepalive: int = Field(30, ge=5)
+
+    def build(self, ctx: BuildContext, key: str) -> Broker:
+        """The Broker, its password read from the environment and its TLS files checked;
+        ConfigError names ``key`` (where this section is in the config)."""
+        import os
+
+        from crossl_stream.broker import Broker, BrokerError
+
+        where = f"{ctx.source}: {key}"
+        password = None
+        if self.password_env:
+            password = os.environ.get(self.password_env)
+            if password is None:
+                raise ConfigError(
+                    f"{where}.password_env: environment variable {self.password_env} is not set"
+                )
+        files = {}
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not ctx.resolve(path).is_file():
+                raise ConfigError(f"{where}.{name}: {ctx.resolve(path)} is not a file")
+            files[name] = str(ctx.resolve(path)) if path is not None else None
+        broker = Broker(
+            self.host,
+            self.port,
+            self.username,
+            password,
+            self.tls,
+            **files,
+            client_id=self.client_id,
+            keepalive=self.keepalive,
+        )
+        try:
+            broker.ssl_context()  # a CA or key file that is not PEM: said now, not per retry
+        except BrokerError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return broker
 
 
 class MqttTopicConfig(_Strict):
@@ -449,6 +533,21 @@ class MqttReaderConfig(_Strict):
     qos: Literal[0, 1] = 1
     streams: dict[str, MqttTopicConfig] = Field(min_length=1, description="sensor -> topic")
 
+    def build(self, ctx: BuildContext) -> Reader:
+        from crossl_stream.readers.base import SensorInfo
+        from crossl_stream.readers.mqtt import MqttReader, MqttTopic
+
+        sensors = ctx.cfg.sensors
+        streams = {
+            name: (
+                SensorInfo(name, sensors[name].channels, sensors[name].rate_hz),
+                MqttTopic(t.topic, t.format, sensors[name].clock == "receipt"),
+            )
+            for name, t in self.streams.items()
+        }
+        broker = self.broker.build(ctx, f"readers.{ctx.index}.broker")
+        return MqttReader(broker, streams, self.qos, admission=ctx.admission)
+
 
 ReaderConfig = Annotated[
     ReplayReaderConfig | SimulateReaderConfig | LslReaderConfig | MqttReaderConfig,
@@ -464,12 +563,22 @@ class JsonlPublisherConfig(_Strict):
     path: Path
     append: bool = Field(False, description="add to an existing file instead of refusing it")
 
+    def build(self, ctx: BuildContext) -> Publisher:
+        from crossl_stream.publishers.jsonl import JsonlPublisher
+
+        return JsonlPublisher(ctx.resolve(self.path), append=self.append)
+
 
 class ConsolePublisherConfig(_Strict):
     """A live line per prediction (or every n-th)."""
 
     kind: Literal["console"]
     every: int = Field(1, ge=1)
+
+    def build(self, ctx: BuildContext) -> Publisher:
+        from crossl_stream.publishers.console import ConsolePublisher
+
+        return ConsolePublisher(every=self.every)
 
 
 class LslPublisherConfig(_Strict):
@@ -478,6 +587,12 @@ class LslPublisherConfig(_Strict):
     kind: Literal["lsl"]
     name: str = "crossl-stream"
     source_id: str | None = None
+
+    def build(self, ctx: BuildContext) -> Publisher:
+        from crossl_stream.publishers.lsl import LslPublisher
+
+        rate = 1 / ctx.cfg.window.hop_s
+        return LslPublisher(ctx.model.classes, ctx.model_id, self.name, self.source_id, rate)
 
 
 class MqttPublisherConfig(_Strict):
@@ -497,6 +612,20 @@ class MqttPublisherConfig(_Strict):
         "survive a restart of the daemon",
     )
     spool_max_mb: float = Field(64.0, gt=0.0, description="disk the spool may use")
+
+    def build(self, ctx: BuildContext) -> Publisher:
+        from crossl_stream.publishers.mqtt import MqttPublisher
+
+        return MqttPublisher(
+            self.broker.build(ctx, f"publishers.{ctx.index}.broker"),
+            ctx.model_id,
+            self.topic,
+            self.status_topic,
+            self.qos,
+            queue_size=self.queue_size,
+            spool=ctx.resolve(self.spool) if self.spool is not None else None,
+            spool_max_bytes=int(self.spool_max_mb * (1 << 20)),
+        )
 
 
 PublisherConfig = Annotated[

@@ -28,11 +28,17 @@ Policy = Literal["drop_oldest", "block"]
 
 @dataclass
 class Prediction:
-    """One published prediction: the wire contract of DESIGN.md plus coverage and states."""
+    """One published record: the wire contract of DESIGN.md plus coverage and states.
+
+    A window no sensor covered is a record too: ``label`` None, ``probs`` empty, every
+    ``mask`` entry False, the sensors' ``states`` saying why. ``age_ms`` is the publish time
+    minus the window's end on the host clock (None on a virtual clock), so a late window
+    shows as late whatever its per-stage latencies.
+    """
 
     seq: int
     t_window_end: float
-    label: str
+    label: str | None
     probs: dict[str, float]
     mask: dict[str, bool]  # True: the modality was used
     model: str
@@ -41,6 +47,7 @@ class Prediction:
     states: dict[str, str] = field(default_factory=dict)
     subject: str = ""
     t_last_arrival: float = 0.0
+    age_ms: float | None = None
 
     def record(self) -> dict[str, Any]:
         """The JSON-ready record (what JSONL, MQTT and the LSL marker stream carry)."""
@@ -55,6 +62,7 @@ class Prediction:
             "coverage": dict(self.coverage),
             "states": dict(self.states),
             "subject": self.subject,
+            "age_ms": self.age_ms,
         }
 
 
@@ -130,10 +138,31 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, windows: Sequence[Window]) -> list[Prediction]:
+        usable = [w for w in windows if any(w.available.values())]
         out: list[Prediction] = []
-        for start in range(0, len(windows), self.max_batch):
-            out += self._batch(windows[start : start + self.max_batch])
-        return out
+        for start in range(0, len(usable), self.max_batch):
+            out += self._batch(usable[start : start + self.max_batch])
+        if len(usable) == len(windows):
+            return out
+        made = iter(out)  # in window order, the empty ones as records that say so
+        return [next(made) if any(w.available.values()) else self._empty(w) for w in windows]
+
+    def _empty(self, w: Window) -> Prediction:
+        """The record of a window no sensor covered: no label, every modality masked."""
+        self.check(w)
+        return Prediction(
+            seq=w.seq,
+            t_window_end=w.t_end,
+            label=None,
+            probs={},
+            mask=dict(w.available),
+            model=self.model_id,
+            latency_ms={"queue": 1000 * (host_clock() - w.t_emitted)},
+            coverage=dict(w.coverage),
+            states={k: str(v.value) for k, v in w.states.items()},
+            subject=w.subject,
+            t_last_arrival=w.t_last_arrival,
+        )
 
     def _batch(self, windows: Sequence[Window]) -> list[Prediction]:
         t0 = host_clock()
@@ -236,6 +265,19 @@ class InferenceWorker:
             self.counters.dropped += 1
         self._queue.append(window)
         self._ready.set()
+
+    def swap(self, other: InferenceWorker) -> None:
+        """Take ``other``'s predictor and settings (a reloaded model); queued windows stay
+        and go to the new predictor."""
+        self.predictor = other.predictor
+        self.queue_size = other.queue_size
+        self.max_wait = other.max_wait
+        self.policy = other.policy
+        self._room.set()
+
+    def depth(self) -> int:
+        """Windows waiting for the model."""
+        return len(self._queue)
 
     def close(self) -> None:
         """No more windows: ``predictions`` ends once the queue is drained."""

@@ -79,7 +79,8 @@ class Counts:
     refused_chunks: dict[str, int] = field(default_factory=dict)  # by reason
     windows: int = 0  # window positions cut: predicted, empty or dropped
     empty_windows: int = 0  # no sensor usable: published as such, not predicted
-    masked: dict[str, int] = field(default_factory=dict)  # "sensor:state" -> windows
+    masked: dict[str, int] = field(default_factory=dict)  # "sensor:state" -> predicted windows
+    empty: dict[str, int] = field(default_factory=dict)  # "sensor:state" -> empty windows
     dropped_windows: int = 0  # dropped by the drop_oldest backpressure policy
     predictions: int = 0
     published: int = 0  # records handed to the publishers (predictions and empty windows)

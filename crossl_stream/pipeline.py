@@ -1,8 +1,10 @@
 """Pipeline: readers -> windower -> inference worker -> publishers, as asyncio tasks.
 
-``Pipeline.from_config`` wires a validated ``PipelineConfig`` into running parts, checking
-the config against the model it loads; ``run`` plays until every reader ends (or ``stop``),
-then drains: every window cut is predicted and published.
+``Pipeline.from_config`` builds every part of a validated ``PipelineConfig`` (each reader
+and publisher config ``build``s its own part), checking the config against the model it
+loads; ``run`` opens the readers and publishers under one ``AsyncExitStack`` and plays
+until every reader ends (or ``stop``), then drains: every window cut is predicted and
+published. What happened is counted in ``metrics`` (nothing per prediction is kept).
 """
 
 from __future__ import annotations
@@ -11,30 +13,24 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from crossl_stream import default_model_dir
-from crossl_stream.config import (
-    ConsolePublisherConfig,
-    JsonlPublisherConfig,
-    LslPublisherConfig,
-    LslReaderConfig,
-    MqttPublisherConfig,
-    MqttReaderConfig,
-    PipelineConfig,
-    ReplayReaderConfig,
-    SimulateReaderConfig,
-)
+from crossl_stream.admission import Admission
+from crossl_stream.clock import host_clock
+from crossl_stream.config import PipelineConfig, ReplayReaderConfig, SimulateReaderConfig
 from crossl_stream.errors import CheckpointError, ConfigError, InputError
 from crossl_stream.inference import InferenceWorker, Predictor, pick_device
+from crossl_stream.logs import RateLimited
+from crossl_stream.metrics import Metrics
 from crossl_stream.model.checkpoint import WEIGHTS, load_model, model_id, read_meta
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.model.export import ONNX_FILE, OnnxModel, OnnxRuntime, weights_digest
 from crossl_stream.model.streaming import StreamingCroSSL
-from crossl_stream.publishers import ConsolePublisher, JsonlPublisher
 from crossl_stream.publishers.base import Publisher
 from crossl_stream.readers.base import Chunk, Reader
 from crossl_stream.states import StreamState
@@ -44,25 +40,32 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PipelineCounters:
-    """What went through the pipeline, and what it refused."""
+class BuildContext:
+    """What a reader or publisher config needs to build its part: the whole config, where
+    relative paths start, the model it serves, and the pipeline's admission."""
 
-    chunks: int = 0
-    bad_chunks: int = 0  # refused with an InputError (wrong shape, unknown sensor, ...)
-    windows: int = 0
-    predictions: int = 0
+    cfg: PipelineConfig
+    base: Path
+    source: str
+    model: CroSSL
+    model_id: str
+    known: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # trained streams
+    admission: Admission | None = None
+    index: int = 0  # the position of the part being built in its list (for messages)
+
+    def resolve(self, path: str | Path) -> Path:
+        path = Path(path)
+        return path if path.is_absolute() else self.base / path
 
 
 class Pipeline:
-    """Owns the running parts of one stream: its readers, the windower, the inference worker
-    and the publishers, and what they counted.
+    """Owns the running parts of one stream: its readers, a windower per subject, the
+    inference worker, the publishers, the admission of subjects and the metrics.
 
     ``modality_of`` maps a reader's sensor names onto the windower's modalities (default:
     the same names); sensors in ``receipt_rates`` get receipt-time stamps (their samples
     spread back from the chunk's arrival at that rate).
     """
-
-    max_subjects = 256  # live subjects at once: a windower and kept features each
 
     def __init__(
         self,
@@ -72,28 +75,24 @@ class Pipeline:
         publishers: Sequence[Publisher],
         modality_of: Mapping[str, str] | None = None,
         receipt_rates: Mapping[str, float] | None = None,
+        admission: Admission | None = None,
     ) -> None:
         if not readers:
             raise ValueError("a pipeline needs at least one reader")
         self.readers = list(readers)
         self.windower = windower  # the default subject's; others are made alike on demand
+        self.windower.emit_empty = True  # every window position is published
         self.windowers = {windower.subject: windower}
         self.worker = worker
         self.publishers = list(publishers)
         self.modality_of = dict(modality_of or {})
         self.receipt_rates = dict(receipt_rates or {})
-        self.counters = PipelineCounters()
+        self.admission = admission or Admission()
+        self.metrics = Metrics()
+        self.retired_faults: dict[str, int] = {}  # sample refusals of retired windowers
         self._stopping: asyncio.Event | None = None
-
-    def windower_of(self, subject: str) -> Windower | None:
-        """The windower of ``subject``'s sensors, made on first use (None: too many)."""
-        windower = self.windowers.get(subject)
-        if windower is None:
-            if len(self.windowers) >= self.max_subjects:
-                return None
-            windower = self.windowers[subject] = self.windower.fresh(subject)
-            log.info("subject %r: first data; windows of its own", subject)
-        return windower
+        self._deadline: float | None = None  # host clock by which a stop must be done
+        self._limited = RateLimited(log)
 
     @classmethod
     def from_config(
@@ -110,8 +109,22 @@ class Pipeline:
     def model(self) -> CroSSL:
         return self.worker.predictor.model
 
-    def stop(self) -> None:
-        """End the readers; what was already read is still windowed, predicted, published."""
+    def windower_of(self, subject: str) -> Windower | None:
+        """The windower of ``subject``'s sensors, made on first use (None: not admitted)."""
+        windower = self.windowers.get(subject)
+        if windower is None:
+            if not self.admission.admit(subject):
+                return None
+            windower = self.windowers[subject] = self.windower.fresh(subject)
+            windower.emit_empty = True
+            log.info("subject %r: first data; windows of its own", subject)
+        return windower
+
+    def stop(self, deadline_s: float | None = None) -> None:
+        """End the readers; what was already read is still windowed, predicted and
+        published, within ``deadline_s`` when given (publishers get what is left of it)."""
+        if deadline_s is not None:
+            self._deadline = host_clock() + deadline_s
         if self._stopping is not None:
             self._stopping.set()
 
@@ -120,11 +133,31 @@ class Pipeline:
         """Whether ``stop`` was called on the current run."""
         return self._stopping is not None and self._stopping.is_set()
 
-    async def run(self) -> PipelineCounters:
+    def swap(
+        self, worker: InferenceWorker | None = None, publishers: Sequence[Publisher] | None = None
+    ) -> None:
+        """Put a new model (its worker's predictor) and publishers in place while running:
+        windows already queued go to the new model; readers and windowers stay as they are.
+        Publishers no longer listed are the caller's to close."""
+        if worker is not None:
+            self.worker.swap(worker)
+        if publishers is not None:
+            self.publishers = list(publishers)
+
+    async def run(self) -> Metrics:
         """Play until every reader ends or ``stop`` is called, then drain."""
         self._stopping = asyncio.Event()
-        for publisher in self.publishers:
-            await publisher.start()
+        self.metrics.started = host_clock()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(self._close_publishers)
+            for publisher in self.publishers:
+                await publisher.start()
+            for reader in self.readers:
+                await stack.enter_async_context(reader)
+            await self._play()
+        return self.metrics
+
+    async def _play(self) -> None:
         readers = [asyncio.create_task(self._ingest(r)) for r in self.readers]
         publishing = asyncio.create_task(self._publish())
         ticking = asyncio.create_task(self._tick())
@@ -165,45 +198,61 @@ class Pipeline:
                             await self._put(window)
             finally:
                 self.worker.close()
-            try:
-                await publishing
-            finally:
-                for publisher in self.publishers:
-                    try:
-                        await publisher.aclose()
-                    except Exception:  # the others still close
-                        log.exception("closing publisher %s failed", type(publisher).__name__)
+            await publishing
         if failure is not None:
             raise failure
-        return self.counters
+
+    async def _close_publishers(self) -> None:
+        """Flush and release every publisher, within what is left of a stop's deadline."""
+        for publisher in self.publishers:
+            timeout = None
+            if self._deadline is not None:
+                timeout = max(0.0, self._deadline - host_clock() - 0.1)
+            try:
+                await publisher.aclose(timeout)
+            except Exception:  # the others still close
+                log.exception("closing publisher %s failed", publisher.name)
 
     async def _put(self, window) -> None:
-        self.counters.windows += 1
+        counts = self.metrics.counts
+        counts.windows += 1
+        empty = not any(window.available.values())
+        if empty:
+            counts.empty_windows += 1
+        for name, used in window.available.items():  # by sensor and its state then
+            if not used:
+                state = window.states.get(name, StreamState.LIVE)
+                key = f"{name}:{getattr(state, 'value', state)}"
+                self.metrics.add(counts.empty if empty else counts.masked, key)
+        dropped = self.worker.counters.dropped
         await self.worker.put(window)
+        counts.dropped_windows += self.worker.counters.dropped - dropped
 
     async def _ingest(self, reader: Reader) -> None:
-        counters = self.counters
+        counts, metrics = self.metrics.counts, self.metrics
         async with contextlib.aclosing(reader.chunks()) as chunks:  # closed when cancelled
             async for chunk in chunks:
-                counters.chunks += 1
+                counts.chunks += 1
                 windower = self.windowers.get(chunk.subject) or self.windower_of(chunk.subject)
                 if windower is None:
-                    counters.bad_chunks += 1
-                    if counters.bad_chunks <= 10 or counters.bad_chunks % 1000 == 0:
-                        log.warning("chunk of subject %r refused: too many", chunk.subject)
+                    metrics.add(counts.refused_chunks, "subject not admitted")
                     continue
+                sensor = self.modality_of.get(chunk.sensor, chunk.sensor)
                 try:
                     windower.push(
-                        self.modality_of.get(chunk.sensor, chunk.sensor),
+                        sensor,
                         chunk.values,
                         self._timestamps(chunk),
                         chunk.arrival,
                         chunk.received,
                     )
                 except InputError as exc:
-                    counters.bad_chunks += 1
-                    log.warning("chunk of %r refused: %s", chunk.sensor, exc)
+                    metrics.add(counts.refused_chunks, "input")
+                    self._limited.warning(
+                        f"chunk:{chunk.sensor}", "chunk of %r refused: %s", chunk.sensor, exc
+                    )
                     continue
+                metrics.add(counts.samples, sensor, len(chunk.values))
                 for window in windower.poll(now=chunk.arrival):
                     await self._put(window)
 
@@ -238,38 +287,75 @@ class Pipeline:
             and all(state == StreamState.LOST for state in w.states(now).values())
         ]
         for subject in gone:
-            for window in self.windowers.pop(subject).flush():
+            windower = self.windowers.pop(subject)
+            for window in windower.flush():
                 await self._put(window)
+            for key, n in sample_faults([windower]).items():
+                self.retired_faults[key] = self.retired_faults.get(key, 0) + n
             for reader in self.readers:
-                forget = getattr(reader, "forget", None)
-                if forget is not None:
-                    forget(subject)
+                reader.forget(subject)
             self.worker.predictor.forget(subject)
+            self.admission.release(subject)
             log.info("subject %r: every sensor lost; its windows end here", subject)
         return gone
 
+    def sample_faults(self) -> dict[str, int]:
+        """Samples refused or cut, by ``sensor:reason``, over every windower so far."""
+        out = dict(self.retired_faults)
+        for key, n in sample_faults(self.windowers.values()).items():
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def to_host(self, t: float) -> float | None:
+        """Host-clock time of ``t`` on the window clock (None: a virtual clock)."""
+        return self.readers[0].to_host(t)
+
     async def _publish(self) -> None:
+        metrics, counts = self.metrics, self.metrics.counts
         async for prediction in self.worker.predictions():
-            self.counters.predictions += 1
+            if prediction.label is not None:
+                counts.predictions += 1
+            host_end = self.to_host(prediction.t_window_end)
+            if host_end is not None:
+                prediction.age_ms = 1000 * (host_clock() - host_end)
             for publisher in self.publishers:
-                try:
-                    publisher.publish(prediction)
-                except Exception:  # one broken destination must not stop the others
-                    log.exception("publisher %s failed", type(publisher).__name__)
+                publisher.publish(prediction)  # a failure is the publisher's to count
+            counts.published += 1
+            metrics.last_published = host_clock()
+            latency = prediction.latency_ms
+            metrics.observe(latency)
+            if prediction.age_ms is not None:
+                metrics.latency["age"].observe(prediction.age_ms)
+
+
+def sample_faults(windowers) -> dict[str, int]:
+    """Refused samples of ``windowers`` by ``sensor:reason`` (nan, future, out of order)."""
+    out: dict[str, int] = {}
+    for w in windowers:
+        for name, buffer in w.buffers.items():
+            for reason, n in (
+                ("nan", w.counters.nan_samples.get(name, 0)),
+                ("future", w.counters.future_samples.get(name, 0)),
+                ("out_of_order", buffer.counters.out_of_order),
+            ):
+                if n:
+                    key = f"{name}:{reason}"
+                    out[key] = out.get(key, 0) + n
+    return out
 
 
 def run_pipeline(
     reader: Reader, windower: Windower, worker: InferenceWorker, publishers: Sequence[Publisher]
 ):
-    """One reader through the spine (a coroutine giving the counters): for tests and tools."""
+    """One reader through the spine (a coroutine giving the metrics): for tests and tools."""
     return Pipeline([reader], windower, worker, publishers).run()
 
 
-def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
-    def resolve(path: Path) -> Path:
-        return path if path.is_absolute() else base / path
-
-    model_dir = resolve(cfg.inference.model) if cfg.inference.model else default_model_dir()
+def load_served_model(cfg: PipelineConfig, base: Path, source: str) -> tuple[CroSSL, Path]:
+    """The model a pipeline config serves, checked against the config (ConfigError)."""
+    model_dir = cfg.inference.model
+    model_dir = (model_dir if model_dir.is_absolute() else base / model_dir) if model_dir else None
+    model_dir = model_dir or default_model_dir()
     model = load_model(model_dir)
     if not model.classes:
         raise ConfigError(
@@ -277,15 +363,11 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
             f"fine-tune it first: crossl-stream finetune SPEC --from {model_dir}"
         )
     check_against_model(cfg, model, source)
-    modality_of = {s: cfg.modality_of(s) for s in cfg.sensors}
-    sensor_of = {m: s for s, m in modality_of.items()}
-    w = cfg.window
-    windower = Windower.from_config(
-        model.modalities,
-        w,
-        source_rates={m: cfg.sensors[s].rate_hz for m, s in sensor_of.items()},
-        stale_s={m: cfg.sensors[s].stale_s for m, s in sensor_of.items()},
-    )
+    return model, model_dir
+
+
+def build_worker(cfg: PipelineConfig, model: CroSSL, model_dir: Path, source: str):
+    """The inference worker of ``cfg`` around ``model``, on its device and runtime."""
     inf = cfg.inference
     if inf.threads:
         import torch
@@ -293,7 +375,7 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
         torch.set_num_threads(inf.threads)
     device = pick_device(inf.device)
     model.to(device)
-    streaming = _streaming(model, model_dir, inf, w.hop_s, device, source)
+    streaming = _streaming(model, model_dir, inf, cfg.window.hop_s, device, source, cfg)
     onnx = None if streaming else _onnx_session(model_dir, inf.runtime, device, source)
     predictor = Predictor(model, inf.device, inf.max_batch, model_id(model_dir), onnx, streaming)
     backpressure = inf.backpressure
@@ -304,46 +386,78 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
             for r in cfg.readers
         )
         backpressure = "block" if recorded else "drop_oldest"
-    worker = InferenceWorker(predictor, inf.queue_size, inf.max_wait_ms, backpressure)
-    known = read_meta(model_dir).get("info", {}).get("data", {}) or {}
-    readers = [_reader(cfg, r, resolve, source, known.get("sensors", {})) for r in cfg.readers]
-    publishers: list[Publisher] = []
-    for p in cfg.publishers:
+    return InferenceWorker(predictor, inf.queue_size, inf.max_wait_ms, backpressure)
+
+
+def build_publishers(cfg: PipelineConfig, ctx: BuildContext) -> list[Publisher]:
+    """Each publisher of ``cfg``, named for logs and metrics (``jsonl``, ``jsonl-2``, ...)."""
+    from crossl_stream.config import JsonlPublisherConfig
+
+    paths = []
+    for i, p in enumerate(cfg.publishers):
         if isinstance(p, JsonlPublisherConfig):
-            path = resolve(p.path)
-            if any(isinstance(q, JsonlPublisher) and q.same_file(path) for q in publishers):
-                raise ConfigError(f"{source}: predictions are written to {path} twice")
-            publishers.append(JsonlPublisher(path, append=p.append))  # refuses a used file
-        elif isinstance(p, ConsolePublisherConfig):
-            publishers.append(ConsolePublisher(every=p.every))
-        elif isinstance(p, MqttPublisherConfig):
-            from crossl_stream.publishers.mqtt import MqttPublisher
-
-            publishers.append(
-                MqttPublisher(
-                    _broker(p.broker, resolve, source),
-                    predictor.model_id,
-                    p.topic,
-                    p.status_topic,
-                    p.qos,
+            path = ctx.resolve(p.path).resolve()
+            if path in paths:
+                raise ConfigError(
+                    f"{ctx.source}: publishers.{i}: predictions are written to {path} twice"
                 )
-            )
-        elif isinstance(p, LslPublisherConfig):
-            from crossl_stream.publishers.lsl import LslPublisher
+            paths.append(path)
+    publishers: list[Publisher] = []
+    try:
+        for i, p in enumerate(cfg.publishers):
+            ctx.index = i
+            publisher = p.build(ctx)
+            taken = sum(q.name.split("-")[0] == publisher.name for q in publishers)
+            if taken:
+                publisher.name = f"{publisher.name}-{taken + 1}"
+            publishers.append(publisher)
+    except BaseException:
+        for publisher in publishers:  # opened files and outlets of the ones already built
+            publisher.close()
+        raise
+    return publishers
 
-            publishers.append(
-                LslPublisher(model.classes, predictor.model_id, p.name, p.source_id, 1 / w.hop_s)
-            )
+
+def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
+    model, model_dir = load_served_model(cfg, base, source)
+    modality_of = {s: cfg.modality_of(s) for s in cfg.sensors}
+    sensor_of = {m: s for s, m in modality_of.items()}
+    windower = Windower.from_config(
+        model.modalities,
+        cfg.window,
+        source_rates={m: cfg.sensors[s].rate_hz for m, s in sensor_of.items()},
+        stale_s={m: cfg.sensors[s].stale_s for m, s in sensor_of.items()},
+        emit_empty=True,
+    )
+    worker = build_worker(cfg, model, model_dir, source)
+    subjects = cfg.subjects
+    admission = Admission(subjects.allow, subjects.pattern, subjects.max)
+    ctx = BuildContext(
+        cfg,
+        base,
+        source,
+        model,
+        worker.predictor.model_id,
+        (read_meta(model_dir).get("info", {}).get("data") or {}).get("sensors", {}),
+        admission,
+    )
+    readers = []
+    for i, rc in enumerate(cfg.readers):
+        ctx.index = i
+        readers.append(rc.build(ctx))
+    publishers = build_publishers(cfg, ctx)
     # the mqtt reader stamps its receipt-clock sensors itself; others are stamped here
+    from crossl_stream.config import MqttReaderConfig
+
     mqtt_fed = {s for r in cfg.readers if isinstance(r, MqttReaderConfig) for s in r.streams}
     receipt = {
         s: c.rate_hz for s, c in cfg.sensors.items() if c.clock == "receipt" and s not in mqtt_fed
     }
-    return Pipeline(readers, windower, worker, publishers, modality_of, receipt)
+    return Pipeline(readers, windower, worker, publishers, modality_of, receipt, admission)
 
 
 def _streaming(
-    model: CroSSL, model_dir: Path, inf, hop_s: float, device, source: str
+    model: CroSSL, model_dir: Path, inf, hop_s: float, device, source: str, cfg=None
 ) -> StreamingCroSSL | None:
     """Windows sharing encoder features, in onnxruntime on the CPU where the model has a
     current streaming export (else torch); None when switched off or when the hop is not a
@@ -369,7 +483,7 @@ def _streaming(
             hop_s,
         )
         return None
-    subjects = Pipeline.max_subjects
+    subjects = cfg.subjects.max + 1 if cfg is not None else 257  # + the default subject
     if inf.runtime == "torch" or device.type != "cpu":
         return StreamingCroSSL(model, max_streams=subjects)
     try:
@@ -444,133 +558,3 @@ def check_against_model(cfg: PipelineConfig, model: CroSSL, source: str) -> None
         )
     if problems:
         raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
-
-
-def _reader(
-    cfg: PipelineConfig, rc, resolve, source: str, known: Mapping[str, Mapping] | None = None
-) -> Reader:
-    """The reader ``rc`` configures; ``known`` (modality -> the stream name and type it was
-    trained on) finds a replayed sensor's stream when the file names it otherwise."""
-    if isinstance(rc, ReplayReaderConfig):
-        from crossl_stream.readers.replay import Recording, Replay, max_speed_chunk_s
-        from crossl_stream.training.datasets import data_cache, shipped_recording
-        from crossl_stream.training.spec import find_stream
-
-        if rc.path is None:
-            path = shipped_recording()
-        else:  # {data}: the data cache
-            path = resolve(Path(str(rc.path).replace("{data}", str(data_cache()))))
-        recording = Recording.load(path)
-        names = {}
-        for s in cfg.reader_sensors(rc):
-            trained = (known or {}).get(cfg.modality_of(s), {})
-            if s in rc.streams:  # named in the config: that stream or an error
-                names[s] = find_stream(recording, s, [rc.streams[s]])
-            else:
-                wanted = [s, trained.get("stream")]
-                names[s] = find_stream(recording, s, wanted, trained.get("type"))
-        dropouts: dict[str, list[tuple[float, float]]] = {}
-        for d in rc.dropouts:
-            dropouts.setdefault(d.sensor, []).append((d.start_s, d.length_s))
-        end = rc.start_s + rc.duration_s if rc.duration_s else np.inf
-        chunk_s = rc.chunk_s
-        if chunk_s is None:  # windows do not depend on chunking while chunks come < stale_s
-            stale = min(cfg.sensors[s].stale_s or cfg.window.stale_s for s in names)
-            chunk_s = 0.04 if rc.speed != "max" else max_speed_chunk_s(stale)
-        reader = Replay(
-            recording,
-            names,
-            None if rc.speed == "max" else float(rc.speed),
-            chunk_s=chunk_s,
-            dropouts=dropouts,
-            section=(rc.start_s, end),
-        )
-        for sensor, info in reader.sensors.items():
-            want = cfg.sensors[sensor]
-            if info.channels != want.channels:
-                raise ConfigError(
-                    f"{source}: sensors.{sensor}.channels: {want.channels}, but stream "
-                    f"{names[sensor]!r} of {path.name} has {info.channels}"
-                )
-            if info.rate_hz > 0 and abs(info.rate_hz - want.rate_hz) > 0.01 * want.rate_hz:
-                raise ConfigError(  # nominal rate 0: an irregular stream, nothing to compare
-                    f"{source}: sensors.{sensor}.rate_hz: {want.rate_hz:g} Hz, but stream "
-                    f"{names[sensor]!r} of {path.name} has a nominal rate of {info.rate_hz:g} Hz"
-                )
-        return reader
-    if isinstance(rc, SimulateReaderConfig):
-        from crossl_stream.readers.simulate import SimulatedSensor, Simulator
-
-        sims = [
-            SimulatedSensor(
-                name,
-                cfg.sensors[name].channels,
-                cfg.sensors[name].rate_hz,
-                kind=s.kind,
-                chunk_s=s.chunk_s,
-                jitter_s=s.jitter_s,
-                dropouts=s.dropouts,
-            )
-            for name, s in rc.sensors.items()
-        ]
-        speed = None if rc.speed == "max" else float(rc.speed)
-        return Simulator(sims, rc.duration_s, speed=speed, seed=rc.seed)
-    if isinstance(rc, LslReaderConfig):
-        from crossl_stream.readers.base import SensorInfo
-        from crossl_stream.readers.lsl import LslReader, LslSelector
-
-        streams = {
-            name: (
-                SensorInfo(name, cfg.sensors[name].channels, cfg.sensors[name].rate_hz),
-                LslSelector(**s.model_dump()),
-            )
-            for name, s in rc.streams.items()
-        }
-        grace = cfg.window.connect_grace_s  # then a missing stream is named, with what is seen
-        return LslReader(streams, rc.watchdog_s, rc.lost_s, rc.resolve_s, connect_grace_s=grace)
-    if isinstance(rc, MqttReaderConfig):
-        from crossl_stream.readers.base import SensorInfo
-        from crossl_stream.readers.mqtt import MqttReader, MqttTopic
-
-        streams = {
-            name: (
-                SensorInfo(name, cfg.sensors[name].channels, cfg.sensors[name].rate_hz),
-                MqttTopic(t.topic, t.format, cfg.sensors[name].clock == "receipt"),
-            )
-            for name, t in rc.streams.items()
-        }
-        return MqttReader(_broker(rc.broker, resolve, source), streams, rc.qos)
-    raise ConfigError(f"{source}: unknown reader {rc!r}")
-
-
-def _broker(b, resolve, source: str):
-    """A Broker from its config; the password read from the environment variable named."""
-    import os
-
-    from crossl_stream.broker import Broker
-
-    password = None
-    if b.password_env:
-        password = os.environ.get(b.password_env)
-        if password is None:
-            raise ConfigError(
-                f"{source}: broker.password_env: environment variable {b.password_env} is not set"
-            )
-    for key in ("ca_file", "cert_file", "key_file"):
-        path = getattr(b, key)
-        if path is not None and not resolve(path).is_file():
-            raise ConfigError(f"{source}: broker.{key}: {resolve(path)} is not a file")
-    files = {
-        k: str(resolve(v)) if v else None
-        for k, v in (("ca_file", b.ca_file), ("cert_file", b.cert_file), ("key_file", b.key_file))
-    }
-    return Broker(
-        b.host,
-        b.port,
-        b.username,
-        password,
-        b.tls,
-        **files,
-        client_id=b.client_id,
-        keepalive=b.keepalive,
-    )

@@ -15,7 +15,13 @@ target periods).
 
 A sensor that is stale or lost leaves the watermark, so it never blocks the others; its part
 of a window is masked when too little of the window is covered by its samples. At start-up,
-sensors that have not delivered yet hold the watermark for a short grace period.
+sensors that have not delivered yet hold the watermark for a short grace period. When no
+sensor is live, a live clock still moves the watermark (``now`` minus the longest
+``stale_s`` and the lateness), so windows keep coming while every sensor is away.
+
+With ``emit_empty`` every window position on the grid is emitted: one no sensor covered
+comes out with every modality unavailable (the pipeline publishes it as such); without it
+(offline windowing) such positions are only counted.
 
 Live and replay give the same windows as long as no sensor is judged stale merely because
 its chunks are far apart: ``stale_s`` must exceed every sensor's longest chunk interval.
@@ -41,6 +47,7 @@ if TYPE_CHECKING:
     from crossl_stream.config import WindowConfig
 
 MAX_RECEIPTS = 8192  # chunk receipt times kept per sensor while no window is cut
+MAX_EMPTY_BURST = 7200  # empty windows emitted at once after a silence; more are counted
 
 
 @dataclass
@@ -67,7 +74,8 @@ class WindowerCounters:
     """What the windower refused or masked, for logs and metrics."""
 
     windows: int = 0
-    empty_windows: int = 0  # no modality available: not emitted
+    empty_windows: int = 0  # no modality available (emitted as such with emit_empty)
+    unpublished_empty: int = 0  # empty windows beyond MAX_EMPTY_BURST after one silence
     masked: dict[str, int] = field(default_factory=dict)
     nan_samples: dict[str, int] = field(default_factory=dict)
     future_samples: dict[str, int] = field(default_factory=dict)
@@ -203,6 +211,7 @@ class Windower:
         buffer_s: float | None = None,
         max_future_s: float = 1.0,
         connect_grace_s: float = 2.0,
+        emit_empty: bool = False,
     ) -> None:
         if not modalities:
             raise ValueError("the windower needs at least one modality")
@@ -227,6 +236,7 @@ class Windower:
         self.min_coverage = min_coverage
         self.max_future_s = max_future_s
         self.connect_grace_s = connect_grace_s
+        self.emit_empty = emit_empty
         self._started = np.inf  # arrival of the first sample of any sensor
         rates = dict(source_rates or {})
         unknown = sorted(set(rates) - {m.name for m in modalities})
@@ -246,6 +256,10 @@ class Windower:
             for m in modalities
         }
         self._newest = -np.inf  # newest finite sample of any sensor
+        self._silent_s = max(self.stale_s.values()) + lateness_s  # no sensor live: mark lag
+        self._zeros = {m.name: np.zeros((m.channels, m.samples), np.float32) for m in modalities}
+        for zeros in self._zeros.values():
+            zeros.flags.writeable = False  # shared by every empty window
         self._receipt_ts: dict[str, list[float]] = {n: [] for n in self.buffers}
         self._receipt_at: dict[str, list[float]] = {n: [] for n in self.buffers}
         self._next_end: float | None = None
@@ -263,6 +277,7 @@ class Windower:
         window: WindowConfig,
         source_rates: Mapping[str, float],
         stale_s: Mapping[str, float | None] | None = None,
+        emit_empty: bool = False,
     ) -> Windower:
         """The windower a ``window:`` config section describes, for the pipeline and for
         cutting training windows offline alike (so both cut the same windows);
@@ -278,6 +293,7 @@ class Windower:
             source_rates=source_rates,
             max_future_s=window.max_future_s,
             connect_grace_s=window.connect_grace_s,
+            emit_empty=emit_empty,
         )
 
     def fresh(self, subject: str) -> Windower:
@@ -335,6 +351,11 @@ class Windower:
         self._started = min(self._started, arrival)
         self._newest = max(self._newest, resampler.final)
 
+    @property
+    def newest(self) -> float:
+        """The newest finite sample of any sensor (-inf: none yet)."""
+        return self._newest
+
     def states(self, now: float) -> dict[str, StreamState]:
         """Each sensor's state at host time ``now``, from the age of its newest usable
         (finite) sample: a sensor sending only NaN is as good as silent."""
@@ -364,11 +385,19 @@ class Windower:
         if waiting and now - self._started < self.connect_grace_s:
             return -np.inf
         live = [self._resamplers[n].final for n, s in states.items() if s == StreamState.LIVE]
-        return min(live) - self.lateness_s if live else -np.inf
+        if live:
+            return min(live) - self.lateness_s
+        if self._newest == -np.inf:
+            return -np.inf  # nothing ever arrived: no grid yet
+        return now - self._silent_s  # every sensor away: the clock moves the windows on
 
     def poll(self, now: float) -> list[Window]:
         """Every window whose end the watermark has passed, oldest first."""
-        if self._next_end is not None and self._newest - self.lateness_s < self._next_end - 1e-9:
+        if (
+            self._next_end is not None
+            and self._newest - self.lateness_s < self._next_end - 1e-9
+            and now - self._silent_s < self._next_end - 1e-9
+        ):
             return []  # the usual case: no window can be due yet
         states = self.states(now)  # once per poll: this runs for every chunk
         return self._emit(self._watermark(now, states), states)
@@ -390,7 +419,7 @@ class Windower:
             self._next_end = math.ceil((first + self.window_s) / self.hop_s) * self.hop_s
         out = []
         before = self._next_end
-        self._skip_silence(mark)
+        self._skip_silence(mark, states, out)
         while self._next_end <= mark + 1e-9:
             window = self._build(self._next_end, states)
             self._next_end = round((self._next_end + self.hop_s) / self.hop_s) * self.hop_s
@@ -409,9 +438,10 @@ class Windower:
             if old > 0:
                 del self._receipt_ts[name][:old], self._receipt_at[name][:old]
 
-    def _skip_silence(self, mark: float) -> None:
+    def _skip_silence(self, mark: float, states: dict[str, StreamState], out: list) -> None:
         """Jump over due grid ends whose windows hold no sample at all (after a long
-        silence), counting them as empty instead of resampling each one."""
+        silence), counting them as empty instead of resampling each one; with
+        ``emit_empty`` they go to ``out`` as empty windows (at most MAX_EMPTY_BURST)."""
         if mark - self._next_end < self.window_s:
             return  # the usual case, checked per chunk: at most a window's worth is due
         start = self._next_end - self.window_s - max(self._tolerance.values())
@@ -421,7 +451,31 @@ class Windower:
         skipped = round((min(first_end, last_due + self.hop_s) - self._next_end) / self.hop_s)
         if skipped > 0:
             self.counters.empty_windows += skipped
+            if self.emit_empty:
+                emitted = min(skipped, MAX_EMPTY_BURST)
+                self.counters.unpublished_empty += skipped - emitted
+                first = round(self._next_end / self.hop_s) + skipped - emitted
+                for k in range(first, first + emitted):
+                    out.append(self._empty(k * self.hop_s, states))
             self._next_end = round(self._next_end / self.hop_s + skipped) * self.hop_s
+
+    def _empty(
+        self, t_end: float, states: dict[str, StreamState], coverage: dict | None = None
+    ) -> Window:
+        """A window no sensor covered: every modality unavailable, shared zeros as data."""
+        self._seq += 1
+        names = list(self._zeros)
+        return Window(
+            self._seq,
+            t_end,
+            dict(self._zeros),
+            dict.fromkeys(names, False),
+            coverage or dict.fromkeys(names, 0.0),
+            dict(states),
+            -np.inf,  # no data completed it
+            host_clock(),
+            self.subject,
+        )
 
     def _receipt_of(self, name: str, t_end: float) -> float:
         """Host receipt time of the data that completed the window ending at ``t_end``: the
@@ -441,7 +495,7 @@ class Windower:
                 newest_arrival = max(newest_arrival, self._receipt_of(m.name, t_end))
         if not any(available.values()):
             self.counters.empty_windows += 1
-            return None
+            return self._empty(t_end, states, coverage) if self.emit_empty else None
         for name, used in available.items():  # masked: in windows that are emitted
             if not used:
                 self.counters.masked[name] += 1

@@ -34,7 +34,8 @@ def run(model, reader, path, policy="block"):
 
 def test_simulated_session_is_predicted_with_the_dropout_masked(model, tmp_path):
     counters, windower, records = run(model, Simulator(SENSORS, 8.0), tmp_path / "p.jsonl")
-    assert counters.predictions == counters.windows == len(records) > 20
+    c = counters.counts
+    assert c.predictions == c.windows == len(records) > 20  # acc always there: none empty
     assert [r["seq"] for r in records] == sorted(r["seq"] for r in records)
     ends = np.array([r["t_window_end"] for r in records])
     assert np.allclose(np.diff(ends), 0.25)
@@ -85,7 +86,7 @@ def test_bad_chunks_are_counted_and_the_stream_goes_on(model, tmp_path):
     good = run(model, Simulator(SENSORS, 3.0), tmp_path / "good.jsonl")
     bad = run(model, BrokenReader(Simulator(SENSORS, 3.0)), tmp_path / "bad.jsonl")
     acc_chunks = round(3.0 / 0.1)
-    assert bad[0].bad_chunks == 2 * acc_chunks
+    assert bad[0].counts.refused_chunks == {"input": 2 * acc_chunks}
     assert [r["probs"] for r in bad[2]] == [r["probs"] for r in good[2]]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -41,15 +42,12 @@ class Publisher(ABC):
     log_every_s = 10.0
 
     def __init__(self) -> None:
+        # a short name for logs and metrics: jsonl, mqtt, ... (the pipeline numbers repeats)
+        self.name = type(self).__name__.removesuffix("Publisher").lower()
         self.counters = PublisherCounters()
         self.failing_since: float | None = None  # host clock of the first failure in a row
         self.last_error: str | None = None
         self._limited = RateLimited(log, self.log_every_s)
-
-    @property
-    def name(self) -> str:
-        """A short name for logs and metrics: ``jsonl``, ``mqtt``, ..."""
-        return type(self).__name__.removesuffix("Publisher").lower()
 
     async def __aenter__(self):
         await self.start()
@@ -62,7 +60,8 @@ class Publisher(ABC):
         """Stamp ``latency_ms.total`` (receipt of the window's data -> now) and send;
         False (counted, logged at a limited rate) when the destination failed."""
         counters = self.counters
-        prediction.latency_ms["total"] = 1000 * (host_clock() - prediction.t_last_arrival)
+        if prediction.t_last_arrival > -math.inf:  # a window no data completed has no total
+            prediction.latency_ms["total"] = 1000 * (host_clock() - prediction.t_last_arrival)
         counters.given += 1
         try:
             self.send(prediction)

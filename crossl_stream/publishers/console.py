@@ -27,9 +27,13 @@ class ConsolePublisher(Publisher):
         mask = " ".join(f"{'+' if used else '-'}{m}" for m, used in prediction.mask.items())
         states = {m: s for m, s in prediction.states.items() if s != "live"}
         note = f" [{', '.join(f'{m} {s}' for m, s in states.items())}]" if states else ""
-        p = prediction.probs[prediction.label]
+        if prediction.label is None:
+            what = f"{'(no sensor)':<15}"
+        else:
+            what = f"{prediction.label:<10}{prediction.probs[prediction.label]:5.2f}"
+        late = prediction.latency_ms.get("total", prediction.age_ms or 0.0)
         self.stream.write(
-            f"#{prediction.seq:<5} t={prediction.t_window_end:10.2f}  {prediction.label:<10}"
-            f"{p:5.2f}  {mask}{note}  {prediction.latency_ms.get('total', 0.0):6.2f} ms\n"
+            f"#{prediction.seq:<5} t={prediction.t_window_end:10.2f}  {what}  {mask}{note}"
+            f"  {late:6.2f} ms\n"
         )
         self.stream.flush()

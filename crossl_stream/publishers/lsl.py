@@ -52,8 +52,8 @@ class LslPublisher(Publisher):
         self._probs = np.zeros(len(self.classes), dtype=np.float32)
 
     def send(self, prediction: Prediction) -> None:
-        for i, c in enumerate(self.classes):
-            self._probs[i] = prediction.probs[c]
+        for i, c in enumerate(self.classes):  # a window no sensor covered: NaN
+            self._probs[i] = prediction.probs.get(c, np.nan)
         self._outlet.push_sample(self._probs, prediction.t_window_end)
         record = json.dumps(prediction.record(), separators=(",", ":"))
         self._markers.push_sample([record], prediction.t_window_end)

@@ -234,3 +234,56 @@ class Replay(Reader):
             elif i % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # as fast as possible, but let the consumers batch
             yield Chunk(sensor, x, t, arrival, host_clock())
+
+
+def replay_from_config(rc, ctx) -> Replay:
+    """The Replay a ``kind: replay`` reader config describes (``ctx``: the pipeline's
+    BuildContext): its recording loaded, each sensor's stream found (the config's name,
+    else the sensor's name, else the stream the model was trained on, by name or type),
+    and channel counts and nominal rates checked against the sensors."""
+    from crossl_stream.errors import ConfigError
+    from crossl_stream.training.datasets import data_cache, shipped_recording
+    from crossl_stream.training.spec import find_stream
+
+    cfg = ctx.cfg
+    if rc.path is None:
+        path = shipped_recording()
+    else:  # {data}: the data cache
+        path = ctx.resolve(Path(str(rc.path).replace("{data}", str(data_cache()))))
+    recording = Recording.load(path)
+    names = {}
+    for s in cfg.reader_sensors(rc):
+        trained = ctx.known.get(cfg.modality_of(s), {})
+        if s in rc.streams:  # named in the config: that stream or an error
+            names[s] = find_stream(recording, s, [rc.streams[s]])
+        else:
+            names[s] = find_stream(recording, s, [s, trained.get("stream")], trained.get("type"))
+    dropouts: dict[str, list[tuple[float, float]]] = {}
+    for d in rc.dropouts:
+        dropouts.setdefault(d.sensor, []).append((d.start_s, d.length_s))
+    end = rc.start_s + rc.duration_s if rc.duration_s else np.inf
+    chunk_s = rc.chunk_s
+    if chunk_s is None:  # windows do not depend on chunking while chunks come < stale_s
+        stale = min(cfg.sensors[s].stale_s or cfg.window.stale_s for s in names)
+        chunk_s = 0.04 if rc.speed != "max" else max_speed_chunk_s(stale)
+    reader = Replay(
+        recording,
+        names,
+        None if rc.speed == "max" else float(rc.speed),
+        chunk_s=chunk_s,
+        dropouts=dropouts,
+        section=(rc.start_s, end),
+    )
+    for sensor, info in reader.sensors.items():
+        want = cfg.sensors[sensor]
+        if info.channels != want.channels:
+            raise ConfigError(
+                f"{ctx.source}: sensors.{sensor}.channels: {want.channels}, but stream "
+                f"{names[sensor]!r} of {path.name} has {info.channels}"
+            )
+        if info.rate_hz > 0 and abs(info.rate_hz - want.rate_hz) > 0.01 * want.rate_hz:
+            raise ConfigError(  # nominal rate 0: an irregular stream, nothing to compare
+                f"{ctx.source}: sensors.{sensor}.rate_hz: {want.rate_hz:g} Hz, but stream "
+                f"{names[sensor]!r} of {path.name} has a nominal rate of {info.rate_hz:g} Hz"
+            )
+    return reader

@@ -22,7 +22,15 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
     >>> round(macro_f1(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 2), 4)
     0.7333
     """
-    cm = confusion_matrix(y_true, y_pred, n_classes)
+    return macro_f1_of(confusion_matrix(y_true, y_pred, n_classes))
+
+
+def macro_f1_of(cm: np.ndarray) -> float:
+    """Macro-F1 of a confusion matrix [true, predicted], over the classes present.
+
+    >>> macro_f1_of(np.array([[1, 1], [0, 2]])).__round__(4)
+    0.7333
+    """
     tp = np.diag(cm).astype(float)
     support = cm.sum(axis=1) + cm.sum(axis=0)
     present = support > 0
