@@ -634,7 +634,10 @@ def print_summary(pipeline, wall: float, scorer=None) -> None:
             f"(inference p50 {infer.quantile(0.5):.2f} ms)"
         )
     replays = [r for r in pipeline.readers if isinstance(r, Replay)]
-    span = replays[0].recording.end - replays[0].recording.start if replays else None
+    span = None
+    if replays:  # the section played
+        rec, (a, b) = replays[0].recording, replays[0].section
+        span = min(rec.end, rec.start + b) - (rec.start + a)
     pace = f" ({span / wall:.0f}x real time)" if span else ""
     print(f"ran {wall:.1f} s{pace}")
 

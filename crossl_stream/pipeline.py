@@ -203,15 +203,16 @@ class Pipeline:
             raise failure
 
     async def _close_publishers(self) -> None:
-        """Flush and release every publisher, within what is left of a stop's deadline."""
+        """Flush and release every publisher, within what is left of a stop's deadline
+        (less half a second for the process to exit)."""
         for publisher in self.publishers:
             timeout = None
             if self._deadline is not None:
-                timeout = max(0.0, self._deadline - host_clock() - 0.1)
+                timeout = max(0.0, self._deadline - host_clock() - 0.5)
             try:
                 await publisher.aclose(timeout)
-            except Exception:  # the others still close
-                log.exception("closing publisher %s failed", publisher.name)
+            except Exception as exc:  # the others still close
+                log.error("closing publisher %s failed: %r", publisher.name, exc)
 
     async def _put(self, window) -> None:
         counts = self.metrics.counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -12,9 +13,10 @@ from crossl_stream.publishers.base import Publisher
 
 
 class JsonlPublisher(Publisher):
-    """Owns an open JSONL file. A file that already holds something is refused unless
-    ``append`` (then the records go after it), so that a second run cannot silently mix its
-    predictions into the first one's. Opened here, so that a path that cannot be written is
+    """Owns an open JSONL file, written unbuffered: a line is on disk or it failed whole
+    (a full disk leaves no half line and nothing queued to fail again at close). A file
+    that already holds something is refused unless ``append`` (then the records go after
+    it), so that a second run cannot silently mix its predictions into the first one's. Opened here, so that a path that cannot be written is
     a ConfigError (naming it) before anything streams."""
 
     def __init__(self, path: str | Path, append: bool = False) -> None:
@@ -34,7 +36,7 @@ class JsonlPublisher(Publisher):
                 f"{exc.strerror or exc}"
             ) from None
         try:
-            self._file = self.path.open("a", encoding="utf-8")
+            self._file = self.path.open("ab", buffering=0)
         except OSError as exc:
             raise ConfigError(
                 f"predictions file {self.path}: cannot open it for writing: {exc.strerror or exc}"
@@ -56,8 +58,11 @@ class JsonlPublisher(Publisher):
             return False
 
     def send(self, prediction: Prediction) -> None:
-        self._file.write(json.dumps(prediction.record(), separators=(",", ":")) + "\n")
-        self._file.flush()
+        line = (json.dumps(prediction.record(), separators=(",", ":")) + "\n").encode()
+        written = self._file.write(line)
+        if written != len(line):  # a short write: the disk filled up mid-line
+            self._file.truncate(self._file.tell() - written)
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {self.path}")
 
     def close(self) -> None:
         self._file.close()
