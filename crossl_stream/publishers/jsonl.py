@@ -16,8 +16,9 @@ class JsonlPublisher(Publisher):
     """Owns an open JSONL file, written unbuffered: a line is on disk or it failed whole
     (a full disk leaves no half line and nothing queued to fail again at close). A file
     that already holds something is refused unless ``append`` (then the records go after
-    it), so that a second run cannot silently mix its predictions into the first one's. Opened here, so that a path that cannot be written is
-    a ConfigError (naming it) before anything streams."""
+    it), so that a second run cannot silently mix its predictions into the first one's.
+    Opened here, so that a path that cannot be written is a ConfigError (naming it) before
+    anything streams."""
 
     def __init__(self, path: str | Path, append: bool = False) -> None:
         super().__init__()
