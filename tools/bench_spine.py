@@ -32,7 +32,6 @@ from crossl_stream.config import PipelineConfig  # noqa: E402
 from crossl_stream.inference import Predictor  # noqa: E402
 from crossl_stream.model import ModalitySpec, load_model  # noqa: E402
 from crossl_stream.pipeline import Pipeline  # noqa: E402
-from crossl_stream.publishers import MemoryPublisher  # noqa: E402
 from crossl_stream.windower import Windower  # noqa: E402
 
 SENSORS = {"eeg": (32, 500.0), "emg": (8, 2000.0), "imu": (6, 100.0)}
@@ -160,13 +159,11 @@ def bench_replay(model_dir: str, runtime: str, streaming: bool) -> tuple[float, 
         }
     )
     pipeline = Pipeline.from_config(cfg)
-    memory = MemoryPublisher()
-    pipeline.publishers.append(memory)
     recording = pipeline.readers[0].recording
     start = time.perf_counter()
-    asyncio.run(pipeline.run())
+    metrics = asyncio.run(pipeline.run())
     wall = time.perf_counter() - start
-    return recording.end - recording.start, wall, len(memory.records)
+    return recording.end - recording.start, wall, metrics.counts.predictions
 
 
 def main() -> None:
