@@ -13,6 +13,7 @@ import numpy as np
 
 from crossl_stream import default_model_dir
 from crossl_stream.errors import CrosslError
+from crossl_stream.signals import on_signals
 
 log = logging.getLogger("crossl_stream")
 
@@ -483,16 +484,13 @@ def cmd_play(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+        on_signals((signal.SIGINT, signal.SIGTERM), task.cancel)
         for _ in range(args.repeat):
             pushed = await player.play()
             print(f"played: {pushed} samples")
 
     with contextlib.suppress(asyncio.CancelledError):
         asyncio.run(main())
-    _ignore_late_signals()
     return 0
 
 
@@ -521,7 +519,6 @@ def _play(cfg, base: Path, source: str, labels: str | None = None) -> int:
             pipeline.publishers.append(scorer)
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         task = asyncio.current_task()
 
         def on_signal() -> None:  # the first drains; a second one stops at once
@@ -529,30 +526,18 @@ def _play(cfg, base: Path, source: str, labels: str | None = None) -> int:
                 task.cancel()
             pipeline.stop()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+        on_signals((signal.SIGINT, signal.SIGTERM), on_signal)
         with contextlib.suppress(asyncio.CancelledError):
             await pipeline.run()
 
     start = time.perf_counter()
     asyncio.run(main())
-    _ignore_late_signals()
     print_summary(pipeline, time.perf_counter() - start, scorer)
     lost = {p.name: p.lost for p in pipeline.publishers if p.lost}
     if lost:
         print(f"crossl-stream: publishers lost records they were given: {lost}", file=sys.stderr)
         return 1
     return 0
-
-
-def _ignore_late_signals() -> None:
-    """Once the run's own handlers are gone, a late Ctrl-C or SIGTERM (a second one while
-    the summary prints) is ignored instead of turning a clean exit into 130 / 143; ``main``
-    puts the previous handlers back."""
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
 
 
 def _scorer(rules, pipeline):
@@ -772,15 +757,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     import signal
 
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    saved = {sig: signal.getsignal(sig) for sig in stops}
     try:
         return args.func(args)
     except CrosslError as exc:
         print(f"crossl-stream {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+        if argv is not None:  # called in-process: give the caller its handlers back
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+        else:  # the process ends here: a late stop signal must not kill its teardown (the
+            # interpreter puts default handlers back as it finalizes; ignored ones stay)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from crossl_stream.pipeline import (
     build_worker,
     load_served_model,
 )
+from crossl_stream.signals import on_signals
 
 log = logging.getLogger(__name__)
 STREAM_KEYS = ("sensors", "readers", "window", "subjects")  # a change restarts the streams
@@ -87,15 +88,13 @@ class Daemon:
 
     async def run(self) -> int:
         """Run until stopped; 0 after a clean stop."""
-        loop = asyncio.get_running_loop()
         self.pipeline = Pipeline.from_config(self.cfg, self.base, self.source)
         server = None
         if self.cfg.daemon.health.port is not None:
             server = HealthServer(lambda: self.pipeline, self.cfg.daemon.health)
             await server.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        on_signals((signal.SIGTERM, signal.SIGINT), self.stop)
+        on_signals((signal.SIGHUP,), self.reload)
         pinging = asyncio.create_task(self._watchdog())
         try:
             while True:
@@ -113,8 +112,6 @@ class Daemon:
                 self.pipeline, self._restart = self._restart, None
         finally:
             pinging.cancel()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
             if server is not None:
                 await server.aclose()
             sd_notify("STOPPING=1")
@@ -137,10 +134,9 @@ class Daemon:
         sd_notify("STOPPING=1")
         if self.pipeline is not None:
             self.pipeline.stop(deadline)
-        loop = asyncio.get_running_loop()
         task = self._run_task
         if task is not None:  # past the deadline nothing more is waited for
-            loop.call_later(deadline, lambda: task.done() or task.cancel())
+            asyncio.get_running_loop().call_later(deadline, lambda: task.done() or task.cancel())
 
     def reload(self) -> None:
         """Read the config and model again (SIGHUP), in a task of its own."""

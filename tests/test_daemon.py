@@ -288,3 +288,21 @@ def test_systemd_hears_ready_status_watchdog_and_stopping(daemon_of, tmp_path):
     assert sum("WATCHDOG=1" in m for m in seen) >= 3
     assert any(m.startswith("STOPPING=1") for m in seen)
     assert d.proc.returncode == 0
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT,) * 3])
+def test_repeated_stop_signals_still_end_run_with_status_0(tmp_path, signals):
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crossl_stream.cli", "run", str(ROOT / "configs" / "replay.yaml"),
+         "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_records(out, 20)
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate(timeout=30)
+    print(stdout.splitlines()[-3:], stderr[-300:])
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "ran " in stdout
