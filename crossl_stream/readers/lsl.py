@@ -7,7 +7,9 @@ Timestamps come out of liblsl already on this host's clock (clock-offset correct
 they share the windower's time base.
 
 Import pylsl only after ``LSLAPICFG`` names the config that keeps discovery where it must be
-(tools/lsl_api.cfg keeps it on this machine).
+(tools/lsl_api.cfg keeps it on this machine). That config also sets how often liblsl resolves
+and how soon a new inlet has its clock offset, which bound how fast a stream that comes back is
+read again (0.2-0.45 s with it, over 1 s with liblsl's defaults): docs/lsl-exposure.md.
 """
 
 from __future__ import annotations
@@ -85,22 +87,48 @@ def describe_stream(stream, host: bool = False) -> str:
     )
 
 
+def _release(handle, destroy: str) -> None:
+    """Free the liblsl object behind a pylsl handle now, not whenever the garbage collector
+    gets to it (its ``__del__`` then frees NULL, which liblsl ignores)."""
+    if handle is None:
+        return
+    import ctypes
+
+    from pylsl.lib import lib
+
+    obj, handle.obj = handle.obj, ctypes.c_void_p()
+    if obj:
+        getattr(lib, destroy)(obj)
+
+
 class LslReader(Reader):
     """Owns one inlet thread per sensor, and the queue their chunks come through.
 
-    A stream that is absent is resolved again every ``resolve_s``; one still not found
-    ``connect_grace_s`` after the start is named in a warning with the streams that are
-    visible (again at most every ``missing_every_s`` while it stays missing). A matching
-    stream whose shape or nominal rate (by more than 1%) does not fit the sensor is not
-    connected: logged once as an error, counted, and the search goes on (a stream that fits
-    may appear). A stream that delivers nothing for ``watchdog_s`` (a few expected chunk
-    intervals) is logged STALE, and after ``lost_s`` its inlet is dropped and the stream
-    resolved anew (liblsl itself would wait 15 s). ``states`` holds each sensor's
-    connection state.
+    Each thread keeps a ``pylsl.ContinuousResolver`` on its sensor's predicate for its whole
+    life: liblsl asks for matching streams in the background (every 0.3 s with
+    tools/lsl_api.cfg), and the thread looks at what it saw every ``poll_s``. While
+    connecting, the first stream that fits is opened: the source read before when it is back,
+    else the newest. A connected stream that delivers nothing for ``watchdog_s`` (a few
+    expected chunk intervals) is logged STALE, and while it stays silent the thread looks for
+    its replacement: a fitting stream with another uid, of the same source_id or created on the
+    same host after the silence began (the producer came back as a new outlet). It switches to
+    it at once. Without one, after ``lost_s`` the inlet is dropped (LOST) and the stream
+    resolved anew (liblsl itself would wait 15 s). A stream left behind is not picked again for
+    ``forget_s`` (the time after which the resolver forgets a stream that stopped answering).
+
+    A stream still not found ``connect_grace_s`` after the start is named in a warning with
+    the streams that are visible (again at most every ``missing_every_s`` while it stays
+    missing). A matching stream whose shape or nominal rate (by more than 1%) does not fit the
+    sensor is not connected: logged once as an error, counted, and the search goes on (a
+    stream that fits may appear). ``states`` holds each sensor's connection state,
+    ``transitions`` the latest changes, ``health()`` and ``stats()`` the rest.
     """
 
     missing_every_s = 60.0  # how often a stream still missing is named again
     max_refused = 1024  # streams remembered as refused, per sensor
+    poll_s = 0.05  # how often the continuous resolver's results are looked at
+    forget_s = 1.5  # the resolver forgets a stream that has not answered for this long
+    open_s = 2.0  # how long opening an inlet (and its first clock offset) may take
 
     def __init__(
         self,
@@ -119,17 +147,24 @@ class LslReader(Reader):
         wd = watchdog_s if isinstance(watchdog_s, Mapping) else dict.fromkeys(sensors, watchdog_s)
         self.watchdog_s = {name: float(wd.get(name, 0.1)) for name in sensors}
         self.lost_s = lost_s
-        self.resolve_s = resolve_s
+        self.resolve_s = resolve_s  # how long one resolve waits before the thread looks around
         self.max_chunk = max_chunk
+        now = host_clock()
         self.states = dict.fromkeys(sensors, StreamState.CONNECTING)
         self.transitions: collections.deque[tuple[float, str, StreamState]] = collections.deque(
-            [(host_clock(), name, StreamState.CONNECTING) for name in sensors], maxlen=1000
+            [(now, name, StreamState.CONNECTING) for name in sensors], maxlen=1000
         )  # (host time, sensor, new state), the newest last
+        self._since = dict.fromkeys(sensors, now)  # when each sensor entered its state
         self.errors: dict[str, int] = dict.fromkeys(sensors, 0)  # refused streams, lost inlets
         self.rate_refused: dict[str, int] = dict.fromkeys(sensors, 0)  # streams at another rate
+        self.refused_streams: dict[str, int] = dict.fromkeys(sensors, 0)  # shape or rate
+        self.reconnects: dict[str, int] = dict.fromkeys(sensors, 0)  # inlets after the first
         self.found = dict.fromkeys(sensors, False)  # whether a stream was ever connected
         self.connect_grace_s = connect_grace_s
         self._refused: dict[str, set[str]] = {name: set() for name in sensors}  # stream uids
+        self._left: dict[str, dict[str, float]] = {name: {} for name in sensors}  # uid -> until
+        self._current: dict[str, str | None] = dict.fromkeys(sensors)  # the stream read now
+        self._opened = dict.fromkeys(sensors, 0)  # inlets opened
         self.queue_size = queue_size
         self._sources: dict[str, str] = {}  # the source_id each sensor read last
         self.dropped_chunks = 0  # the oldest chunks dropped while the pipeline fell behind
@@ -164,8 +199,27 @@ class LslReader(Reader):
                 yield await queue.get()
         finally:
             self._stop.set()
-            for thread in threads:  # each wakes within its pull timeout (< 2 s)
+            for thread in threads:  # each wakes within 0.1 s (1 s while naming a missing one)
                 await asyncio.to_thread(thread.join, 3.0)
+
+    def health(self) -> dict[str, dict[str, object]]:
+        now = host_clock()
+        return {
+            name: {
+                "state": self.states[name].value,
+                "stream": self._current[name],
+                "for_s": round(now - self._since[name], 3),
+                "reconnects": self.reconnects[name],
+            }
+            for name in self.sensors
+        }
+
+    def stats(self) -> dict[str, int | dict[str, int]]:
+        return {
+            "reconnects": dict(self.reconnects),
+            "refused_streams": dict(self.refused_streams),
+            "dropped_chunks": self.dropped_chunks,
+        }
 
     def report(self) -> str:
         """One line for a summary."""
@@ -175,6 +229,9 @@ class LslReader(Reader):
         rates = {n: c for n, c in self.rate_refused.items() if c}
         if rates:
             line += f"; streams refused for their nominal rate {rates}"
+        again = {n: c for n, c in self.reconnects.items() if c}
+        if again:
+            line += f"; reconnected {again}"
         never = [f"{n} ({self.selectors[n].describe()})" for n, f in self.found.items() if not f]
         if never:
             line += f"; never found: {', '.join(never)}"
@@ -184,23 +241,41 @@ class LslReader(Reader):
 
     def _set_state(self, name: str, state: StreamState, why: str = "") -> None:
         if self.states[name] != state:
+            now = host_clock()
             self.states[name] = state
-            self.transitions.append((host_clock(), name, state))
+            self._since[name] = now
+            self.transitions.append((now, name, state))
             log.info("LSL %s: %s%s", name, state.value, f" ({why})" if why else "")
 
     def _run(self, name: str, hand_over) -> None:
         started = host_clock()
         note_at = started + self.connect_grace_s
-        while not self._stop.is_set():
-            try:
-                self._attempt(name, hand_over)
-            except Exception as exc:  # pylsl errors of every kind: count, wait, try again
-                self.errors[name] += 1
-                log.warning("LSL %s: %r; resolving again", name, exc)
-                self._stop.wait(self.resolve_s)
-            if not self.found[name] and not self._stop.is_set() and host_clock() >= note_at:
-                self._note_missing(name, host_clock() - started)
-                note_at = host_clock() + self.missing_every_s
+        resolver = None  # this thread's continuous resolver, kept for its whole life
+        switch_to = None  # a replacement found while the stream read was silent
+        try:
+            while not self._stop.is_set():
+                try:
+                    if resolver is None:
+                        resolver = self._resolver(name)
+                    switch_to = self._attempt(name, hand_over, resolver, switch_to)
+                except Exception as exc:  # pylsl errors of every kind: count, wait, try again
+                    switch_to = None
+                    self.errors[name] += 1
+                    log.warning("LSL %s: %r; resolving again", name, exc)
+                    self._stop.wait(self.resolve_s)
+                if not self.found[name] and not self._stop.is_set() and host_clock() >= note_at:
+                    self._note_missing(name, host_clock() - started)
+                    note_at = host_clock() + self.missing_every_s
+        finally:
+            _release(resolver, "lsl_destroy_continuous_resolver")
+
+    def _resolver(self, name: str):
+        """A continuous resolver for the sensor's predicate (liblsl resolves in the background)."""
+        import pylsl
+
+        return pylsl.ContinuousResolver(
+            pred=self.selectors[name].xpath(), forget_after=self.forget_s
+        )
 
     def _note_missing(self, name: str, waited: float) -> None:
         """Warn that no stream was found for ``name``, listing the streams that are seen."""
@@ -222,24 +297,45 @@ class LslReader(Reader):
         )
         log.warning("sensor %r: %s after %.1f s; visible: %s", name, what, waited, shown)
 
-    def _resolve(self, name: str):
-        """The stream to read: the source read before when it is back, else any match that
-        fits the sensor; None: none (yet)."""
-        import pylsl
-
-        xpath = self.selectors[name].xpath()
+    def _candidates(self, name: str, resolver, besides: str = "") -> list:
+        """The streams the resolver sees that fit the sensor, best first: the source read
+        before, then the newest. Not ``besides`` (a uid), nor a stream left behind lately."""
+        now = host_clock()
+        left = self._left[name]
+        for uid in [uid for uid, until in left.items() if until <= now]:
+            del left[uid]
+        seen = [s for s in resolver.results() if s.uid() != besides and s.uid() not in left]
+        fitting = [s for s in seen if self._fits(name, s)]
         source = self._sources.get(name)
-        if source is not None:
-            found = pylsl.resolve_bypred(f"{xpath} and source_id={_quoted(source)}", 1, 0.2)
-            stream = next((s for s in found if self._fits(name, s)), None)
-            if stream is not None:
-                return stream
-        # wait for one more match than those refused already (or resolve_s)
-        found = pylsl.resolve_bypred(xpath, 1 + len(self._refused[name]), self.resolve_s)
-        stream = next((s for s in found if self._fits(name, s)), None)
-        if stream is None and found:
-            self._stop.wait(max(self.resolve_s, 1.0))  # only streams that do not fit: no spin
-        return stream
+        fitting.sort(
+            key=lambda s: (source is not None and s.source_id() != source, -s.created_at())
+        )
+        return fitting
+
+    def _resolve(self, name: str, resolver):
+        """The stream to read, from the continuous results looked at every ``poll_s`` for up
+        to ``resolve_s``; None: none (yet)."""
+        deadline = host_clock() + self.resolve_s
+        while not self._stop.is_set():
+            fitting = self._candidates(name, resolver)
+            if fitting:
+                return fitting[0]
+            if host_clock() >= deadline:
+                break
+            self._stop.wait(self.poll_s)
+        return None
+
+    def _replacement(self, name: str, resolver, stream, silent_since: float, offset: float):
+        """A stream that replaces ``stream``, silent since ``silent_since`` (host clock): one
+        of its source_id, or one created on its host after the silence began (``offset``
+        takes that host's clock to ours); None: none."""
+        source, host = stream.source_id(), stream.hostname()
+        for other in self._candidates(name, resolver, besides=stream.uid()):
+            if source and other.source_id() == source:
+                return other
+            if other.hostname() == host and other.created_at() + offset > silent_since:
+                return other
+        return None
 
     def _fits(self, name: str, stream) -> bool:
         """Whether ``stream`` can feed sensor ``name``: its channel count and a numeric
@@ -261,6 +357,7 @@ class LslReader(Reader):
         if len(refused) >= self.max_refused:
             refused.clear()
         refused.add(uid)
+        self.refused_streams[name] += 1
         if not shape:
             self.errors[name] += 1
             log.error(
@@ -286,18 +383,22 @@ class LslReader(Reader):
             )
         return False
 
-    def _attempt(self, name: str, hand_over) -> None:
-        """Resolve, open and read one stream until it is lost or the reader stops."""
+    def _attempt(self, name: str, hand_over, resolver, stream=None):
+        """Open ``stream`` (or the best one resolved) and read it until it is lost, replaced
+        or the reader stops; return its replacement, if one was found."""
         import pylsl
 
         selector = self.selectors[name]
         flags = (pylsl.proc_clocksync if selector.clocksync else 0) | (
             pylsl.proc_dejitter if selector.dejitter else 0
         )
-        self._set_state(name, StreamState.CONNECTING)
-        stream = self._resolve(name)  # one that fits the sensor: shape and nominal rate
         if stream is None:
-            return
+            self._set_state(name, StreamState.CONNECTING)
+            stream = self._resolve(name, resolver)  # one that fits: shape and nominal rate
+            if stream is None:
+                return None
+        else:
+            self._set_state(name, StreamState.CONNECTING, f"to {describe_stream(stream)}")
         self.found[name] = True
         inlet = pylsl.StreamInlet(
             stream, max_buflen=selector.buffer_s, recover=True, processing_flags=flags
@@ -305,36 +406,67 @@ class LslReader(Reader):
         try:
             if stream.source_id():
                 self._sources[name] = stream.source_id()
-            self._pull(name, inlet, stream, hand_over)
+            return self._pull(name, inlet, stream, hand_over, resolver)
         except pylsl.util.LostError:
             self.errors[name] += 1
             log.warning("LSL %s: stream %r lost; resolving again", name, stream.name())
+            return None
         finally:
+            self._current[name] = None
+            self._left[name][stream.uid()] = host_clock() + self.forget_s  # not picked again soon
             with contextlib.suppress(Exception):
                 inlet.close_stream()
+            _release(inlet, "lsl_destroy_inlet")
 
-    def _pull(self, name: str, inlet, stream, hand_over) -> None:
+    def _open(self, name: str, inlet) -> float | None:
+        """Open the inlet and, with clocksync, wait for its first clock offset (the first
+        call blocks: make it here), in short waits so that a stop is seen. The offset that
+        takes the stream's clock to ours (0.0 without clocksync); None: the reader stopped."""
         import pylsl
 
-        inlet.open_stream(timeout=2.0)
+        steps = [inlet.open_stream]
         if self.selectors[name].clocksync:
-            inlet.time_correction(timeout=2.0)  # the first call blocks: make it here
+            steps.append(inlet.time_correction)
+        deadline = host_clock() + self.open_s
+        offset = 0.0
+        for step in steps:
+            while True:
+                try:
+                    offset = step(timeout=0.1) or 0.0  # open_stream: None
+                    break
+                except pylsl.util.TimeoutError:
+                    if self._stop.is_set():
+                        return None
+                    if host_clock() >= deadline:
+                        raise
+        return offset
+
+    def _pull(self, name: str, inlet, stream, hand_over, resolver):
+        import pylsl
+
+        offset = self._open(name, inlet)
+        if offset is None:
+            return None
+        self._current[name] = describe_stream(stream)
+        if self._opened[name]:
+            self.reconnects[name] += 1
+        self._opened[name] += 1
         dtype = np.float32 if stream.channel_format() == pylsl.cf_float32 else np.float64
         if stream.channel_format() not in (pylsl.cf_float32, pylsl.cf_double64):
             dtype = None  # integer formats: pylsl allocates, converted below
         dest = None if dtype is None else np.empty((self.max_chunk, stream.channel_count()), dtype)
-        rate = stream.nominal_srate()
         log.info(
             "LSL %s: reading %r (%s, %d ch at %g Hz, source_id %r)",
             name,
             stream.name(),
             stream.type(),
             stream.channel_count(),
-            rate,
+            stream.nominal_srate(),
             stream.source_id(),
         )
         last = host_clock()
         watchdog = self.watchdog_s[name]
+        look_at = 0.0  # when to look for a replacement next, while silent
         while not self._stop.is_set():
             values, stamps = inlet.pull_chunk(
                 timeout=min(watchdog / 2, 0.05),
@@ -354,6 +486,20 @@ class LslReader(Reader):
             if silent > self.lost_s:
                 self.errors[name] += 1
                 self._set_state(name, StreamState.LOST, f"nothing for {silent:.1f} s")
-                return  # resolve again: the source may come back under a new session
+                return None  # resolve again: the source may come back under a new session
             if silent > watchdog:
                 self._set_state(name, StreamState.STALE, f"nothing for {silent * 1000:.0f} ms")
+                if now >= look_at:
+                    look_at = now + self.poll_s
+                    other = self._replacement(name, resolver, stream, last, offset)
+                    if other is not None:  # the producer came back as a new outlet
+                        self.errors[name] += 1
+                        log.warning(
+                            "LSL %s: %s silent for %.2f s; %s appeared: switching to it",
+                            name,
+                            describe_stream(stream),
+                            silent,
+                            describe_stream(other),
+                        )
+                        return other
+        return None
