@@ -1,4 +1,4 @@
-"""What the daemon tells the outside: ``/healthz`` (JSON: healthy or not, and why) and
+"""What the daemon tells the outside: ``/healthz`` (JSON: ok, degraded or unhealthy, and why) and
 ``/metrics`` (Prometheus text), served over HTTP on 127.0.0.1 unless configured otherwise.
 
 Both read the running pipeline's metrics object and its parts' ``health()``; nothing is
@@ -23,21 +23,31 @@ MAX_SUBJECTS_SHOWN = 64  # /healthz lists this many subjects' streams; the rest 
 
 
 def assess(pipeline, cfg: HealthConfig) -> dict[str, Any]:
-    """The pipeline's health: ``status`` ok or unhealthy, ``reasons``, per-stream states
-    (per subject), the age of the last published record, publishers and readers."""
+    """The pipeline's health.
+
+    ``status`` is ``unhealthy`` (HTTP 503) for a fault of the daemon's own: a publisher
+    failing for ``publisher_fail_s``, a broker that refuses the login, or data coming in
+    with nothing published for ``silent_s``; ``degraded`` (HTTP 200) when the daemon works
+    but its sources are away (every sensor lost, or no data for ``silent_s``); else ``ok``.
+    ``reasons`` say which. Also: per-subject stream states, the age of the last published
+    record, publishers, readers.
+    """
     now = host_clock()
-    reasons: list[str] = []
+    faults: list[str] = []
+    warnings: list[str] = []
     clock = pipeline.readers[0].now()
     streams: dict[str, dict[str, str]] = {}
+    live = False
     for i, (subject, windower) in enumerate(pipeline.windowers.items()):
-        if i >= MAX_SUBJECTS_SHOWN:
-            break
         at = clock if clock is not None else windower.newest  # a virtual clock: its newest
-        streams[subject or "default"] = {k: v.value for k, v in windower.states(at).items()}
+        states = {k: v.value for k, v in windower.states(at).items()}
+        live = live or StreamState.LIVE.value in states.values()
+        if i < MAX_SUBJECTS_SHOWN:
+            streams[subject or "default"] = states
     publishers = {p.name: p.health() for p in pipeline.publishers}
     for p in pipeline.publishers:
         if p.failing_since is not None and now - p.failing_since > cfg.publisher_fail_s:
-            reasons.append(
+            faults.append(
                 f"publisher {p.name} failing for {now - p.failing_since:.0f} s: {p.last_error}"
             )
     readers = {}
@@ -46,20 +56,23 @@ def assess(pipeline, cfg: HealthConfig) -> dict[str, Any]:
         readers[name] = reader.health()
         for part, state in readers[name].items():
             if isinstance(state, dict) and state.get("state") == "refused":
-                reasons.append(f"{name} {part}: refused: {state.get('why', '')}".rstrip(": "))
+                faults.append(f"{name} {part}: refused: {state.get('why', '')}".rstrip(": "))
     metrics = pipeline.metrics
     last = metrics.last_published
     since = last if last is not None else metrics.started
     silent = None if since is None else now - since
     if silent is not None and silent > cfg.silent_s:
-        what = "no record published" if last is not None else "nothing published since start"
-        reasons.append(f"{what} for {silent:.0f} s")
+        if live:
+            faults.append(f"data comes in but nothing was published for {silent:.0f} s")
+        else:
+            warnings.append(f"no data for {silent:.0f} s")
     default = streams.get("default", {})
     if default and all(s == StreamState.LOST.value for s in default.values()):
-        reasons.append("every sensor is lost")
+        warnings.append("every sensor is lost")
+    status = "unhealthy" if faults else "degraded" if warnings else "ok"
     return {
-        "status": "unhealthy" if reasons else "ok",
-        "reasons": reasons,
+        "status": status,
+        "reasons": faults + warnings,
         "streams": streams,
         "subjects": len(pipeline.windowers),
         "last_record_age_s": None if last is None else round(now - last, 3),
@@ -252,7 +265,7 @@ class HealthServer:
         path = parts[1].split(b"?", 1)[0]
         if path == b"/healthz":
             report = self.health()
-            code = 200 if report["status"] == "ok" else 503
+            code = 503 if report["status"] == "unhealthy" else 200
             return code, "application/json", json.dumps(report).encode() + b"\n"
         if path == b"/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
