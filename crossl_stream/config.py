@@ -501,8 +501,8 @@ class BrokerConfig(_Strict):
         )
         try:
             broker.ssl_context()  # a CA or key file that is not PEM: said now, not per retry
-        except BrokerError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+        except BrokerError as exc:  # "broker.ca_file: ..." -> "<where>.ca_file: ..."
+            raise ConfigError(f"{where}.{str(exc).removeprefix('broker.')}") from None
         return broker
 
 

@@ -362,3 +362,25 @@ def test_an_lsl_producer_killed_and_restarted_every_window_accounted_for(daemon_
     away = [r for r in empty if set(r["states"].values()) <= {"stale", "lost"}]
     assert len(away) >= 3 and all(r["age_ms"] < 1000 for r in away)
     assert refound <= 2 * 0.5 + 0.2  # found again within two hops (+ the player's start-up)
+
+
+def test_a_bad_config_or_a_ca_file_that_is_not_pem_is_one_line_not_a_traceback(tmp_path):
+    bad_ca = tmp_path / "ca.pem"
+    bad_ca.write_text("not a certificate\n")
+    cfg = sim_config(tmp_path)
+    cfg["publishers"].append({"kind": "mqtt", "broker": {"tls": True, "ca_file": str(bad_ca)}})
+    unknown = sim_config(tmp_path, daemon={"health": {"prot": 9000}})
+    for raw, where in (
+        (cfg, "publishers.1.broker.ca_file"),
+        (unknown, "daemon.health.prot: unknown key"),
+    ):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        for command in ("daemon", "run"):
+            proc = subprocess.run(
+                [sys.executable, "-m", "crossl_stream.cli", command, str(path)],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            print(command, proc.returncode, proc.stderr.strip()[-200:])
+            assert proc.returncode == 2 and where in proc.stderr
+            assert "Traceback" not in proc.stderr
