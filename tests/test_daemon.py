@@ -254,6 +254,12 @@ def test_healthz_and_metrics_answer_on_loopback_only(daemon_of, tmp_path):
         b"crossl_queue_depth",
     ):
         assert name in text, name
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}  # parses
+    windows = families["crossl_windows"].samples[0].value
+    predicted = families["crossl_predictions"].samples[0].value
+    assert windows >= predicted >= 4
     assert d.get("/nothing")[0] == 404
     listening = [
         c.laddr for c in psutil.Process(d.proc.pid).net_connections("inet") if c.status == "LISTEN"
