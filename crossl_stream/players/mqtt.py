@@ -1,10 +1,22 @@
-"""Play a recording as device payloads over MQTT: one topic per stream, own rate and clock."""
+"""Play a recording as device payloads over MQTT: one topic per stream, own rate and clock.
+
+A device does not stop when its broker goes away, and neither does the player: it keeps
+its real-time pace, says once why it cannot publish, retries the broker with backoff in the
+background, and counts the samples it could not send (``unsent``).
+"""
 
 from __future__ import annotations
 
-from crossl_stream.broker import Broker
+import asyncio
+import contextlib
+import logging
+
+from crossl_stream.broker import Backoff, Broker, Link, session, why_failed
 from crossl_stream.readers.payload import Format, encode_binary, encode_json
 from crossl_stream.readers.replay import Recording, Replay
+
+log = logging.getLogger(__name__)
+UNREACHABLE_CAP_S = 5.0
 
 
 class MqttPlayer:
@@ -15,7 +27,8 @@ class MqttPlayer:
     at ``device_epoch`` when the recording starts (a device clock unrelated to the host's).
     It plays in real time only, as a device does: played k times faster, its clock would run
     k times faster than the host's, and the reader's clock fit would squeeze its samples
-    k times closer together.
+    k times closer together. Sequence numbers count the messages made, sent or not (a
+    reader sees what the broker lost as a gap).
     """
 
     def __init__(
@@ -29,7 +42,9 @@ class MqttPlayer:
         qos: int = 0,
         device_epoch: float = 50_000.0,
         section: tuple[float, float] | None = None,
+        backoff_s: tuple[float, float] = (0.2, 10.0),
     ) -> None:
+        broker.ssl_context()  # BrokerError (a config error) now, not mid-play
         self.recording = recording
         self.broker = broker
         self.names = sorted(recording.streams)
@@ -38,20 +53,93 @@ class MqttPlayer:
         self.subject = subject
         self.encode = encode_binary if fmt == "binary" else encode_json
         self.qos = qos
+        self.backoff_s = backoff_s
         self.device_offset = device_epoch - recording.start
         self.published = dict.fromkeys(self.names, 0)  # samples
+        self.unsent = dict.fromkeys(self.names, 0)  # samples not published: no broker
         self.messages = dict.fromkeys(self.names, 0)  # also each stream's next seq
+        self.link = Link(broker, "MQTT player", log, every_s=30.0)
+        self._client = None  # connected, or None
+
+    @property
+    def lost(self) -> int:
+        """Samples that could not be published (all streams)."""
+        return sum(self.unsent.values())
 
     async def play(self) -> dict[str, int]:
         """Play once (sequence numbers from 0, as a device that starts); return the samples
-        published per stream."""
+        published per stream (``unsent``: those that were not; the caller says how many)."""
         self.messages = dict.fromkeys(self.names, 0)
-        async with self.broker.client() as client:
+        lost, tried = asyncio.Event(), asyncio.Event()
+        keeper = asyncio.create_task(self._keep_connected(lost, tried))
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):  # the first attempt, then play
+                await asyncio.wait_for(tried.wait(), 10.0)
             async for chunk in self.replay.chunks():
                 seq = self.messages[chunk.sensor]
+                self.messages[chunk.sensor] = seq + 1
+                client = self._client
+                if client is None:
+                    self.unsent[chunk.sensor] += len(chunk.values)
+                    continue
                 t0 = float(chunk.timestamps[0]) + self.device_offset
                 topic = self.topic.format(subject=self.subject, stream=chunk.sensor)
-                await client.publish(topic, self.encode(seq, t0, chunk.values), qos=self.qos)
-                self.messages[chunk.sensor] = seq + 1
+                try:
+                    await client.publish(topic, self.encode(seq, t0, chunk.values), qos=self.qos)
+                except Exception as exc:  # the broker went away: count, go on at pace
+                    self.unsent[chunk.sensor] += len(chunk.values)
+                    if self._client is client:
+                        self._client = None
+                        lost.set()
+                        log.debug("MQTT player: publish failed: %r", exc)
+                    continue
                 self.published[chunk.sensor] += len(chunk.values)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            self._client = None
         return self.published
+
+    async def _keep_connected(self, lost: asyncio.Event, tried: asyncio.Event) -> None:
+        """Hold a connection for ``play``; retry with backoff while there is none
+        (``tried``: set once the first attempt is over, either way)."""
+        backoff = Backoff(*self.backoff_s)
+        while True:
+            try:
+                client = self.broker.client()
+                async with session(client):
+                    self._client = client
+                    tried.set()
+                    self.link.up()
+                    lost.clear()
+                    # a publish that fails says the connection is gone; so does the reading
+                    watch = asyncio.create_task(_drain(client))
+                    waiter = asyncio.create_task(lost.wait())
+                    try:
+                        await asyncio.wait({watch, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        self._client = None
+                        watch.cancel()
+                        waiter.cancel()
+                        await asyncio.gather(watch, waiter, return_exceptions=True)
+                    exc = watch.exception() if watch.done() and not watch.cancelled() else None
+                    raise exc or ConnectionError("Disconnected: a publish failed")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._client = None
+                if self.link.stable:
+                    backoff.reset()
+                cap = UNREACHABLE_CAP_S if why_failed(exc)[0] in ("unreachable", "lost") else None
+                delay = backoff.next(cap)
+                self.link.down(exc, delay)
+                tried.set()
+                await asyncio.sleep(delay)
+
+
+async def _drain(client) -> None:
+    """Iterate a client's messages (none are subscribed): ends with MqttError on a lost
+    connection."""
+    async for _ in client.messages:
+        pass

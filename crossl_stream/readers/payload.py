@@ -32,6 +32,7 @@ from crossl_stream.errors import InputError
 Format = Literal["json", "binary"]
 HEADER = struct.Struct("<BIdHH")
 VERSION = 1
+MAX_SEQ = 2**53  # a JSON seq beyond this is no message count (and no double holds it exactly)
 
 
 class PayloadError(InputError):
@@ -111,18 +112,23 @@ def _decode_json(data: bytes) -> Payload:
         obj = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PayloadError("json", f"not JSON ({exc})") from None
+    except RecursionError:
+        raise PayloadError("json", "not JSON (nested too deep)") from None
     if not isinstance(obj, dict) or "values" not in obj:
         raise PayloadError("json", "expected an object with 'values'")
     unknown = sorted(set(obj) - {"seq", "t0", "ts", "values"})
     if unknown:
         raise PayloadError("json", f"unknown keys {unknown}")
     try:
-        values = np.asarray(obj["values"], dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32: inf, refused as nan below
+            values = np.asarray(obj["values"], dtype=np.float32)
         ts = None if obj.get("ts") is None else np.asarray(obj["ts"], dtype=np.float64)
         t0 = None if obj.get("t0") is None else float(obj["t0"])
         seq = None if obj.get("seq") is None else int(obj["seq"])
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise PayloadError("json", f"bad field ({exc})") from None
+    if seq is not None and not 0 <= seq <= MAX_SEQ:
+        raise PayloadError("json", f"seq {seq} is not a message count (0 to 2**53)")
     if values.ndim != 2:
         raise PayloadError("shape", f"values of shape {list(values.shape)}, expected [n, ch]")
     if ts is not None and ts.ndim != 1:
