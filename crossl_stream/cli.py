@@ -463,13 +463,22 @@ def cmd_play(args: argparse.Namespace) -> int:
         player = LslPlayer(recording, chunk_s=args.chunk, section=section)
         where = f"LSL outlets {', '.join(player.names)} (+ markers)"
     else:
+        import os
+
         from crossl_stream.broker import Broker
         from crossl_stream.players.mqtt import MqttPlayer
 
         host, _, port = args.broker.partition(":")
+        password = None
+        if args.password_env:
+            password = os.environ.get(args.password_env)
+            if password is None:
+                raise CrosslError(f"--password-env: {args.password_env} is not set")
+        # a device logs in as its subject (tools/mosquitto.acl) unless told otherwise
+        username = args.username or (args.subject if password is not None else None)
         player = MqttPlayer(
             recording,
-            Broker(host or "127.0.0.1", int(port or 1883)),
+            Broker(host or "127.0.0.1", int(port or 1883), username, password),
             chunk_s=args.chunk,
             topic=args.topic,
             subject=args.subject,
@@ -488,6 +497,9 @@ def cmd_play(args: argparse.Namespace) -> int:
         for _ in range(args.repeat):
             pushed = await player.play()
             print(f"played: {pushed} samples")
+            unsent = {k: n for k, n in getattr(player, "unsent", {}).items() if n}
+            if unsent:
+                print(f"not sent (the broker was away): {unsent} samples")
 
     with contextlib.suppress(asyncio.CancelledError):
         asyncio.run(main())
@@ -722,6 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", default="wearables/{subject}/{stream}", help="mqtt: topic")
     p.add_argument("--subject", default="s01", help="mqtt: the subject in the topic")
     p.add_argument("--format", choices=["json", "binary"], default="binary", help="mqtt")
+    p.add_argument(
+        "--username", default=None, help="mqtt: login (default with a password: the subject)"
+    )
+    p.add_argument(
+        "--password-env", default=None, help="mqtt: environment variable with the password"
+    )
     p.set_defaults(func=cmd_play)
 
     p = sub.add_parser("run", help="run a streaming pipeline from a YAML config")
