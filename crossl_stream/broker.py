@@ -25,6 +25,12 @@ PAHO_LOG = logging.getLogger("crossl_stream.paho")
 PAHO_LOG.setLevel(logging.CRITICAL)
 
 
+# A broker that is merely away (refused connection, lost link) is retried at least this often,
+# so predictions flow again within about this long of its return; a broker that refuses the
+# login waits up to the Backoff's own cap.
+UNREACHABLE_CAP_S = 2.0
+
+
 class BrokerError(ConfigError):
     """A broker setting that cannot work (a CA file that is not PEM, a key that does not
     match its certificate): retrying would not help. A ConfigError: one line, no traceback."""

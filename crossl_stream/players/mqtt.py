@@ -11,12 +11,11 @@ import asyncio
 import contextlib
 import logging
 
-from crossl_stream.broker import Backoff, Broker, Link, session, why_failed
+from crossl_stream.broker import UNREACHABLE_CAP_S, Backoff, Broker, Link, session, why_failed
 from crossl_stream.readers.payload import Format, encode_binary, encode_json
 from crossl_stream.readers.replay import Recording, Replay
 
 log = logging.getLogger(__name__)
-UNREACHABLE_CAP_S = 5.0
 
 
 class MqttPlayer:

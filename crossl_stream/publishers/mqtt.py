@@ -24,7 +24,7 @@ import logging
 import time
 from pathlib import Path
 
-from crossl_stream.broker import Backoff, Broker, Link, session, why_failed
+from crossl_stream.broker import UNREACHABLE_CAP_S, Backoff, Broker, Link, session, why_failed
 from crossl_stream.clock import host_clock
 from crossl_stream.errors import ConfigError
 from crossl_stream.inference import Prediction
@@ -32,7 +32,6 @@ from crossl_stream.publishers.base import Publisher
 from crossl_stream.publishers.spool import MemoryQueue, Spool
 
 log = logging.getLogger(__name__)
-UNREACHABLE_CAP_S = 10.0  # a broker that is away is retried at least this often
 CALL_TIMEOUT_S = 10.0  # a PUBACK that does not come by then: the connection is dead
 
 

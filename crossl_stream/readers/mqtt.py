@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from crossl_stream.admission import Admission
-from crossl_stream.broker import Backoff, Broker, Link, session, why_failed
+from crossl_stream.broker import UNREACHABLE_CAP_S, Backoff, Broker, Link, session, why_failed
 from crossl_stream.clock import DeviceClock, host_clock
 from crossl_stream.logs import RateLimited
 from crossl_stream.readers.base import Chunk, Reader, SensorInfo
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 REORDER = 64  # a sequence number this far back (and on the device's clock) is a duplicate
 MAX_GAP_MESSAGES = 1_000_000  # a forward jump beyond this (or 10 min of samples) is a jump,
 MAX_GAP_S = 600.0  # not that many lost messages: counted as seq_jumps, not seq_gaps
-UNREACHABLE_CAP_S = 10.0  # a broker that is away is retried at least this often
 
 
 @dataclass(frozen=True)
