@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -75,21 +76,35 @@ class Simulator(Reader):
         self.start = start
         self._wall0: float | None = None
 
-    def _schedule(self) -> list[tuple[float, SimulatedSensor, np.ndarray]]:
-        """Every chunk as (delivery time, sensor, sample times), in delivery order."""
-        rng = np.random.default_rng(self.seed)
-        events = []
-        for s in self.specs:
-            t = np.arange(0.0, self.duration_s, 1.0 / s.rate_hz)
+    def _schedule(self) -> Iterator[tuple[float, int, np.ndarray]]:
+        """Every chunk as (delivery time, sensor index, sample times), in delivery order,
+        made as it is needed: a simulation of days holds no schedule in memory. A sensor's
+        chunks arrive in order (jitter delays a chunk, never reorders them)."""
+        streams = [self._sensor_schedule(i, s) for i, s in enumerate(self.specs)]
+        return heapq.merge(*streams, key=lambda e: (e[0], e[1]))
+
+    def _sensor_schedule(
+        self, index: int, s: SimulatedSensor
+    ) -> Iterator[tuple[float, int, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, index])
+        period = 1.0 / s.rate_hz
+        per_chunk = max(1, round(s.chunk_s * s.rate_hz))
+        n = math.ceil(self.duration_s / period)  # as many samples as np.arange would give
+        block = max(64 * per_chunk, 4096)
+        pending = np.empty(0)
+        delivered = -np.inf
+        for k in range(0, n, block):
+            t = np.arange(k, min(n, k + block)) * period
             for a, length in s.dropouts:
                 t = t[(t < a) | (t >= a + length)]
-            per_chunk = max(1, round(s.chunk_s * s.rate_hz))
-            for i in range(0, len(t), per_chunk):
+            t = np.concatenate([pending, t])
+            full = len(t) if k + block >= n else len(t) // per_chunk * per_chunk
+            for i in range(0, full, per_chunk):
                 times = t[i : i + per_chunk]
-                delivery = times[-1] + 1.0 / s.rate_hz + rng.uniform(0, s.jitter_s)
-                events.append((delivery, s, times))
-        events.sort(key=lambda e: e[0])
-        return events
+                delivery = times[-1] + period + rng.uniform(0, s.jitter_s)
+                delivered = max(delivered, delivery)
+                yield delivered, index, times
+            pending = t[full:]
 
     live = False
 
@@ -107,7 +122,8 @@ class Simulator(Reader):
     async def chunks(self) -> AsyncIterator[Chunk]:
         rng = np.random.default_rng(self.seed + 1)
         self._wall0 = wall0 = host_clock()
-        for i, (delivery, s, times) in enumerate(self._schedule()):
+        for i, (delivery, index, times) in enumerate(self._schedule()):
+            s = self.specs[index]
             if self.speed is not None:
                 delay = wall0 + delivery / self.speed - host_clock()
                 if delay > 0:
