@@ -661,7 +661,10 @@ class HealthConfig(_Strict):
         30.0, gt=0.0, description="a publisher failing for this long makes the daemon unhealthy"
     )
     silent_s: float = Field(
-        30.0, gt=0.0, description="no record published for this long: unhealthy"
+        30.0,
+        gt=0.0,
+        description="no record published for this long: unhealthy while data comes in, "
+        "degraded when none does",
     )
 
 

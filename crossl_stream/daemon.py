@@ -22,8 +22,8 @@ import socket
 from pathlib import Path
 
 from crossl_stream.clock import host_clock
-from crossl_stream.config import PipelineConfig, load_config
-from crossl_stream.errors import CrosslError
+from crossl_stream.config import JsonlPublisherConfig, PipelineConfig, load_config
+from crossl_stream.errors import ConfigError, CrosslError
 from crossl_stream.health import HealthServer, assess
 from crossl_stream.pipeline import (
     BuildContext,
@@ -31,11 +31,22 @@ from crossl_stream.pipeline import (
     build_publishers,
     build_worker,
     load_served_model,
+    name_publishers,
 )
 from crossl_stream.signals import on_signals
 
 log = logging.getLogger(__name__)
 STREAM_KEYS = ("sensors", "readers", "window", "subjects")  # a change restarts the streams
+
+
+def appending(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with every JSONL publisher appending: a daemon restarted (by systemd, or by
+    a reload) adds to its files instead of refusing them."""
+    publishers = tuple(
+        p.model_copy(update={"append": True}) if isinstance(p, JsonlPublisherConfig) else p
+        for p in cfg.publishers
+    )
+    return cfg.model_copy(update={"publishers": publishers})
 
 
 def sd_notify(state: str) -> bool:
@@ -74,52 +85,86 @@ class Daemon:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.source = str(path)
-        self.cfg = load_config(self.path, PipelineConfig)  # ConfigError: refused at start
+        self.cfg = appending(load_config(self.path, PipelineConfig))  # ConfigError: refused
         self.pipeline: Pipeline | None = None
+        self.server: HealthServer | None = None
         self.reloads = {"applied": 0, "refused": 0, "restarts": 0}
         self._stopping = False
-        self._restart: Pipeline | None = None  # the next pipeline, after a restart reload
+        self._restart_cfg: PipelineConfig | None = None  # what a restart reload runs next
+        self._swapped: asyncio.Event | None = None  # set once the restart took place
         self._run_task: asyncio.Task | None = None
         self._reloading: asyncio.Task | None = None
+        self._again = False  # a SIGHUP came during a reload: reload once more after it
 
     @property
     def base(self) -> Path:
+        """Where relative paths in the config start: the config file's folder."""
         return self.path.parent
 
     async def run(self) -> int:
-        """Run until stopped; 0 after a clean stop."""
-        self.pipeline = Pipeline.from_config(self.cfg, self.base, self.source)
-        server = None
-        if self.cfg.daemon.health.port is not None:
-            server = HealthServer(lambda: self.pipeline, self.cfg.daemon.health)
-            await server.start()
-        on_signals((signal.SIGTERM, signal.SIGINT), self.stop)
-        on_signals((signal.SIGHUP,), self.reload)
+        """Run until stopped; 0 after a clean stop. ConfigError when the config, the model
+        or the health port cannot be used at start."""
+        on_signals((signal.SIGTERM, signal.SIGINT), self.stop)  # first: a stop while the
+        on_signals((signal.SIGHUP,), self.reload)  # model loads is not lost
+        health = self.cfg.daemon.health
         pinging = asyncio.create_task(self._watchdog())
         try:
-            while True:
-                self._run_task = asyncio.create_task(self.pipeline.run())
-                sd_notify(f"READY=1\nSTATUS={self._status()}")
-                log.info("daemon: running %s", self.source)
+            if health.port is not None:
+                self.server = HealthServer(lambda: self.pipeline, health)
                 try:
-                    await self._run_task
-                except asyncio.CancelledError:
-                    if not self._stopping:
-                        raise
-                    log.error("daemon: stopped at its deadline; some records were not flushed")
-                if self._restart is None or self._stopping:
+                    await self.server.start()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"{self.source}: daemon.health.port: cannot listen on "
+                        f"{health.host}:{health.port}: {exc.strerror or exc}"
+                    ) from None
+            self.pipeline = Pipeline.from_config(self.cfg, self.base, self.source)
+            while not self._stopping:
+                await self._run_once()
+                if self._stopping or self._restart_cfg is None:
                     break
-                self.pipeline, self._restart = self._restart, None
+                self._restart()
         finally:
             pinging.cancel()
-            if server is not None:
-                await server.aclose()
+            if self._swapped is not None:
+                self._swapped.set()
+            if self.server is not None:
+                await self.server.aclose()
             sd_notify("STOPPING=1")
-        lost = {p.name: p.lost for p in self.pipeline.publishers if p.lost}
-        if lost:
-            log.warning("daemon: publishers lost records: %s", lost)
+        if self.pipeline is not None:
+            lost = {p.name: p.lost for p in self.pipeline.publishers if p.lost}
+            if lost:
+                log.warning("daemon: publishers lost records: %s", lost)
         log.info("daemon: stopped (%s)", self._status())
         return 0
+
+    async def _run_once(self) -> None:
+        self._run_task = asyncio.create_task(self.pipeline.run())
+        sd_notify(f"READY=1\nSTATUS={self._status()}")
+        log.info("daemon: running %s", self.source)
+        try:
+            await self._run_task
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            log.error("daemon: stopped at its deadline; some records were not flushed")
+
+    def _restart(self) -> None:
+        """The old pipeline has drained and closed: start the one the reload asked for,
+        or the old config again when it cannot start."""
+        cfg, self._restart_cfg = self._restart_cfg, None
+        try:
+            self.pipeline = Pipeline.from_config(cfg, self.base, self.source)
+            self.cfg = cfg
+            self.reloads["restarts"] += 1
+            log.warning("daemon: pipeline restarted with the new config")
+        except (CrosslError, OSError, ValueError, RuntimeError) as exc:
+            self.reloads["refused"] += 1
+            log.error("daemon: the new config did not start (%s); the old one runs again", exc)
+            self.pipeline = Pipeline.from_config(self.cfg, self.base, self.source)
+        finally:
+            if self._swapped is not None:
+                self._swapped.set()
 
     def stop(self) -> None:
         """The first call drains within the deadline; a second one stops at once."""
@@ -139,33 +184,50 @@ class Daemon:
             asyncio.get_running_loop().call_later(deadline, lambda: task.done() or task.cancel())
 
     def reload(self) -> None:
-        """Read the config and model again (SIGHUP), in a task of its own."""
+        """Read the config and model again (SIGHUP), in a task of its own; one that comes
+        during a reload runs after it."""
+        if self.pipeline is None or self._stopping:
+            log.warning("daemon: not running yet, or stopping: the reload is ignored")
+            return
         if self._reloading is not None and not self._reloading.done():
-            log.warning("daemon: a reload is already in progress; this one is ignored")
+            self._again = True
+            log.info("daemon: a reload is in progress; another one follows it")
             return
         self._reloading = asyncio.get_running_loop().create_task(self._reload())
 
     async def _reload(self) -> None:
-        sd_notify("RELOADING=1")
-        try:
-            await self._apply(load_config(self.path, PipelineConfig))
-        except (CrosslError, OSError, ValueError, RuntimeError) as exc:
-            self.reloads["refused"] += 1
-            log.error("daemon: reload refused, the running pipeline goes on unchanged: %s", exc)
-        finally:
-            sd_notify(f"READY=1\nSTATUS={self._status()}")
+        while True:
+            self._again = False
+            sd_notify("RELOADING=1")
+            try:
+                await self._apply(appending(load_config(self.path, PipelineConfig)))
+            except (CrosslError, OSError, ValueError, RuntimeError) as exc:
+                self.reloads["refused"] += 1
+                log.error("daemon: reload refused, the running pipeline goes on unchanged: %s", exc)
+            finally:
+                sd_notify(f"READY=1\nSTATUS={self._status()}")
+            if not self._again or self._stopping:
+                return
 
     async def _apply(self, cfg: PipelineConfig) -> None:
         old, pipeline = self.cfg, self.pipeline
-        if cfg.daemon != old.daemon:
-            log.warning("daemon: the daemon section changed; it takes effect on a restart")
+        if cfg.daemon.health != old.daemon.health and self.server is not None:
+            if (cfg.daemon.health.host, cfg.daemon.health.port) != (
+                old.daemon.health.host,
+                old.daemon.health.port,
+            ):
+                log.warning("daemon: daemon.health host or port changed: used after a restart")
+            self.server.cfg = cfg.daemon.health
         if any(getattr(cfg, k) != getattr(old, k) for k in STREAM_KEYS):
-            new = Pipeline.from_config(cfg, self.base, self.source)  # may raise: refused
+            # checked before anything stops (the model loads and fits the sensors); built
+            # once the old pipeline has drained and closed its files and connections
+            load_served_model(cfg, self.base, self.source)
             changed = [k for k in STREAM_KEYS if getattr(cfg, k) != getattr(old, k)]
             log.warning("daemon: %s changed: restarting the pipeline", ", ".join(changed))
-            self.cfg, self._restart = cfg, new
-            self.reloads["restarts"] += 1
+            self._restart_cfg = cfg
+            self._swapped = asyncio.Event()
             pipeline.stop(cfg.daemon.stop_deadline_s)
+            await self._swapped.wait()
             return
         # the streams stay: a new model (and inference settings) and publishers
         model, model_dir = load_served_model(cfg, self.base, self.source)
@@ -188,15 +250,15 @@ class Daemon:
             cfg, self.base, self.source, model, worker.predictor.model_id,
             admission=pipeline.admission,
         )  # fmt: skip
+        for publisher in kept:  # no longer configured: closed first (a file, a client id)
+            if publisher is not None:
+                await publisher.aclose(cfg.daemon.stop_deadline_s)
         fresh = iter(build_publishers(fresh_cfg, ctx))
-        publishers = [r if r is not None else next(fresh) for r in reused]
+        publishers = name_publishers([r if r is not None else next(fresh) for r in reused])
         for publisher in publishers:
             if publisher not in pipeline.publishers:
                 await publisher.start()
         pipeline.swap(worker, publishers)
-        for publisher in kept:  # no longer configured
-            if publisher is not None:
-                await publisher.aclose(cfg.daemon.stop_deadline_s)
         self.cfg = cfg
         self.reloads["applied"] += 1
         log.info(

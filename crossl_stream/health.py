@@ -52,7 +52,7 @@ def assess(pipeline, cfg: HealthConfig) -> dict[str, Any]:
             )
     readers = {}
     for i, reader in enumerate(pipeline.readers):
-        name = f"{type(reader).__name__.lower()}-{i}"
+        name = reader_name(reader, i)
         readers[name] = reader.health()
         for part, state in readers[name].items():
             if isinstance(state, dict) and state.get("state") == "refused":
@@ -83,6 +83,11 @@ def assess(pipeline, cfg: HealthConfig) -> dict[str, Any]:
     }
 
 
+def reader_name(reader, index: int) -> str:
+    """``mqttreader-0``: a reader's name in health and metrics."""
+    return f"{type(reader).__name__.lower()}-{index}"
+
+
 class PipelineCollector:
     """A prometheus-client collector over a pipeline's metrics (``get_pipeline`` returns the
     one running now: a reload may replace it)."""
@@ -91,6 +96,7 @@ class PipelineCollector:
         self.get_pipeline = get_pipeline
 
     def collect(self):
+        """The metric families, read from the running pipeline at each scrape."""
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
@@ -162,18 +168,26 @@ class PipelineCollector:
         if m.last_published is not None:
             age = host_clock() - m.last_published
             yield GaugeMetricFamily("crossl_last_record_age_seconds", "Since the last record.", age)
+        grouped: dict[str, list] = {}  # one family per key, whatever the number of readers
+        flat: dict[str, list] = {}
         for i, reader in enumerate(pipeline.readers):
-            kind = f"{type(reader).__name__.lower()}-{i}"
+            name = reader_name(reader, i)
             for key, value in reader.stats().items():
                 if isinstance(value, dict):
-                    yield counter(
-                        f"reader_{key}", f"Reader {key}, by label.", None, ["reader", "label"],
-                        [((kind, str(k)), v) for k, v in value.items()],
-                    )  # fmt: skip
+                    rows = [((name, str(k)), v) for k, v in value.items()]
+                    grouped.setdefault(key, []).extend(rows)
                 else:
-                    yield counter(
-                        f"reader_{key}", f"Reader {key}.", None, ["reader"], [((kind,), value)]
-                    )
+                    flat.setdefault(key, []).append(((name,), value))
+        for key, rows in grouped.items():
+            yield counter(
+                f"reader_{key}", f"Reader {key}, by label.", None, ["reader", "label"], rows
+            )
+        for key, rows in flat.items():
+            yield counter(f"reader_{key}", f"Reader {key}.", None, ["reader"], rows)
+        yield counter(
+            "windows_empty_sensor", "Empty windows by sensor and its state then.", None,
+            ["sensor", "state"], [(tuple(k.split(":")), v) for k, v in c.empty.items()],
+        )  # fmt: skip
         latency = HistogramMetricFamily(
             "crossl_latency_seconds", "Per-stage latency (see crossl_stream.metrics.STAGES).",
             labels=["stage"],
@@ -220,6 +234,7 @@ class HealthServer:
         log.info("health: http://%s:%d/healthz and /metrics", self.cfg.host, self.port)
 
     async def aclose(self) -> None:
+        """Stop listening."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -236,19 +251,25 @@ class HealthServer:
             writer.close()
             return
         async with self._slots:
+            head = b""
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout_s)
                 status, ctype, body = self._answer(head)
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 status, ctype, body = 400, "text/plain", b"bad request\n"
             except ConnectionError:
+                writer.close()
                 return
+            except Exception as exc:  # a bug must not take the server down: said, counted
+                log.error("health: answering failed: %r", exc)
+                status, ctype, body = 500, "text/plain", b"internal error\n"
             self.requests += 1
+            payload = b"" if head.startswith(b"HEAD") else body  # HEAD: the headers only
             try:
                 writer.write(
                     f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                    + body
+                    + payload
                 )
                 await asyncio.wait_for(writer.drain(), self.timeout_s)
             except (ConnectionError, asyncio.TimeoutError):
@@ -257,8 +278,6 @@ class HealthServer:
                 writer.close()
 
     def _answer(self, head: bytes) -> tuple[int, str, bytes]:
-        if len(head) > self.max_request:
-            return 400, "text/plain", b"request too large\n"
         parts = head.split(b"\r\n", 1)[0].split()
         if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
             return 405, "text/plain", b"GET /healthz or /metrics\n"
@@ -275,6 +294,7 @@ class HealthServer:
 
 
 _REASONS = {
+    500: "Internal Server Error",
     200: "OK",
     400: "Bad Request",
     404: "Not Found",

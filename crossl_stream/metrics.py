@@ -38,6 +38,7 @@ class Histogram:
         self.max = -math.inf
 
     def observe(self, value: float) -> None:
+        """Count ``value`` in its bucket (a non-finite value is ignored)."""
         if not math.isfinite(value):
             return
         self.counts[int(self._edges.searchsorted(value))] += 1
@@ -84,7 +85,6 @@ class Counts:
     dropped_windows: int = 0  # dropped by the drop_oldest backpressure policy
     predictions: int = 0
     published: int = 0  # records handed to the publishers (predictions and empty windows)
-    late_windows: int = 0  # published more than a hop after the window ended
 
 
 class Metrics:
@@ -102,10 +102,12 @@ class Metrics:
         table[key] = table.get(key, 0) + n
 
     def observe(self, latency_ms: dict[str, float]) -> None:
+        """Add one record's per-stage latencies (ms) to their histograms."""
         for stage, value in latency_ms.items():
             hist = self.latency.get(stage)
             if hist is not None:
                 hist.observe(value)
 
     def percentiles(self, stage: str, qs: tuple[float, ...] = (0.5, 0.99)) -> list[float]:
+        """Quantiles of one stage's latency (ms), read from its buckets."""
         return [self.latency[stage].quantile(q) for q in qs]

@@ -90,9 +90,9 @@ class Pipeline:
         self.admission = admission or Admission()
         self.metrics = Metrics()
         self.retired_faults: dict[str, int] = {}  # sample refusals of retired windowers
-        self._stopping: asyncio.Event | None = None
+        self._stopping = asyncio.Event()  # a stop before run() starts is not lost
         self._deadline: float | None = None  # host clock by which a stop must be done
-        self._limited = RateLimited(log)
+        self._limited = RateLimited(log)  # refused chunks: one line per interval
 
     @classmethod
     def from_config(
@@ -125,13 +125,12 @@ class Pipeline:
         published, within ``deadline_s`` when given (publishers get what is left of it)."""
         if deadline_s is not None:
             self._deadline = host_clock() + deadline_s
-        if self._stopping is not None:
-            self._stopping.set()
+        self._stopping.set()
 
     @property
     def stopping(self) -> bool:
         """Whether ``stop`` was called on the current run."""
-        return self._stopping is not None and self._stopping.is_set()
+        return self._stopping.is_set()
 
     def swap(
         self, worker: InferenceWorker | None = None, publishers: Sequence[Publisher] | None = None
@@ -146,7 +145,6 @@ class Pipeline:
 
     async def run(self) -> Metrics:
         """Play until every reader ends or ``stop`` is called, then drain."""
-        self._stopping = asyncio.Event()
         self.metrics.started = host_clock()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self._close_publishers)
@@ -204,11 +202,11 @@ class Pipeline:
 
     async def _close_publishers(self) -> None:
         """Flush and release every publisher, within what is left of a stop's deadline
-        (less half a second for the process to exit)."""
+        (less a second for the rest of the shutdown and the process's exit)."""
         for publisher in self.publishers:
             timeout = None
             if self._deadline is not None:
-                timeout = max(0.0, self._deadline - host_clock() - 0.5)
+                timeout = max(0.0, self._deadline - host_clock() - 1.0)
             try:
                 await publisher.aclose(timeout)
             except Exception as exc:  # the others still close
@@ -278,14 +276,14 @@ class Pipeline:
                 await self.retire(now)
 
     async def retire(self, now: float) -> list[str]:
-        """Drop the windowers of subjects whose every sensor is LOST at ``now``, after
+        """Drop the windowers of subjects whose every sensor is LOST at ``now`` (or never
+        delivered: one message from a stranger must not hold a place for good), after
         flushing what they hold, so that wearables that come and go do not pile up; readers
         that keep per-subject state forget it too. Returns the subjects retired."""
         gone = [
             subject
             for subject, w in self.windowers.items()
-            if w is not self.windower
-            and all(state == StreamState.LOST for state in w.states(now).values())
+            if w is not self.windower and _left(w.states(now).values())
         ]
         for subject in gone:
             windower = self.windowers.pop(subject)
@@ -327,6 +325,15 @@ class Pipeline:
             metrics.observe(latency)
             if prediction.age_ms is not None:
                 metrics.latency["age"].observe(prediction.age_ms)
+
+
+def _left(states) -> bool:
+    """Whether a subject has left: some sensor LOST, none LIVE or STALE (a sensor that never
+    delivered stays CONNECTING)."""
+    states = list(states)
+    return StreamState.LOST in states and all(
+        s in (StreamState.LOST, StreamState.CONNECTING) for s in states
+    )
 
 
 def sample_faults(windowers) -> dict[str, int]:
@@ -407,15 +414,22 @@ def build_publishers(cfg: PipelineConfig, ctx: BuildContext) -> list[Publisher]:
     try:
         for i, p in enumerate(cfg.publishers):
             ctx.index = i
-            publisher = p.build(ctx)
-            taken = sum(q.name.split("-")[0] == publisher.name for q in publishers)
-            if taken:
-                publisher.name = f"{publisher.name}-{taken + 1}"
-            publishers.append(publisher)
+            publishers.append(p.build(ctx))
     except BaseException:
         for publisher in publishers:  # opened files and outlets of the ones already built
             publisher.close()
         raise
+    return name_publishers(publishers)
+
+
+def name_publishers(publishers: list[Publisher]) -> list[Publisher]:
+    """Name each publisher by its kind, numbering repeats (``jsonl``, ``jsonl-2``): the
+    names label metrics and health, and must be unique."""
+    seen: dict[str, int] = {}
+    for publisher in publishers:
+        kind = publisher.name.split("-")[0]
+        seen[kind] = seen.get(kind, 0) + 1
+        publisher.name = kind if seen[kind] == 1 else f"{kind}-{seen[kind]}"
     return publishers
 
 
@@ -447,6 +461,8 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
         ctx.index = i
         readers.append(rc.build(ctx))
     publishers = build_publishers(cfg, ctx)
+    for publisher in publishers:
+        publisher.log_every(cfg.daemon.log_every_s)
     # the mqtt reader stamps its receipt-clock sensors itself; others are stamped here
     from crossl_stream.config import MqttReaderConfig
 

@@ -156,7 +156,7 @@ def test_sigterm_with_the_broker_down_drains_and_exits_0_within_the_deadline(dae
     got = records(tmp_path / "out.jsonl")
     print(f"SIGTERM with the broker down: exit {rc} after {took:.2f} s; {len(got)} records")
     assert rc == 0
-    assert took < 5.0 + 1.0  # the deadline, and the interpreter's own exit
+    assert took < 5.0  # the deadline (the interpreter's exit included)
     # nothing completed was lost: every window cut is in the JSONL, in order, no gap
     assert [r["seq"] for r in got] == list(range(1, len(got) + 1))
     lost = d.wait_for("publishers lost records")
@@ -351,6 +351,7 @@ def test_an_lsl_producer_killed_and_restarted_every_window_accounted_for(daemon_
         player.kill()
         player.wait()
     rc, _ = d.stop()
+    assert refound is not None and resumed is not None, "the producer was never read again"
     got = records(out)
     ends = np.array([r["t_window_end"] for r in got])
     empty = [r for r in got if r["label"] is None]
@@ -390,3 +391,36 @@ def test_a_bad_config_or_a_ca_file_that_is_not_pem_is_one_line_not_a_traceback(t
             print(command, proc.returncode, proc.stderr.strip()[-200:])
             assert proc.returncode == 2 and where in proc.stderr
             assert "Traceback" not in proc.stderr
+
+
+def test_sighup_that_changes_the_windows_restarts_the_pipeline_and_appends(daemon_of, tmp_path):
+    cfg = sim_config(tmp_path)
+    d = daemon_of(cfg)
+    out = tmp_path / "out.jsonl"
+    wait_records(out, 4)
+    config = tmp_path / "daemon.yaml"
+    config.write_text(yaml.safe_dump(dict(cfg, window={"hop_s": 0.5})))
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for("pipeline restarted")
+    n = len(records(out))
+    wait_records(out, n + 3)  # the same file, appended to by the new pipeline
+    # two reloads in a row, each adding a publisher: both are applied, in order
+    two = dict(cfg, window={"hop_s": 0.5})
+    two["publishers"] = [*cfg["publishers"], {"kind": "jsonl", "path": str(tmp_path / "b.jsonl")}]
+    config.write_text(yaml.safe_dump(two))
+    d.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.05)
+    three = dict(two, publishers=[*two["publishers"], {"kind": "console", "every": 1000}])
+    config.write_text(yaml.safe_dump(three))
+    d.proc.send_signal(signal.SIGHUP)
+    last = d.wait_for("daemon: reloaded", nth=2)
+    assert "'jsonl', 'jsonl-2', 'console'" in last["msg"], last["msg"]
+    wait_records(tmp_path / "b.jsonl", 3)
+    code, body = d.get("/healthz")
+    assert sorted(json.loads(body)["publishers"]) == ["console", "jsonl", "jsonl-2"]
+    rc, took = d.stop()
+    got = records(out)
+    hops = np.diff([r["t_window_end"] for r in got])
+    print(f"{len(got)} records in one file across a restart; hops {sorted(set(hops.round(2)))}")
+    assert rc == 0 and not [line for line in d.lines if line.get("level") == "error"]
+    assert hops[0] == 0.25 and hops[-1] == 0.5  # the old windows, then the new ones

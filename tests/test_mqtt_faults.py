@@ -930,3 +930,28 @@ def test_the_player_counts_what_it_could_not_send_and_returns(broker, caplog):
     assert sum(nowhere.published.values()) == 0 and nowhere.lost >= 95
     assert "Traceback" not in caplog.text
     assert sum("connection refused" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_spool_record_damaged_on_disk_is_cut_off_and_said_never_sent(tmp_path, caplog):
+    from crossl_stream.publishers.spool import Spool
+
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    for i in range(20):
+        spool.put("t", f"record {i}".encode())
+    spool.close()
+    segment = sorted((tmp_path / "spool").glob("*"))
+    data_file = max(segment, key=lambda f: f.stat().st_size)
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte in the middle
+    data_file.write_bytes(bytes(raw))
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    got = []
+    while (record := spool.peek()) is not None:
+        got.append(record[1].decode())
+        spool.ack()
+    spool.put("t", b"after")
+    assert spool.peek() == ("t", b"after")
+    print(f"read back {len(got)} good records; {caplog.messages[-1]}")
+    assert got == [f"record {i}" for i in range(len(got))]  # in order, nothing garbled
+    assert 0 < len(got) < 20 and "cut off" in caplog.text  # the loss is said
+    spool.close()

@@ -56,6 +56,11 @@ class Publisher(ABC):
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
+    def log_every(self, seconds: float) -> None:
+        """Log a repeating failure at most once per ``seconds``."""
+        self.log_every_s = seconds
+        self._limited.every_s = seconds
+
     def publish(self, prediction: Prediction) -> bool:
         """Stamp ``latency_ms.total`` (receipt of the window's data -> now) and send;
         False (counted, logged at a limited rate) when the destination failed."""

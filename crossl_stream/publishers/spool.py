@@ -20,6 +20,7 @@ not a power cut: no fsync per record).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -145,7 +146,7 @@ class Spool:
             at = end
         if at != len(data):
             log.warning(
-                "spool %s: %d bytes at the end of %s cut off (a write torn by a crash)",
+                "spool %s: %d bytes at the end of %s cut off (a write torn by a crash, or damaged)",
                 self.folder,
                 len(data) - at,
                 path.name,
@@ -194,7 +195,10 @@ class Spool:
             self._write_fd = os.open(
                 self._path(self._last), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
             )
-        os.write(self._write_fd, frame)  # unbuffered: with the OS at once
+        written = os.write(self._write_fd, frame)  # unbuffered: with the OS at once
+        if written != len(frame):  # the disk filled mid-record: no torn record stays
+            os.ftruncate(self._write_fd, self._sizes[self._last])
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {self.folder}")
         self._sizes[self._last] += len(frame)
         self._counts[self._last] += 1
         self.pending += 1
@@ -214,8 +218,23 @@ class Spool:
             self._read_fd = os.open(self._path(self._seg), os.O_RDONLY)
             self._read_seg = self._seg
         at = self._offset
-        length, _ = FRAME.unpack(os.pread(self._read_fd, FRAME.size, at))
+        length, crc = FRAME.unpack(os.pread(self._read_fd, FRAME.size, at))
         payload = os.pread(self._read_fd, length, at + FRAME.size)
+        if len(payload) != length or zlib.crc32(payload) != crc:
+            # damaged on disk: what follows in this segment cannot be framed; it is dropped,
+            # counted, and reading goes on with the next segment
+            unread = self._counts.get(self._seg, 0) - self._read_index
+            log.error(
+                "%s: a damaged record at byte %d; %d records dropped", self.describe(), at, unread
+            )
+            self.dropped += unread
+            self.pending -= unread
+            self._sizes[self._seg] = at
+            self._counts[self._seg] = self._read_index
+            if self._seg == self._last:  # new records go right after the last good one
+                with open(self._path(self._seg), "r+b") as f:
+                    f.truncate(at)
+            return self.peek()
         (n,) = TOPIC.unpack_from(payload)
         record = payload[TOPIC.size : TOPIC.size + n].decode(), payload[TOPIC.size + n :]
         self._head = (self._seg, at, at + FRAME.size + length, record)
