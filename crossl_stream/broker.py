@@ -121,7 +121,17 @@ class Backoff:
         return self._rng.uniform(ceiling / 2, ceiling)
 
     def reset(self) -> None:
+        """Start the schedule over (after a connection that held)."""
         self.attempts = 0
+
+    def after(self, exc: BaseException, stable: bool = False) -> float:
+        """The wait after a failed or lost connection: the schedule starts over after a
+        ``stable`` one, and a broker that is merely away is retried within
+        UNREACHABLE_CAP_S (a refused login waits up to the full cap)."""
+        if stable:
+            self.reset()
+        away = why_failed(exc)[0] in ("unreachable", "lost")
+        return self.next(UNREACHABLE_CAP_S if away else None)
 
 
 # -- what a failed connection means ----------------------------------------------------

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 
-from crossl_stream.broker import UNREACHABLE_CAP_S, Backoff, Broker, Link, session, why_failed
+from crossl_stream.broker import Backoff, Broker, Link, session
 from crossl_stream.readers.payload import Format, encode_binary, encode_json
 from crossl_stream.readers.replay import Recording, Replay
 
@@ -128,10 +128,7 @@ class MqttPlayer:
                 raise
             except Exception as exc:
                 self._client = None
-                if self.link.stable:
-                    backoff.reset()
-                cap = UNREACHABLE_CAP_S if why_failed(exc)[0] in ("unreachable", "lost") else None
-                delay = backoff.next(cap)
+                delay = backoff.after(exc, self.link.stable)
                 self.link.down(exc, delay)
                 tried.set()
                 await asyncio.sleep(delay)

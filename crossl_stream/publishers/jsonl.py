@@ -51,13 +51,6 @@ class JsonlPublisher(Publisher):
                 "path"
             )
 
-    def same_file(self, path: str | Path) -> bool:
-        """Whether ``path`` names the file this publisher writes."""
-        try:
-            return os.path.samefile(self.path, path)
-        except OSError:
-            return False
-
     def send(self, prediction: Prediction) -> None:
         line = (json.dumps(prediction.record(), separators=(",", ":")) + "\n").encode()
         written = self._file.write(line)

@@ -24,7 +24,7 @@ import logging
 import time
 from pathlib import Path
 
-from crossl_stream.broker import UNREACHABLE_CAP_S, Backoff, Broker, Link, session, why_failed
+from crossl_stream.broker import Backoff, Broker, Link, session
 from crossl_stream.clock import host_clock
 from crossl_stream.errors import ConfigError
 from crossl_stream.inference import Prediction
@@ -187,10 +187,7 @@ class MqttPublisher(Publisher):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # MqttError, TLS, BrokerError...: say why, retry, never die
-                if self.link.stable:  # a good connection: the schedule starts over
-                    backoff.reset()
-                cap = UNREACHABLE_CAP_S if why_failed(exc)[0] in ("unreachable", "lost") else None
-                delay = backoff.next(cap)
+                delay = backoff.after(exc, self.link.stable)
                 if self._closing:
                     delay = min(delay, max(0.0, self._drain_until - time.monotonic()))
                 self._failing(self.link.down(exc, delay))  # logged there, once per cause

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from crossl_stream.admission import Admission
-from crossl_stream.broker import UNREACHABLE_CAP_S, Backoff, Broker, Link, session, why_failed
+from crossl_stream.broker import Backoff, Broker, Link, session
 from crossl_stream.clock import DeviceClock, host_clock
 from crossl_stream.logs import RateLimited
 from crossl_stream.readers.base import Chunk, Reader, SensorInfo
@@ -148,10 +148,7 @@ class MqttReader(Reader):
                         if chunk is not None:
                             yield chunk
             except Exception as exc:  # MqttError, TLS, BrokerError...: say why, retry, never die
-                if self.link.stable:  # a good connection: the schedule starts over
-                    backoff.reset()
-                cap = UNREACHABLE_CAP_S if why_failed(exc)[0] in ("unreachable", "lost") else None
-                delay = backoff.next(cap)
+                delay = backoff.after(exc, self.link.stable)
                 self.link.down(exc, delay)
                 await asyncio.sleep(delay)
 
