@@ -110,7 +110,9 @@ class Daemon:
         pinging = asyncio.create_task(self._watchdog())
         try:
             if health.port is not None:
-                self.server = HealthServer(lambda: self.pipeline, health)
+                self.server = HealthServer(
+                    lambda: self.pipeline, health, lambda: {"reloads": dict(self.reloads)}
+                )
                 try:
                     await self.server.start()
                 except OSError as exc:

@@ -208,10 +208,16 @@ class HealthServer:
     max_request = 8192
     timeout_s = 5.0
 
-    def __init__(self, get_pipeline: Callable[[], Any], cfg: HealthConfig) -> None:
+    def __init__(
+        self,
+        get_pipeline: Callable[[], Any],
+        cfg: HealthConfig,
+        extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         from prometheus_client import CollectorRegistry
 
         self.get_pipeline = get_pipeline
+        self.extra = extra  # more for /healthz (the daemon's reloads)
         self.cfg = cfg
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PipelineCollector(get_pipeline))
@@ -243,7 +249,10 @@ class HealthServer:
         pipeline = self.get_pipeline()
         if pipeline is None:
             return {"status": "unhealthy", "reasons": ["no pipeline running"]}
-        return assess(pipeline, self.cfg)
+        report = assess(pipeline, self.cfg)
+        if self.extra is not None:
+            report.update(self.extra())
+        return report
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._slots.locked():

@@ -417,7 +417,9 @@ def test_sighup_that_changes_the_windows_restarts_the_pipeline_and_appends(daemo
     assert "'jsonl', 'jsonl-2', 'console'" in last["msg"], last["msg"]
     wait_records(tmp_path / "b.jsonl", 3)
     code, body = d.get("/healthz")
-    assert sorted(json.loads(body)["publishers"]) == ["console", "jsonl", "jsonl-2"]
+    report = json.loads(body)
+    assert sorted(report["publishers"]) == ["console", "jsonl", "jsonl-2"]
+    assert report["reloads"] == {"applied": 2, "refused": 0, "restarts": 1}
     rc, took = d.stop()
     got = records(out)
     hops = np.diff([r["t_window_end"] for r in got])
