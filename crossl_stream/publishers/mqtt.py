@@ -91,7 +91,9 @@ class MqttPublisher(Publisher):
         ).encode()
 
     async def start(self) -> None:
+        """Start delivering; records a spool kept from an earlier run count as given."""
         if self._task is None:
+            self.counters.given += len(self.store)  # so that sent never exceeds given
             self._wake = asyncio.Event()
             self._task = asyncio.create_task(self._run(), name="mqtt-publisher")
 
