@@ -16,6 +16,7 @@ from typing import Any
 
 from crossl_stream.clock import host_clock
 from crossl_stream.config import HealthConfig
+from crossl_stream.metrics import EXPORT_EVERY
 from crossl_stream.states import StreamState
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ class PipelineCollector:
         for stage, hist in m.latency.items():
             buckets = [
                 ("+Inf" if b == float("inf") else f"{b / 1000:.6g}", n)
-                for b, n in hist.cumulative()
+                for b, n in hist.cumulative(EXPORT_EVERY)
             ]
             latency.add_metric([stage], buckets, hist.sum / 1000)
         yield latency
