@@ -271,9 +271,9 @@ def score(
     return lines
 
 
-def _truth(rules, recording, t_end: np.ndarray, window_s: float) -> list[str | None] | None:
-    """The label of each window under ``rules``, or None (said once) when the recording
-    carries no labels those rules can read: it is predicted, not scored."""
+def _labels(rules, recording):
+    """The recording's labels under ``rules``, or None (said once) when it carries no
+    labels those rules can read: it is predicted, not scored."""
     from crossl_stream.errors import DatasetError
     from crossl_stream.labels import Labels
 
@@ -281,11 +281,16 @@ def _truth(rules, recording, t_end: np.ndarray, window_s: float) -> list[str | N
         print(f"not scored: {recording.path.name} has no marker stream")
         return None
     try:
-        labels = Labels.of(rules, recording.path, recording.start, recording.marker_streams)
+        return Labels.of(rules, recording.path, recording.start, recording.marker_streams)
     except DatasetError as exc:
         print(f"not scored: {exc}")
         return None
-    return labels.labels_of(t_end, window_s)
+
+
+def _truth(rules, recording, t_end: np.ndarray, window_s: float) -> list[str | None] | None:
+    """The label of each window under ``rules`` (None: the recording is not scored)."""
+    labels = _labels(rules, recording)
+    return None if labels is None else labels.labels_of(t_end, window_s)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -555,19 +560,12 @@ def _play(cfg, base: Path, source: str, labels: str | None = None) -> int:
 def _scorer(rules, pipeline):
     """A ScorePublisher for the first replayed recording under ``rules``, or None (said)
     when the recording carries no labels those rules can read."""
-    from crossl_stream.errors import DatasetError
-    from crossl_stream.labels import Labels
     from crossl_stream.publishers.score import ScorePublisher
     from crossl_stream.readers.replay import Replay
 
     recording = next(r.recording for r in pipeline.readers if isinstance(r, Replay))
-    if rules.markers is not None and not recording.marker_streams:
-        print(f"not scored: {recording.path.name} has no marker stream")
-        return None
-    try:
-        labels = Labels.of(rules, recording.path, recording.start, recording.marker_streams)
-    except DatasetError as exc:
-        print(f"not scored: {exc}")
+    labels = _labels(rules, recording)
+    if labels is None:
         return None
     return ScorePublisher(labels, pipeline.model.classes, pipeline.model.window_s)
 
