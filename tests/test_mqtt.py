@@ -325,7 +325,8 @@ def test_edge_config_end_to_end_with_play_and_mosquitto_sub(broker, tmp_path):
     env = {**os.environ, "CROSSL_MQTT_PASSWORD": "unused"}  # an anonymous broker ignores it
     run = subprocess.Popen([*CLI, "run", str(config)], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        time.sleep(1.0)
+        run.stdout.readline()  # "mqttreader (acc, gyro) live through ...": the model is loaded
+        time.sleep(1.0)  # and the reader subscribed
         play = [*CLI, "play", "--to", "mqtt", "--broker", f"127.0.0.1:{broker.port}"]
         for subject in ("s01", "s02"):  # two wearables, one after the other
             result = subprocess.run(
