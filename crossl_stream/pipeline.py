@@ -202,11 +202,11 @@ class Pipeline:
 
     async def _close_publishers(self) -> None:
         """Flush and release every publisher, within what is left of a stop's deadline
-        (less a second for the rest of the shutdown and the process's exit)."""
+        (less 1.5 s for the rest of the shutdown and the process's exit)."""
         for publisher in self.publishers:
             timeout = None
             if self._deadline is not None:
-                timeout = max(0.0, self._deadline - host_clock() - 1.0)
+                timeout = max(0.0, self._deadline - host_clock() - 1.5)
             try:
                 await publisher.aclose(timeout)
             except Exception as exc:  # the others still close
