@@ -22,15 +22,10 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from brokers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "default"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sim_config(tmp: Path, **extra) -> dict:

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from brokers import Mosquitto
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -130,67 +130,6 @@ def test_sequence_gaps_duplicates_and_subjects_are_tracked():
 
 
 # -- a real broker ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Mosquitto:
-    """A mosquitto process on 127.0.0.1 and a port of its own (restartable on that port)."""
-
-    def __init__(self, tmp: Path, extra: str = "") -> None:
-        if shutil.which("mosquitto") is None:
-            if os.environ.get("CI"):
-                pytest.fail("mosquitto is not installed (.ci/run installs it)")
-            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-        self.port = free_port()
-        self.conf = tmp / f"mosquitto-{self.port}.conf"
-        # as root, mosquitto drops to its own user, which cannot read pytest's tmp folders
-        user = "user root\n" if os.geteuid() == 0 else ""
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"{user}{extra}"
-        )
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not start: {self.proc.stderr.read()}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-    def pub(self, topic: str, message: bytes, qos: int = 1) -> None:
-        subprocess.run(
-            [
-                "mosquitto_pub",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-t",
-                topic,
-                "-q",
-                str(qos),
-                "-s",
-            ],
-            input=message,
-            check=True,
-            timeout=10,
-        )
 
 
 @pytest.fixture

@@ -10,9 +10,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from brokers import Mosquitto, free_port
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -41,71 +40,9 @@ SENSORS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Mosquitto:
-    """A mosquitto on 127.0.0.1 and a port of its own; stopped with SIGTERM (it saves its
-    persistent sessions and retained messages) and started again on the same port."""
-
-    def __init__(self, tmp: Path, conf: str | None = None, name: str = "broker") -> None:
-        if shutil.which("mosquitto") is None:
-            if os.environ.get("CI"):
-                pytest.fail("mosquitto is not installed (.ci/run installs it)")
-            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-        self.port = free_port()
-        self.folder = tmp / name
-        self.folder.mkdir(exist_ok=True)
-        if conf is None:
-            conf = (
-                f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                f"persistence true\npersistence_location {self.folder}/\n"
-                "max_queued_messages 100000\n"
-            )
-        # as root, mosquitto drops to its own user, which cannot read pytest's tmp folders
-        user = "user root\n" if os.geteuid() == 0 else ""
-        self.conf = self.folder / "mosquitto.conf"
-        self.conf.write_text(conf.replace("{port}", str(self.port)) + user)
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise RuntimeError(f"mosquitto did not start: {self.proc.stderr.read()}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=10)
-
-    def retained(self, topic: str = "crossl/status", *login: str) -> dict | None:
-        """The retained message on ``topic`` (JSON), None when there is none."""
-        auth = ["-u", login[0], "-P", login[1]] if login else []
-        out = subprocess.run(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(self.port), *auth, "-t", topic]
-            + ["-C", "1", "-W", "1", "--retained-only"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return json.loads(out.stdout) if out.stdout.strip() else None
-
-
 @pytest.fixture
 def broker(tmp_path):
-    m = Mosquitto(tmp_path)
+    m = Mosquitto(tmp_path, persistent=True)
     yield m
     m.stop()
 
@@ -713,7 +650,7 @@ def edge(tmp_path):
     ]:
         assert old in conf, old
         conf = conf.replace(old, new)
-    m = Mosquitto(tmp_path, conf, "edge")
+    m = Mosquitto(tmp_path, conf=conf, name="edge")
     m.made = made.stdout  # the made-up password of s02
     yield m
     m.stop()
@@ -843,7 +780,7 @@ def test_a_wrong_ca_is_said_once_and_a_ca_that_is_not_pem_is_a_config_error(
         "listener {port} 127.0.0.1\nallow_anonymous true\n"
         f"cafile {certs['ca.pem']}\ncertfile {certs['server.pem']}\nkeyfile {certs['server.key']}\n"
     )
-    m = Mosquitto(tmp_path, conf, "tls")
+    m = Mosquitto(tmp_path, conf=conf, name="tls")
     try:
         reader = MqttReader(
             Broker(port=m.port, tls=True, ca_file=str(other["ca.pem"])),
