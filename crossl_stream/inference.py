@@ -20,7 +20,7 @@ from crossl_stream.clock import host_clock
 from crossl_stream.errors import InputError
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.model.export import OnnxModel
-from crossl_stream.model.streaming import StreamingCroSSL, TorchRuntime
+from crossl_stream.model.streaming import StreamingCroSSL
 from crossl_stream.windower import Window
 
 Policy = Literal["drop_oldest", "block"]
@@ -120,8 +120,8 @@ class Predictor:
         """What runs the forward pass: ``onnxruntime`` or ``torch``, and whether windows
         share encoder features (``streaming``)."""
         if self.streaming is not None:
-            name = "torch" if isinstance(self.streaming.runtime, TorchRuntime) else "onnxruntime"
-            return f"{name}, streaming"
+            bf16 = ", bf16" if self.streaming.precision == "bf16" else ""
+            return f"torch, streaming{bf16}"
         return "onnxruntime" if self.onnx is not None else "torch"
 
     def forget(self, subject: str) -> None:
@@ -177,9 +177,9 @@ class Predictor:
         if self.streaming is not None:
             probs = self.streaming(
                 [w.subject for w in windows],
-                [w.t_end for w in windows],
                 [w.data for w in windows],
                 self._mask[:n],
+                [w.marks for w in windows],
             )
         elif self.onnx is not None:
             probs = self.onnx({k: v[:n] for k, v in self._arrays.items()}, self._mask[:n])

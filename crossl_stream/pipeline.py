@@ -29,7 +29,7 @@ from crossl_stream.logs import RateLimited
 from crossl_stream.metrics import Metrics
 from crossl_stream.model.checkpoint import WEIGHTS, load_model, model_id, read_meta
 from crossl_stream.model.crossl import CroSSL
-from crossl_stream.model.export import ONNX_FILE, OnnxModel, OnnxRuntime, weights_digest
+from crossl_stream.model.export import ONNX_FILE, OnnxModel, weights_digest
 from crossl_stream.model.streaming import StreamingCroSSL
 from crossl_stream.publishers.base import Publisher
 from crossl_stream.readers.base import Chunk, Reader
@@ -383,7 +383,7 @@ def build_worker(cfg: PipelineConfig, model: CroSSL, model_dir: Path, source: st
         torch.set_num_threads(inf.threads)
     device = pick_device(inf.device)
     model.to(device)
-    streaming = _streaming(model, model_dir, inf, cfg.window.hop_s, device, source, cfg)
+    streaming = _streaming(model, inf, cfg.window.hop_s, source, cfg)
     onnx = None if streaming else _onnx_session(model_dir, inf.runtime, device, source)
     predictor = Predictor(model, inf.device, inf.max_batch, model_id(model_dir), onnx, streaming)
     backpressure = inf.backpressure
@@ -473,18 +473,12 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
     return Pipeline(readers, windower, worker, publishers, modality_of, receipt, admission)
 
 
-def _streaming(
-    model: CroSSL, model_dir: Path, inf, hop_s: float, device, source: str, cfg=None
-) -> StreamingCroSSL | None:
-    """Windows sharing encoder features, in onnxruntime on the CPU where the model has a
-    current streaming export (else torch); None when switched off or when the hop is not a
-    whole number of samples of every modality (windows then share no samples)."""
-    if not inf.streaming:
+def _streaming(model: CroSSL, inf, hop_s: float, source: str, cfg=None) -> StreamingCroSSL | None:
+    """Windows sharing encoder work, batched across subjects on the model's device; None
+    when switched off, when whole windows in onnxruntime were asked for, or when the hop is
+    not a whole number of samples of any modality (windows then share no samples)."""
+    if not inf.streaming or inf.runtime == "onnx":
         return None
-    if inf.runtime == "onnx" and device.type != "cpu":
-        raise ConfigError(
-            f"{source}: inference.runtime: onnx runs on the CPU here; use torch on {device}"
-        )
     field = model.receptive_field
     shared = [  # modalities whose consecutive windows share samples on one grid
         m.name
@@ -501,17 +495,7 @@ def _streaming(
         )
         return None
     subjects = cfg.subjects.max + 1 if cfg is not None else 257  # + the default subject
-    if inf.runtime == "torch" or device.type != "cpu":
-        return StreamingCroSSL(model, max_streams=subjects)
-    try:
-        digest = weights_digest(model_dir / WEIGHTS)
-        runtime = OnnxRuntime(model_dir, model, digest, inf.threads)
-        return StreamingCroSSL(model, runtime, max_streams=subjects)
-    except CheckpointError as exc:
-        if inf.runtime == "onnx":
-            raise
-        log.warning("%s; streaming in torch instead", exc)
-        return StreamingCroSSL(model, max_streams=subjects)
+    return StreamingCroSSL(model, max_streams=subjects, precision=inf.precision)
 
 
 def _onnx_session(model_dir: Path, runtime: str, device, source: str) -> OnnxModel | None:

@@ -30,6 +30,7 @@ its chunks are far apart: ``stale_s`` must exceed every sensor's longest chunk i
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ import numpy as np
 from crossl_stream.buffer import RingBuffer
 from crossl_stream.clock import host_clock
 from crossl_stream.errors import InputError
-from crossl_stream.model.specs import ModalitySpec
+from crossl_stream.model.specs import Mark, ModalitySpec
 from crossl_stream.states import StreamState
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 MAX_RECEIPTS = 8192  # chunk receipt times kept per sensor while no window is cut
 MAX_EMPTY_BURST = 7200  # empty windows emitted at once after a silence; more are counted
+_EPOCHS = itertools.count(1)  # runs of kept grid points, unique in the process
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Window:
     t_last_arrival: float  # host clock: receipt of the data that completed this window
     t_emitted: float = field(default=0.0, compare=False)  # host clock: when it was cut
     subject: str = ""  # whose sensors (one windower per subject)
+    marks: dict[str, Mark | None] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -105,18 +108,21 @@ class _Resampler:
         self._near = np.zeros(capacity, dtype=bool)
         self._k0 = 0  # grid index of column 0
         self._kept = 0  # columns [0, kept) hold final points
+        self._epoch = next(_EPOCHS)  # renewed whenever the kept points start over
 
-    def window(self, t_end: float) -> tuple[np.ndarray, float]:
-        """The window ending at ``t_end``: [channels, samples] float32 and its coverage."""
+    def window(self, t_end: float) -> tuple[np.ndarray, float, Mark | None]:
+        """The window ending at ``t_end``: [channels, samples] float32, its coverage, and
+        its mark (None when windows share no grid points)."""
         n = self.spec.samples
         if not self.aligned:
             grid = t_end - self.spec.window_s + np.arange(n) / self.spec.rate_hz
             x, near = self._interpolate(grid)
-            return np.ascontiguousarray(x), float(np.count_nonzero(near)) / n
+            return np.ascontiguousarray(x), float(np.count_nonzero(near)) / n, None
         k_end = round(t_end * self.spec.rate_hz)
         k_start = k_end - n
         if not self._k0 <= k_start <= self._k0 + self._kept:
             self._k0, self._kept = k_start, 0  # the first window, or after a skipped silence
+            self._epoch = next(_EPOCHS)
         if k_end - self._k0 > self._near.size:  # slide the kept points to the front
             a = k_start - self._k0
             self._values[:, : self._kept - a] = self._values[:, a : self._kept]
@@ -131,7 +137,8 @@ class _Resampler:
             self._kept += int(np.searchsorted(grid, self.final, side="right"))
         a = k_start - self._k0
         coverage = float(np.count_nonzero(self._near[a : a + n])) / n
-        return self._values[:, a : a + n].copy(), coverage
+        mark = Mark(self._epoch, k_start, k_end <= self._k0 + self._kept)
+        return self._values[:, a : a + n].copy(), coverage, mark
 
     def _interpolate(self, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Values [channels, len(grid)] at ``grid`` and whether a sample is within tol.
@@ -484,13 +491,14 @@ class Windower:
         return self._receipt_at[name][min(i, len(self._receipt_at[name]) - 1)]
 
     def _build(self, t_end: float, states: dict[str, StreamState]) -> Window | None:
-        data, available, coverage = {}, {}, {}
+        data, available, coverage, marks = {}, {}, {}, {}
         newest_arrival = -np.inf
         for m in self.modalities:
-            x, cov = self._resamplers[m.name].window(t_end)
+            x, cov, mark = self._resamplers[m.name].window(t_end)
             coverage[m.name] = cov
             available[m.name] = cov >= self.min_coverage
             data[m.name] = x if available[m.name] else np.zeros_like(x)
+            marks[m.name] = mark if available[m.name] else None
             if available[m.name]:
                 newest_arrival = max(newest_arrival, self._receipt_of(m.name, t_end))
         if not any(available.values()):
@@ -511,4 +519,5 @@ class Windower:
             newest_arrival,
             host_clock(),
             self.subject,
+            marks,
         )

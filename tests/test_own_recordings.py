@@ -173,7 +173,7 @@ def test_pretrain_finetune_run_and_score_through_the_cli(sessions, tmp_path):
     meta = json.loads((fine / "model.json").read_text())
     assert meta["classes"] == CLASSES and meta["info"]["labels_fraction"] == 0.5
     assert meta["info"]["data"]["sensors"]["ecg"] == {"stream": "ECG", "type": "ECG"}
-    assert (fine / "head.onnx").is_file() and (fine / "README.md").is_file()
+    assert (fine / "model.onnx").is_file() and (fine / "README.md").is_file()
     # a pipeline config replays a session through the folder as it is, scored by the
     # model's own label rules
     run_cfg = tmp_path / "run.yaml"

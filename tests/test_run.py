@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from crossl_stream import default_model_dir
-from crossl_stream.config import InferenceConfig, PipelineConfig, load_config
+from crossl_stream.config import PipelineConfig, load_config
 from crossl_stream.errors import CheckpointError, ConfigError, DatasetError
 from crossl_stream.pipeline import Pipeline
 from crossl_stream.publishers import MemoryPublisher
@@ -241,15 +241,16 @@ def shipped_session_start() -> float:
     return Recording.load(shipped_recording()).start
 
 
-def test_runtime_auto_picks_the_current_onnx_export_on_the_cpu(tmp_path):
+def test_runtime_streams_in_torch_and_whole_windows_in_the_current_onnx_export(tmp_path):
     def runtime(window: dict | None = None, **inference) -> str:
         inference = {"model": str(default_model_dir()), **inference}
         changes = {"inference": inference} | ({"window": window} if window else {})
         return build(config(**changes)).worker.predictor.runtime
 
-    assert runtime() == "onnxruntime, streaming"
+    assert runtime() == "torch, streaming"
+    assert runtime(precision="bf16") == "torch, streaming, bf16"
     assert runtime(streaming=False) == "onnxruntime"
-    assert runtime(runtime="torch") == "torch, streaming"
+    assert runtime(runtime="onnx") == "onnxruntime"  # asked for: whole windows
     assert runtime(runtime="torch", streaming=False) == "torch"
     # a hop of 0.33 s is not a whole number of 50 Hz samples: windows share no samples
     assert runtime({"hop_s": 0.33}) == "onnxruntime"
@@ -259,20 +260,14 @@ def test_runtime_auto_picks_the_current_onnx_export_on_the_cpu(tmp_path):
         (bare / name).write_bytes((default_model_dir() / name).read_bytes())
     assert runtime(model=str(bare)) == "torch, streaming"
     assert runtime(model=str(bare), streaming=False) == "torch"
-    for streaming in (True, False):
-        with pytest.raises(CheckpointError, match="no ONNX export; run `crossl-stream export`"):
-            runtime(model=str(bare), runtime="onnx", streaming=streaming)
+    with pytest.raises(CheckpointError, match="no ONNX export; run `crossl-stream export`"):
+        runtime(model=str(bare), runtime="onnx")
 
 
-def test_the_onnx_runtime_on_a_gpu_is_refused_whether_streaming_or_not():
-    from crossl_stream.model import load_model
-    from crossl_stream.pipeline import _onnx_session, _streaming
+def test_the_onnx_runtime_on_a_gpu_is_refused():
+    from crossl_stream.pipeline import _onnx_session
 
     cuda = torch.device("cuda")  # only its type is looked at: no GPU needed
-    inference = InferenceConfig(runtime="onnx")
-    model = load_model(default_model_dir())
-    with pytest.raises(ConfigError, match="runtime: onnx runs on the CPU here"):
-        _streaming(model, default_model_dir(), inference, 0.5, cuda, "test.yaml")
     with pytest.raises(ConfigError, match="runtime: onnx runs on the CPU here"):
         _onnx_session(default_model_dir(), "onnx", cuda, "test.yaml")
 

@@ -95,7 +95,8 @@ def bench_naive(data) -> tuple[float, int]:
 def bench_worker(model_dir: str, hop_s: float = 0.1) -> dict[tuple[str, int], float]:
     """Windows per second of the Predictor, batch 1 and 32: eager torch and onnxruntime on
     whole windows, and onnxruntime streaming (windows sharing encoder features)."""
-    from crossl_stream.model.export import ONNX_FILE, OnnxModel, OnnxRuntime, weights_digest
+    from crossl_stream.model.export import ONNX_FILE, OnnxModel, weights_digest
+    from crossl_stream.model.specs import Mark
     from crossl_stream.model.streaming import StreamingCroSSL
     from crossl_stream.windower import Window
 
@@ -122,6 +123,7 @@ def bench_worker(model_dir: str, hop_s: float = 0.1) -> dict[tuple[str, int], fl
             {},
             {},
             0.0,
+            marks={m.name: Mark(1, i * spans[m.name]) for m in model.modalities},
         )
         for i in range(n)
     ]
@@ -130,7 +132,7 @@ def bench_worker(model_dir: str, hop_s: float = 0.1) -> dict[tuple[str, int], fl
         for batch in (1, 32):
             streaming = None
             if runtime == "streaming":
-                streaming = StreamingCroSSL(model, OnnxRuntime(model_dir, model, digest))
+                streaming = StreamingCroSSL(model)
             session = onnx if runtime == "onnxruntime" else None
             predictor = Predictor(model, "cpu", batch, onnx=session, streaming=streaming)
             predictor(windows[:batch])  # warm up

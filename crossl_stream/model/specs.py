@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -34,3 +36,18 @@ class ModalitySpec(BaseModel):
     def window_s(self) -> float:
         """Window length in seconds."""
         return self.samples / self.rate_hz
+
+
+class Mark(NamedTuple):
+    """Where one modality's window lies in its stream (the windower stamps each window).
+
+    ``epoch`` names an unbroken run of grid points that never change once made (a reset or
+    a skipped silence starts a new one); ``start`` is the grid index of the window's first
+    point; ``final`` says no later sample can change any point of this window. Two windows
+    of one epoch hold the same values where they overlap: streaming inference reuses the
+    first one's encoder features on that promise.
+    """
+
+    epoch: int
+    start: int
+    final: bool = True

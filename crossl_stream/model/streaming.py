@@ -1,71 +1,41 @@
-"""Streaming inference: overlapping windows share their encoder features.
+"""Streaming inference: overlapping windows share encoder work, batched across subjects.
 
 A window of ``T`` samples hopping by ``s`` shares ``T - s`` samples with the one before it.
-The encoder has no padding, stride or recurrence, so each feature column depends on its own
-``receptive_field`` input samples only: the next window needs ``s`` new columns, not ``T'``.
-For 2 s windows every 100 ms that is 20x less convolution per window. The result is the
-full model's, up to float rounding (pinned by tests).
+The encoder's convolutions have no padding, stride or recurrence, so a stream's features can
+be computed once: each conv layer keeps the last ``kernel - 1`` columns of its input per
+stream, and a hop runs the three layers over the ``s`` new samples only (20x less work than the
+whole window for 2 s windows every 100 ms). The pooled latent is a running sum over a ring of
+the window's feature columns (float64, so rounding does not build up).
 
-Nothing here trusts the caller about continuity: a window reuses the previous window's
-features only when its overlap holds exactly the same samples (compared, ~10 us), so a
-dropped window, a masked sensor, a gap refilled, a new subject or an unaligned hop falls back
-to encoding the whole window.
+Every subject's kept state lives in one preallocated tensor per modality and layer, indexed
+by a slot per subject, on the model's device. One hop of N subjects is one batched call per
+layer per modality (a time-major conv as one GEMM) and one head call: the cost per subject
+falls with N, on the CPU and on CUDA alike, with the same code.
+
+Reuse is decided from marks, not assumed: a window's ``Mark`` (from the windower) names an
+unbroken run of final grid points (``epoch``) and where the window starts in it. A window
+reuses its stream's state only when the previous window of that stream and modality was
+final, is of the same epoch, and starts 1 to ``span`` points earlier; anything else (a new
+subject, a gap, a reset, a masked sensor, an unaligned hop, no mark) encodes the whole window.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from crossl_stream.errors import InputError
 from crossl_stream.model.crossl import CroSSL
+from crossl_stream.model.specs import Mark
 
-
-class EncoderRuntime(Protocol):
-    """What runs the two halves of the model: per-modality encoders and the head."""
-
-    def encode(self, name: str, x: np.ndarray) -> np.ndarray:
-        """Features [D, L - receptive_field + 1] of one modality's raw input [C, L]."""
-        ...
-
-    def classify(self, latents: np.ndarray, visible: np.ndarray) -> np.ndarray:
-        """Class probabilities [B, classes] from latents [B, M, D] and a [B, M] mask."""
-        ...
-
-
-class TorchRuntime:
-    """Owns nothing but the eager model: the runtime on CUDA, or without an ONNX export."""
-
-    def __init__(self, model: CroSSL) -> None:
-        self.model = model.eval()
-
-    @torch.inference_mode()
-    def encode(self, name: str, x: np.ndarray) -> np.ndarray:
-        device = self.model.mask_token.device  # wherever the model is now
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
-        return self.model.encode(name, t.unsqueeze(0))[0].cpu().numpy()
-
-    @torch.inference_mode()
-    def classify(self, latents: np.ndarray, visible: np.ndarray) -> np.ndarray:
-        device = self.model.mask_token.device
-        z = torch.from_numpy(latents).to(device)
-        v = torch.from_numpy(visible).to(device)
-        return self.model.classify(z, v).softmax(dim=-1).cpu().numpy()
-
-
-@dataclass
-class _Kept:
-    """The last window seen of one (stream, modality): its input and encoder features."""
-
-    t_end: float
-    data: np.ndarray  # [C, T], a copy
-    ring: np.ndarray  # [D, T'] its features, the oldest column at ``pos``
-    pos: int = 0
+Precision = Literal["fp32", "bf16"]
+FIRST_SLOTS = 8  # state is allocated for this many subjects, doubled as more come
 
 
 @dataclass
@@ -76,149 +46,476 @@ class StreamingCounters:
     full: int = 0
 
 
+class _Layer:
+    """One conv block as a time-major GEMM: [G, L, C] -> [G, L - k + 1, O]."""
+
+    def __init__(self, block, dtype: torch.dtype) -> None:
+        w = block.conv.weight.detach()  # [O, C, k]
+        out, channels, self.k = w.shape
+        self.weight = w.permute(2, 1, 0).reshape(self.k * channels, out).to(dtype).contiguous()
+        self.bias = block.conv.bias.detach().to(dtype)
+        self.norm_w = block.norm_weight.detach()[:, 0].float()
+        self.norm_b = block.norm_bias.detach()[:, 0].float()
+        self.prelu = block.act.weight.detach().float()
+        self.dtype = dtype
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        g, length, c = h.shape
+        n = length - self.k + 1
+        h = h.to(self.dtype)  # before the unfold: the copy it makes is then half the size
+        cols = h.unfold(1, self.k, 1).transpose(2, 3).reshape(g * n, self.k * c)
+        y = torch.addmm(self.bias, cols, self.weight).float()
+        y = F.layer_norm(y, (y.shape[1],), self.norm_w, self.norm_b, 1e-5)
+        return F.prelu(y, self.prelu).view(g, n, -1)
+
+
+class _Modality:
+    """Owns one modality's encoder as GEMMs and every slot's kept state: each layer's input
+    tail, the ring of the window's feature columns and their running sum."""
+
+    def __init__(self, model: CroSSL, index: int, dtype: torch.dtype) -> None:
+        spec = model.modalities[index]
+        self.index, self.name = index, spec.name
+        self.channels, self.samples = spec.channels, spec.samples
+        self.span = spec.samples - model.receptive_field + 1  # feature columns per window
+        device = model.mask_token.device
+        self.mean = getattr(model, f"norm_mean_{spec.name}").detach().clone()
+        self.std = getattr(model, f"norm_std_{spec.name}").detach().clone()
+        self.layers = [_Layer(b, dtype) for b in model.encoders[spec.name].blocks]
+        self.widths = [spec.channels] + [la.weight.shape[1] for la in self.layers]
+        self.device = device
+        self.counters = StreamingCounters()
+        self.tails: list[torch.Tensor] = []
+        self.ring = self.sums = torch.zeros(0)
+        self.pos = np.zeros(0, dtype=np.int64)  # ring position of the oldest column
+        self.epoch = np.zeros(0, dtype=np.int64)  # the kept window's mark...
+        self.start = np.zeros(0, dtype=np.int64)
+        self.valid = np.zeros(0, dtype=bool)  # ...and whether the next window may reuse it
+        self.resize(0)
+
+    def resize(self, slots: int) -> None:
+        """Room for ``slots`` subjects; what is kept for the first ones stays."""
+        old = len(self.valid)
+        dev, d = self.device, self.widths[-1]
+
+        def grow(t: torch.Tensor | None, shape: tuple, dtype=torch.float32) -> torch.Tensor:
+            new = torch.zeros((slots, *shape), dtype=dtype, device=dev)
+            if t is not None and old:
+                new[:old] = t[:old]
+            return new
+
+        tails = self.tails or [None] * len(self.layers)
+        self.tails = [
+            grow(t, (la.k - 1, w))
+            for t, la, w in zip(tails, self.layers, self.widths, strict=False)
+        ]
+        self.ring = grow(self.ring if old else None, (self.span, d))
+        self.sums = grow(self.sums if old else None, (d,), torch.float64)
+        for name in ("pos", "epoch", "start", "valid"):
+            arr = getattr(self, name)
+            new = np.zeros(slots, dtype=arr.dtype)
+            new[:old] = arr[:old]
+            setattr(self, name, new)
+
+    def encode(self, x: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+        """Features [G, L', D] of raw input [G, L, C] (time-major), continuing the kept
+        tails of slots ``idx`` (None: whole windows); and each layer's new input tail."""
+        h = (x - self.mean) / self.std
+        tails = []
+        for i, layer in enumerate(self.layers):
+            if idx is not None:
+                h = torch.cat([self.tails[i].index_select(0, idx), h], dim=1)
+            tails.append(h[:, h.shape[1] - layer.k + 1 :])
+            h = layer(h)
+        return h, tails
+
+    def hop(self, x: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
+        """The live case: one window per slot, each ``x.shape[1]`` samples after the kept
+        one. Pooled latents [G, D]; the slots' state moves on."""
+        idx = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        f, tails = self.encode(x, idx)
+        g, shift, d = f.shape
+        cols = slots[:, None] * self.span + (self.pos[slots, None] + np.arange(shift)) % self.span
+        flat = torch.from_numpy(cols.reshape(-1)).to(self.device, non_blocking=True)
+        ring = self.ring.view(-1, d)
+        leaving = ring.index_select(0, flat).view(g, shift, d)
+        self.sums.index_add_(0, idx, (f.sum(dim=1) - leaving.sum(dim=1)).double())
+        ring.index_copy_(0, flat, f.reshape(-1, d))
+        for t, new in zip(self.tails, tails, strict=True):
+            t.index_copy_(0, idx, new)
+        self.pos[slots] = (self.pos[slots] + shift) % self.span
+        return (self.sums.index_select(0, idx) / self.span).float()
+
+    def chain(
+        self, x: torch.Tensor, slots: np.ndarray, fresh: bool, ends: np.ndarray, keep: np.ndarray
+    ) -> torch.Tensor:
+        """Several consecutive windows per slot (a replay batch) or whole windows: pooled
+        latents [G, len(ends), D]. ``ends`` index each window's last feature column + 1 in
+        the kept ring followed by the new features; rows with ``keep`` store their last
+        window as the slot's state."""
+        idx = torch.from_numpy(slots).to(self.device)
+        f, tails = self.encode(x, None if fresh else idx)
+        if not fresh:
+            order = (
+                slots[:, None] * self.span
+                + (self.pos[slots, None] + np.arange(self.span)) % self.span
+            )
+            flat = torch.from_numpy(order.reshape(-1)).to(self.device)
+            kept = (
+                self.ring.view(-1, f.shape[2]).index_select(0, flat).view(len(slots), self.span, -1)
+            )
+            f = torch.cat([kept, f], dim=1)
+        cs = torch.zeros(
+            (f.shape[0], f.shape[1] + 1, f.shape[2]), dtype=torch.float64, device=f.device
+        )
+        torch.cumsum(f, dim=1, dtype=torch.float64, out=cs[:, 1:])
+        stop = torch.from_numpy(ends).to(self.device)
+        sums = cs[:, stop] - cs[:, stop - self.span]  # [G, n, D]
+        if keep.any():
+            k = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
+            dest = idx[k]
+            last = int(ends[-1])
+            self.ring.index_copy_(0, dest, f[k, last - self.span : last])
+            self.sums.index_copy_(0, dest, sums[k, -1])
+            for t, new in zip(self.tails, tails, strict=True):
+                t.index_copy_(0, dest, new[k])
+            self.pos[slots[keep]] = 0
+        return (sums / self.span).float()
+
+
+@dataclass
+class _Group:
+    """Segments of one modality with the same shape, run as one batch: ``first[g]`` is the
+    index (in the call) of segment g's first window, ``rows`` every window seg-major, and
+    ``x`` the staged input [G, C, L]; segments with ``keep`` leave the slot's state with the
+    mark of their last window (``marks``: epoch, start, final per segment)."""
+
+    fresh: bool
+    shifts: tuple[int, ...]
+    first: np.ndarray
+    rows: np.ndarray
+    keep: np.ndarray
+    marks: np.ndarray  # [G, 3] int64
+    x: np.ndarray | None = None
+
+
+class _Segment:
+    """Consecutive windows of one stream, encoded in one run: from the kept state, or fresh
+    (the first window whole)."""
+
+    __slots__ = ("fresh", "first", "rows", "shifts", "last", "mark")
+
+    def __init__(self, fresh: bool, first: int, row: int, shift: int) -> None:
+        self.fresh, self.first, self.rows, self.shifts = fresh, first, [row], [shift]
+        self.last, self.mark = True, (0, 0, 0)
+
+
 class StreamingCroSSL:
-    """Owns, per (stream key, modality), the last window's encoder features, so that a
-    window shifted by whole samples encodes only what is new.
+    """Owns, per subject (a slot) and modality, the encoder state of the last window, so
+    that a hop of many subjects costs one batched encoder call per modality.
 
     ``__call__`` takes windows in time order per key; one key's consecutive windows in one
-    call form a chain that is one encoder run per modality (a replay batch). At most
-    ``max_streams`` keys are kept (the least recently seen go first).
+    call are encoded in one run (a replay batch). At most ``max_streams`` keys are kept (the
+    least recently seen go first, counted in ``evicted``). ``precision="bf16"`` runs the
+    convolutions in bfloat16 (about 3x faster on a CPU with AVX512-BF16; check its outputs
+    against fp32 with ``tools/bench_scale.py --check``).
 
     >>> from crossl_stream.model import ModalitySpec
     >>> spec = ModalitySpec(name="acc", channels=3, rate_hz=50, samples=100)
     >>> model = CroSSL([spec], classes=["a", "b"]).eval()
     >>> stream = np.random.default_rng(0).normal(size=(3, 200)).astype(np.float32)
     >>> windows = [{"acc": stream[:, 5 * k : 5 * k + 100]} for k in range(11)]
-    >>> ends = [2.0 + 0.1 * k for k in range(11)]
+    >>> marks = [{"acc": Mark(epoch=1, start=5 * k)} for k in range(11)]
     >>> sm = StreamingCroSSL(model)
-    >>> probs = sm(["s1"] * 11, ends, windows, np.ones((11, 1), dtype=bool))
+    >>> probs = sm(["s1"] * 11, windows, np.ones((11, 1), dtype=bool), marks)
     >>> full = model.predict_proba({"acc": np.stack([w["acc"] for w in windows])})
     >>> bool(np.allclose(probs, full, atol=1e-5)), sm.counters["acc"]
     (True, StreamingCounters(reused=10, full=1))
     """
 
     def __init__(
-        self, model: CroSSL, runtime: EncoderRuntime | None = None, max_streams: int = 256
+        self, model: CroSSL, max_streams: int = 256, precision: Precision = "fp32"
     ) -> None:
-        self.runtime = runtime if runtime is not None else TorchRuntime(model)
+        if precision not in ("fp32", "bf16"):
+            raise InputError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.model = model.eval()
+        self.precision = precision
+        self.max_streams = max_streams
         self.names = model.modality_names
-        self.field = model.receptive_field
-        self.max_keys = max_streams * len(model.modalities)  # the least recently used go
-        self.counters = {m.name: StreamingCounters() for m in model.modalities}
-        self._specs = {m.name: m for m in model.modalities}
-        self._mask_token = model.mask_token.detach().cpu().numpy().copy()
-        self._kept: collections.OrderedDict[tuple[Hashable, str], _Kept] = collections.OrderedDict()
+        self.device = model.mask_token.device
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self._mods = [_Modality(model, j, dtype) for j in range(len(model.modalities))]
+        self.counters = {m.name: m.counters for m in self._mods}
+        self.evicted = 0
+        self._slots: collections.OrderedDict[Hashable, int] = collections.OrderedDict()
+        self._free: list[int] = []
+        self._mask_token = model.mask_token.detach()
+        self._stage_buffers: dict[tuple, torch.Tensor] = {}  # pinned host buffers (CUDA)
+        self._staged: set[tuple] = set()  # buffers this call has filled
+
+    @property
+    def streams(self) -> int:
+        """Keys (subjects) whose state is kept."""
+        return len(self._slots)
 
     def forget(self, key: Hashable) -> None:
         """Drop what is kept for one stream key (its subject left)."""
-        for name in self.names:
-            self._kept.pop((key, name), None)
+        slot = self._slots.pop(key, None)
+        if slot is not None:
+            for m in self._mods:
+                m.valid[slot] = False
+            self._free.append(slot)
 
+    @torch.inference_mode()
     def __call__(
         self,
         keys: Sequence[Hashable],
-        t_ends: Sequence[float],
-        data: Sequence[dict[str, np.ndarray]],
+        data: Sequence[Mapping[str, np.ndarray]],
         available: np.ndarray,
+        marks: Sequence[Mapping[str, Mark | None]] | None = None,
     ) -> np.ndarray:
         """Class probabilities [n, classes] of n windows.
 
         ``data[i][m]`` is window i's [channels, samples] array of modality m, looked at only
-        where ``available[i, j]``; ``t_ends`` place one key's windows on one clock.
+        where ``available[i, j]``; ``marks[i][m]`` places it in its stream (None, or no
+        ``marks``: the window is encoded whole).
         """
         n = len(keys)
         available = np.asarray(available, dtype=bool)
-        latents = np.repeat(self._mask_token[None], n, axis=0)
-        for j, name in enumerate(self.names):
-            spec = self._specs[name]
-            rows: dict[Hashable, list[int]] = {}
-            for i in np.flatnonzero(available[:, j]).tolist():
-                x = data[i][name]
-                if x.shape != (spec.channels, spec.samples) or not np.isfinite(x).all():
-                    raise InputError(
-                        f"window {i}, modality {name!r}: expected finite "
-                        f"[{spec.channels}, {spec.samples}], got {list(x.shape)}"
-                        f"{'' if x.shape != (spec.channels, spec.samples) else ' with NaN/Inf'}"
-                    )
-                rows.setdefault(keys[i], []).append(i)
-            for key, idx in rows.items():
-                xs = [data[i][name] for i in idx]
-                latents[idx, j] = self._encode(key, name, [t_ends[i] for i in idx], xs)
-        return self.runtime.classify(latents, available)
+        if len(dict.fromkeys(keys)) > self.max_streams:  # in parts of max_streams keys
+            cut, seen = 0, set()
+            while len(seen) < self.max_streams:
+                seen.add(keys[cut])
+                cut += 1
+            while keys[cut] in seen:
+                cut += 1
+            parts = (slice(0, cut), slice(cut, n))
+            return np.concatenate(
+                [
+                    self(keys[p], data[p], available[p], None if marks is None else marks[p])
+                    for p in parts
+                ]
+            )
+        groups = [
+            self._plan(m, keys, data, available[:, j], marks) for j, m in enumerate(self._mods)
+        ]
+        slots = self._assign(keys)  # after every check: a refused call changes nothing
+        self._staged.clear()  # the last call ended in a synchronising copy
+        latents = self._mask_token.unsqueeze(0).expand(n, -1, -1).clone()
+        for m, plan in zip(self._mods, groups, strict=True):
+            for group in sorted(plan, key=lambda g: g.fresh):  # fresh ones may overwrite state
+                self._run(m, group, slots, latents)
+        for m, plan in zip(self._mods, groups, strict=True):
+            for group in plan:
+                kept = slots[group.first[group.keep]]
+                epoch, start, final = group.marks[group.keep].T
+                m.valid[kept], m.epoch[kept], m.start[kept] = final.astype(bool), epoch, start
+        visible = torch.from_numpy(available).to(self.device)
+        probs = self.model.classify(latents, visible).softmax(dim=-1)
+        return probs.float().cpu().numpy()
 
-    def _encode(
-        self, key: Hashable, name: str, t_ends: list[float], xs: list[np.ndarray]
-    ) -> np.ndarray:
-        """Mean-pooled latents [len(xs), D] of one key's windows of one modality, in order."""
-        samples, field = self._specs[name].samples, self.field
-        rate = self._specs[name].rate_hz
-        span = samples - field + 1  # feature columns per window
-        counters = self.counters[name]
-        kept = self._kept.pop((key, name), None)  # back at the end: a failure leaves none
-        prev = (kept.t_end, kept.data) if kept is not None else None
-        out: list[np.ndarray] = []
-        # a chain: windows that each extend the one before, encoded in one run
-        pieces: list[np.ndarray] = []
-        base: _Kept | None = None
-        ends: list[int] = []
-        for t_end, x in zip(t_ends, xs, strict=True):
-            shift = _shift(prev, t_end, x, rate, span)
-            if shift is None:
-                if pieces:
-                    out.append(self._run(name, pieces, base, ends, span)[0])
-                pieces, base, ends = [x], None, [span]
-                counters.full += 1
-            elif not pieces:  # extends the kept window: start from its features
-                pieces, base, ends = [x[:, samples - shift - field + 1 :]], kept, [span + shift]
-                counters.reused += 1
+    def _plan(
+        self,
+        m: _Modality,
+        keys: Sequence[Hashable],
+        data: Sequence[Mapping[str, np.ndarray]],
+        rows: np.ndarray,
+        marks: Sequence[Mapping[str, Mark | None]] | None,
+    ) -> list[_Group]:
+        """Check one modality's windows, group them by shape and stage their input;
+        InputError names the first bad window."""
+        idx = np.flatnonzero(rows)
+        if not len(idx):
+            return []
+        xs = [data[i][m.name] for i in idx.tolist()]
+        expected = (m.channels, m.samples)
+        if any(x.shape != expected for x in xs):
+            i = next(i for i, x in zip(idx.tolist(), xs, strict=True) if x.shape != expected)
+            raise InputError(
+                f"window {i}, modality {m.name!r}: expected [{m.channels}, {m.samples}], "
+                f"got {list(data[i][m.name].shape)}"
+            )
+        mks = [marks[i].get(m.name) for i in idx.tolist()] if marks is not None else None
+        keyed = [keys[i] for i in idx.tolist()]
+        if mks is not None and None not in mks and len(set(keyed)) == len(keyed):
+            groups = self._plan_hop(m, idx, keyed, mks)
+        else:
+            groups = self._plan_segments(m, idx, keys, mks)
+        for group in groups:
+            group.x = self._stage(m, group, data)
+            if not np.isfinite(group.x).all():
+                bad = ~np.isfinite(group.x).reshape(len(group.x), -1).all(axis=1)
+                first = group.first[np.flatnonzero(bad)[0]]
+                raise InputError(
+                    f"window {first} (or one after it of the same stream), modality "
+                    f"{m.name!r}: NaN or Inf in its samples"
+                )
+        return groups
+
+    def _plan_hop(
+        self, m: _Modality, idx: np.ndarray, keyed: list[Hashable], mks: list[Mark]
+    ) -> list[_Group]:
+        """The live case, vectorised: one marked window per stream."""
+        marked = np.array(mks, dtype=np.int64).reshape(len(mks), 3)
+        slot = np.array([self._slots.get(k, -1) for k in keyed], dtype=np.int64)
+        known = slot >= 0
+        at = np.where(known, slot, 0) if len(m.valid) else np.zeros(0, np.int64)
+        shift = marked[:, 1] - (m.start[at] if len(m.valid) else 0)
+        reuse = known & (shift >= 1) & (shift <= m.span)
+        if len(m.valid):
+            reuse &= m.valid[at] & (m.epoch[at] == marked[:, 0])
+        else:
+            reuse[:] = False
+        m.counters.reused += int(reuse.sum())
+        m.counters.full += int((~reuse).sum())
+        groups = []
+        for s in np.unique(shift[reuse]).tolist():
+            pick = reuse & (shift == s)
+            groups.append(
+                _Group(False, (s,), idx[pick], idx[pick], np.ones(pick.sum(), bool), marked[pick])
+            )
+        if not reuse.all():
+            pick = ~reuse
+            groups.append(
+                _Group(True, (0,), idx[pick], idx[pick], np.ones(pick.sum(), bool), marked[pick])
+            )
+        return groups
+
+    def _plan_segments(
+        self,
+        m: _Modality,
+        idx: np.ndarray,
+        keys: Sequence[Hashable],
+        mks: list[Mark | None] | None,
+    ) -> list[_Group]:
+        """Any order: each stream's consecutive windows become a segment, run in one go."""
+        open_seg: dict[Hashable, _Segment] = {}
+        last: dict[Hashable, tuple[int, int, int]] = {}  # key -> epoch, start, final
+        segments: list[_Segment] = []
+        first_of: dict[Hashable, int] = {}
+        for n, i in enumerate(idx.tolist()):
+            key = keys[i]
+            first_of.setdefault(key, i)
+            mk = mks[n] if mks is not None else None
+            if key in last:
+                prev = last[key]
             else:
-                pieces.append(x[:, samples - shift :])
-                ends.append(ends[-1] + shift)
-                counters.reused += 1
-            prev = (t_end, x)
-        pooled, ring, pos = self._run(name, pieces, base, ends, span)
-        out.append(pooled)
-        assert prev is not None
-        self._kept[(key, name)] = _Kept(prev[0], np.array(prev[1], dtype=np.float32), ring, pos)
-        while len(self._kept) > self.max_keys:
-            self._kept.popitem(last=False)
-        return np.concatenate(out) if len(out) > 1 else out[0]
+                slot = self._slots.get(key)
+                ok = slot is not None and m.valid[slot]
+                prev = (int(m.epoch[slot]), int(m.start[slot]), 1) if ok else None
+            shift = mk.start - prev[1] if mk is not None and prev is not None else 0
+            reuse = mk is not None and prev is not None and prev[2] and prev[0] == mk.epoch
+            reuse = reuse and 1 <= shift <= m.span
+            seg = open_seg.get(key)
+            if reuse and seg is not None:
+                seg.rows.append(i)
+                seg.shifts.append(shift)
+            else:
+                if seg is not None:
+                    seg.last = False
+                seg = _Segment(not reuse, first_of[key], i, shift)
+                open_seg[key] = seg
+                segments.append(seg)
+            last[key] = (mk.epoch, mk.start, int(mk.final)) if mk is not None else (0, 0, 0)
+            seg.mark = last[key]
+            if reuse:
+                m.counters.reused += 1
+            else:
+                m.counters.full += 1
+        by_shape: dict[tuple, list[_Segment]] = {}
+        for seg in segments:
+            by_shape.setdefault((seg.fresh, tuple(seg.shifts)), []).append(seg)
+        return [
+            _Group(
+                fresh,
+                shifts,
+                np.array([s.first for s in segs]),
+                np.array([r for s in segs for r in s.rows]),
+                np.array([s.last for s in segs]),
+                np.array([s.mark for s in segs], dtype=np.int64).reshape(len(segs), 3),
+            )
+            for (fresh, shifts), segs in by_shape.items()
+        ]
 
-    def _run(
-        self, name: str, pieces: list[np.ndarray], base: _Kept | None, ends: list[int], span: int
-    ) -> tuple[np.ndarray, np.ndarray, int]:
-        """Encode one chain: its windows' pooled latents [n, D], and the last window's
-        features as a ring and the position of its oldest column."""
-        x = np.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
-        new = self.runtime.encode(name, x)
-        if len(ends) == 1 and base is None:  # one whole window
-            return new.mean(axis=1)[None], new, 0
-        if len(ends) == 1 and base is not None:  # the live case: new columns into the ring
-            ring, pos, shift = base.ring, base.pos, new.shape[1]
-            first = min(shift, span - pos)
-            ring[:, pos : pos + first] = new[:, :first]
-            ring[:, : shift - first] = new[:, first:]
-            return (ring.sum(axis=1) / span)[None], ring, (pos + shift) % span
-        if base is not None:
-            new = np.concatenate([base.ring[:, base.pos :], base.ring[:, : base.pos], new], axis=1)
-        # many windows: sliding sums from one cumulative sum (float64: rounding stays small)
-        cs = np.zeros((new.shape[0], new.shape[1] + 1))
-        np.cumsum(new, axis=1, out=cs[:, 1:])
-        stop = np.asarray(ends)
-        pooled = ((cs[:, stop] - cs[:, stop - span]) / span).T.astype(np.float32)
-        return pooled, np.ascontiguousarray(new[:, ends[-1] - span : ends[-1]]), 0
+    def _assign(self, keys: Sequence[Hashable]) -> np.ndarray:
+        """Slot of each window's key, by index of the key's first window in ``keys``."""
+        slots = np.full(len(keys), -1, dtype=np.int64)
+        wanted = dict.fromkeys(keys)
+        seen: dict[Hashable, int] = {}
+        for i, key in enumerate(keys):
+            if key in seen:
+                slots[i] = slots[seen[key]]
+                continue
+            seen[key] = i
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._new_slot(wanted)
+                self._slots[key] = slot
+            else:
+                self._slots.move_to_end(key)
+            slots[i] = slot
+        return slots
 
+    def _new_slot(self, wanted: Mapping[Hashable, None]) -> int:
+        if self._free:
+            slot = self._free.pop()
+        elif len(self._slots) < self.max_streams:
+            slot = len(self._slots)
+            room = len(self._mods[0].valid)
+            if slot >= room:
+                size = min(self.max_streams, max(FIRST_SLOTS, 2 * room))
+                for m in self._mods:
+                    m.resize(size)
+        else:  # the least recently seen key not in this call
+            old = next(k for k in self._slots if k not in wanted)
+            slot = self._slots.pop(old)
+            self.evicted += 1
+        for m in self._mods:
+            m.valid[slot] = False
+        return slot
 
-def _shift(
-    prev: tuple[float, np.ndarray] | None, t_end: float, x: np.ndarray, rate: float, most: int
-) -> int | None:
-    """Samples by which window ``x`` extends ``prev``, its overlap verified; else None."""
-    if prev is None:
-        return None
-    shift = round(t_end * rate) - round(prev[0] * rate)  # grid steps, as the windower cuts
-    if not 1 <= shift <= most:
-        return None
-    samples = x.shape[1]
-    if not np.array_equal(x[:, : samples - shift], prev[1][:, shift:]):
-        return None
-    return shift
+    def _stage(
+        self, m: _Modality, group: _Group, data: Sequence[Mapping[str, np.ndarray]]
+    ) -> np.ndarray:
+        """A group's input [G, C, L]: each segment's new samples (the first window whole
+        when fresh), in a pinned buffer on CUDA."""
+        n_win, name = len(group.shifts), m.name
+        rows = group.rows.reshape(-1, n_win).tolist()
+        if n_win == 1:
+            keep = m.samples - group.shifts[0] if not group.fresh else 0
+            pieces = [data[r[0]][name][:, keep:] for r in rows]
+        else:
+            pieces = []
+            for r in rows:
+                cut = [
+                    data[i][name][:, m.samples - s :] for i, s in zip(r, group.shifts, strict=True)
+                ]
+                if group.fresh:
+                    cut[0] = data[r[0]][name]
+                pieces.append(np.concatenate(cut, axis=1))
+        if self.device.type != "cuda":
+            return np.stack(pieces)
+        g, (c, length) = len(pieces), pieces[0].shape
+        key = (name, c, length)
+        if key in self._staged:  # this call staged into it already: a buffer of its own
+            return np.stack(pieces)
+        self._staged.add(key)
+        buf = self._stage_buffers.get(key)
+        if buf is None or buf.shape[0] < g:
+            size = max(g, 2 * (0 if buf is None else buf.shape[0]))
+            buf = self._stage_buffers[key] = torch.empty((size, c, length)).pin_memory()
+        return np.stack(pieces, out=buf[:g].numpy())
+
+    def _run(self, m: _Modality, group: _Group, slots: np.ndarray, latents: torch.Tensor) -> None:
+        """Encode one group and put its pooled latents in place."""
+        x = torch.from_numpy(group.x).to(self.device, non_blocking=True).transpose(1, 2)
+        seg_slots = slots[group.first]
+        if not group.fresh and len(group.shifts) == 1:
+            pooled = m.hop(x, seg_slots)
+        else:
+            steps = np.cumsum([0, *group.shifts[1:]] if group.fresh else group.shifts)
+            ends = m.span + steps
+            pooled = m.chain(x, seg_slots, group.fresh, ends, group.keep)
+            pooled = pooled.reshape(len(group.rows), -1)
+        rows = torch.from_numpy(group.rows).to(self.device, non_blocking=True)
+        latents[:, m.index].index_copy_(0, rows, pooled)

@@ -908,10 +908,9 @@ def render_card(meta: dict[str, Any], metrics: dict[str, Any] | None = None) -> 
         "",
         "- `model.safetensors`: weights and normalisation statistics; `model.json`: "
         "architecture, modalities, classes and how it was trained (the source of this card).",
-        "- `encoder-<modality>.onnx` and `head.onnx` (when exported): the model split for "
-        "streaming inference in onnxruntime (each window encodes only its new samples); "
-        "`model.onnx`: the whole model as one graph. Each is stamped with the SHA-256 of the "
-        "weights it was exported from; `crossl-stream export DIR` rewrites them.",
+        "- `model.onnx` (when exported): the whole model as one graph for onnxruntime, "
+        "stamped with the SHA-256 of the weights it was exported from; `crossl-stream export "
+        "DIR` rewrites it.",
     ]
     return "\n".join(lines) + "\n"
 
