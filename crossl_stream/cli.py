@@ -137,12 +137,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _export(model_dir: Path) -> list[Path]:
-    """Write model.onnx (the whole model as one graph) next to a checkpoint."""
+    """Write model.onnx (whole windows) and stream.onnx (a live hop) next to a checkpoint."""
     from crossl_stream.model.checkpoint import WEIGHTS, load_model
-    from crossl_stream.model.export import ONNX_FILE, export_onnx, weights_digest
+    from crossl_stream.model.export import (
+        ONNX_FILE,
+        STREAM_FILE,
+        export_onnx,
+        export_stream,
+        weights_digest,
+    )
 
     model, digest = load_model(model_dir), weights_digest(model_dir / WEIGHTS)
-    return [export_onnx(model, model_dir / ONNX_FILE, digest)]
+    whole = export_onnx(model, model_dir / ONNX_FILE, digest)
+    return [whole, export_stream(model, model_dir / STREAM_FILE, digest)]
 
 
 def cmd_export(args: argparse.Namespace) -> int:

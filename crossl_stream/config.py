@@ -322,7 +322,12 @@ class InferenceConfig(_Strict):
         "(omitted): block when every reader is a replay or a max-speed simulation, else "
         "drop_oldest",
     )
-    threads: int | None = Field(None, ge=1, description="torch threads; default: torch's")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads; default: 1 when streaming on the CPU (more pays only for "
+        "many subjects per hop: tools/bench_scale.py), else torch's",
+    )
     streaming: bool = Field(
         True,
         description="overlapping windows share encoder features: each window encodes only its "

@@ -120,6 +120,8 @@ class Predictor:
         """What runs the forward pass: ``onnxruntime`` or ``torch``, and whether windows
         share encoder features (``streaming``)."""
         if self.streaming is not None:
+            if self.streaming.step is not None:
+                return "onnxruntime, streaming"
             bf16 = ", bf16" if self.streaming.precision == "bf16" else ""
             return f"torch, streaming{bf16}"
         return "onnxruntime" if self.onnx is not None else "torch"

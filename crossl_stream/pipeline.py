@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from crossl_stream import default_model_dir
 from crossl_stream.admission import Admission
@@ -29,7 +30,13 @@ from crossl_stream.logs import RateLimited
 from crossl_stream.metrics import Metrics
 from crossl_stream.model.checkpoint import WEIGHTS, load_model, model_id, read_meta
 from crossl_stream.model.crossl import CroSSL
-from crossl_stream.model.export import ONNX_FILE, OnnxModel, weights_digest
+from crossl_stream.model.export import (
+    ONNX_FILE,
+    STREAM_FILE,
+    OnnxModel,
+    OnnxStep,
+    weights_digest,
+)
 from crossl_stream.model.streaming import StreamingCroSSL
 from crossl_stream.publishers.base import Publisher
 from crossl_stream.readers.base import Chunk, Reader
@@ -377,13 +384,15 @@ def load_served_model(cfg: PipelineConfig, base: Path, source: str) -> tuple[Cro
 def build_worker(cfg: PipelineConfig, model: CroSSL, model_dir: Path, source: str):
     """The inference worker of ``cfg`` around ``model``, on its device and runtime."""
     inf = cfg.inference
-    if inf.threads:
-        import torch
-
-        torch.set_num_threads(inf.threads)
     device = pick_device(inf.device)
+    threads = inf.threads or (1 if device.type == "cpu" and inf.streaming else None)
+    if threads:
+        # one by default when streaming on the CPU: a hop is small work, the readers and
+        # windowers need the other cores, and an idle OpenMP team spins (measured: 0.08 CPU
+        # s/s of a 2-core box for one subject)
+        torch.set_num_threads(threads)
     model.to(device)
-    streaming = _streaming(model, inf, cfg.window.hop_s, source, cfg)
+    streaming = _streaming(model, inf, cfg.window.hop_s, source, cfg, model_dir)
     onnx = None if streaming else _onnx_session(model_dir, inf.runtime, device, source)
     predictor = Predictor(model, inf.device, inf.max_batch, model_id(model_dir), onnx, streaming)
     backpressure = inf.backpressure
@@ -473,10 +482,13 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
     return Pipeline(readers, windower, worker, publishers, modality_of, receipt, admission)
 
 
-def _streaming(model: CroSSL, inf, hop_s: float, source: str, cfg=None) -> StreamingCroSSL | None:
-    """Windows sharing encoder work, batched across subjects on the model's device; None
-    when switched off, when whole windows in onnxruntime were asked for, or when the hop is
-    not a whole number of samples of any modality (windows then share no samples)."""
+def _streaming(
+    model: CroSSL, inf, hop_s: float, source: str, cfg=None, model_dir: Path | None = None
+) -> StreamingCroSSL | None:
+    """Windows sharing encoder work, batched across subjects on the model's device (small
+    live hops in the model's current stream.onnx on the CPU); None when switched off, when
+    whole windows in onnxruntime were asked for, or when the hop is not a whole number of
+    samples of any modality (windows then share no samples)."""
     if not inf.streaming or inf.runtime == "onnx":
         return None
     field = model.receptive_field
@@ -495,7 +507,14 @@ def _streaming(model: CroSSL, inf, hop_s: float, source: str, cfg=None) -> Strea
         )
         return None
     subjects = cfg.subjects.max + 1 if cfg is not None else 257  # + the default subject
-    return StreamingCroSSL(model, max_streams=subjects, precision=inf.precision)
+    step = None
+    cpu = model.mask_token.device.type == "cpu"
+    if model_dir is not None and inf.runtime == "auto" and inf.precision == "fp32" and cpu:
+        try:
+            step = OnnxStep(model_dir / STREAM_FILE, model, weights_digest(model_dir / WEIGHTS))
+        except CheckpointError as exc:
+            log.info("%s; small hops in torch", exc)
+    return StreamingCroSSL(model, max_streams=subjects, precision=inf.precision, step=step)
 
 
 def _onnx_session(model_dir: Path, runtime: str, device, source: str) -> OnnxModel | None:

@@ -17,7 +17,9 @@ from crossl_stream.inference import Predictor
 from crossl_stream.model import CroSSL, ModelConfig, load_model, save_model
 from crossl_stream.model.export import (
     ONNX_FILE,
+    STREAM_FILE,
     OnnxModel,
+    OnnxStep,
     export_onnx,
     weights_digest,
 )
@@ -54,9 +56,12 @@ def test_the_shipped_default_export_is_current_and_predicts_like_torch(excerpt):
     directory = default_model_dir()
     onnx = OnnxModel(directory / ONNX_FILE, weights_digest(directory / "model.safetensors"))
     model = load_model(directory)
-    shipped = onnx_proto.load(str(directory / ONNX_FILE))
-    assert not any(node.metadata_props for node in shipped.graph.node)  # no exporter notes
-    assert str(Path(__file__).resolve().parents[1]).encode() not in shipped.SerializeToString()
+    for name in (ONNX_FILE, STREAM_FILE):
+        shipped = onnx_proto.load(str(directory / name))
+        assert not any(node.metadata_props for node in shipped.graph.node)  # no exporter notes
+        here = str(Path(__file__).resolve().parents[1]).encode()
+        assert here not in shipped.SerializeToString()
+    OnnxStep(directory / STREAM_FILE, model, weights_digest(directory / "model.safetensors"))
     windows = windows_of(excerpt)[:40]  # every third window has lost its gyroscope
     eager = Predictor(model, "cpu", max_batch=16)(windows)
     fast = Predictor(model, "cpu", max_batch=16, onnx=onnx)(windows)

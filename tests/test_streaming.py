@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crossl_stream.errors import InputError
+from crossl_stream.errors import CheckpointError, InputError
 from crossl_stream.model import CroSSL, ModalitySpec, ModelConfig
 from crossl_stream.model.specs import Mark
 from crossl_stream.model.streaming import StreamingCroSSL
@@ -304,3 +304,34 @@ def test_windows_cut_by_the_windower_stream_to_the_full_models_output(
     expected = full_model(model, [w.data for w in windows], available)
     np.testing.assert_allclose(np.concatenate(got), expected, atol=2e-5)
     assert streaming.counters["fast"].reused > 0
+
+
+def test_small_live_hops_in_the_onnx_hop_graph_match_torch(tmp_path):
+    """stream.onnx runs a live hop in one call; subjects joining (whole windows), sensors
+    coming and going and larger hops go through torch; both keep one state."""
+    from crossl_stream.model.export import OnnxStep, export_stream
+    from crossl_stream.model.streaming import FUSED_MAX
+
+    model, streams = MODELS["attention"], Streams(subjects=FUSED_MAX + 2, seconds=8.0)
+    path = export_stream(model, tmp_path / "stream.onnx", "digest-1")
+    fused = StreamingCroSSL(model, step=OnnxStep(path, model, "digest-1"))
+    eager = StreamingCroSSL(model)
+    subjects = list(streams.data)
+    rng = np.random.default_rng(1)
+    for k in range(12):
+        here = subjects[:3] if k < 6 else subjects  # a crowd joins: more than FUSED_MAX
+        marks, data = zip(*(streams.window(s, k) for s in here), strict=True)
+        available = np.ones((len(here), 2), dtype=bool)
+        available[0, 0] = k != 3  # "fast" of one subject is masked for a hop
+        if k >= 8:
+            available = rng.random((len(here), 2)) < 0.8
+            available[~available.any(axis=1), 0] = True
+        a = fused(here, list(data), available, list(marks))
+        b = eager(here, list(data), available, list(marks))
+        np.testing.assert_allclose(a, b, atol=2e-5)
+        np.testing.assert_allclose(a, full_model(model, list(data), available), atol=2e-5)
+    # hops 1, 2, 3 and 5: hop 0 is whole windows, hop 4 has two shifts of "fast" (the
+    # masked subject catches up by two hops), the crowd's are whole windows or too many
+    assert fused.fused_hops == 4
+    with pytest.raises(CheckpointError, match="exported from other weights"):
+        OnnxStep(path, model, "digest-2")

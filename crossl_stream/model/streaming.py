@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -34,8 +34,12 @@ from crossl_stream.errors import InputError
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.model.specs import Mark
 
+if TYPE_CHECKING:
+    from crossl_stream.model.export import OnnxStep
+
 Precision = Literal["fp32", "bf16"]
 FIRST_SLOTS = 8  # state is allocated for this many subjects, doubled as more come
+FUSED_MAX = 8  # hops of up to this many windows go through the onnxruntime hop graph
 
 
 @dataclass
@@ -183,6 +187,13 @@ class _Modality:
         return (sums / self.span).float()
 
 
+def _rows(x: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """``x`` placed at ``rows`` of n rows, zeros elsewhere."""
+    out = np.zeros((n, *x.shape[1:]), dtype=x.dtype)
+    out[rows] = x
+    return out
+
+
 @dataclass
 class _Group:
     """Segments of one modality with the same shape, run as one batch: ``first[g]`` is the
@@ -217,8 +228,10 @@ class StreamingCroSSL:
     ``__call__`` takes windows in time order per key; one key's consecutive windows in one
     call are encoded in one run (a replay batch). At most ``max_streams`` keys are kept (the
     least recently seen go first, counted in ``evicted``). ``precision="bf16"`` runs the
-    convolutions in bfloat16 (about 3x faster on a CPU with AVX512-BF16; check its outputs
-    against fp32 with ``tools/bench_scale.py --check``).
+    convolutions in bfloat16 (check its outputs against fp32 with ``tools/bench_scale.py
+    --check``). With ``step`` (an onnxruntime session of ``StreamStep``, CPU only) a live hop
+    of at most ``FUSED_MAX`` windows is one onnxruntime call: less overhead than the ~60
+    torch ops of a hop, the latency path; larger hops batch better in torch.
 
     >>> from crossl_stream.model import ModalitySpec
     >>> spec = ModalitySpec(name="acc", channels=3, rate_hz=50, samples=100)
@@ -234,10 +247,18 @@ class StreamingCroSSL:
     """
 
     def __init__(
-        self, model: CroSSL, max_streams: int = 256, precision: Precision = "fp32"
+        self,
+        model: CroSSL,
+        max_streams: int = 256,
+        precision: Precision = "fp32",
+        step: OnnxStep | None = None,
     ) -> None:
         if precision not in ("fp32", "bf16"):
             raise InputError(f"precision must be fp32 or bf16, got {precision!r}")
+        if step is not None and (model.mask_token.device.type != "cpu" or precision != "fp32"):
+            raise InputError("the onnxruntime hop graph runs in fp32 on the CPU only")
+        self.step = step
+        self.fused_hops = 0  # calls run as one onnxruntime call
         self.model = model.eval()
         self.precision = precision
         self.max_streams = max_streams
@@ -301,18 +322,89 @@ class StreamingCroSSL:
         ]
         slots = self._assign(keys)  # after every check: a refused call changes nothing
         self._staged.clear()  # the last call ended in a synchronising copy
-        latents = self._mask_token.unsqueeze(0).expand(n, -1, -1).clone()
-        for m, plan in zip(self._mods, groups, strict=True):
-            for group in sorted(plan, key=lambda g: g.fresh):  # fresh ones may overwrite state
-                self._run(m, group, slots, latents)
+        fused = (
+            self.step is not None
+            and n <= FUSED_MAX
+            and all(
+                len(p) == 0 or (len(p) == 1 and not p[0].fresh and len(p[0].shifts) == 1)
+                for p in groups
+            )
+        )
+        if fused:
+            probs = self._run_fused(groups, slots, available)
+        else:
+            probs = self._run_torch(groups, slots, available)
         for m, plan in zip(self._mods, groups, strict=True):
             for group in plan:
                 kept = slots[group.first[group.keep]]
                 epoch, start, final = group.marks[group.keep].T
                 m.valid[kept], m.epoch[kept], m.start[kept] = final.astype(bool), epoch, start
+        return probs
+
+    def _run_torch(
+        self, groups: list[list[_Group]], slots: np.ndarray, available: np.ndarray
+    ) -> np.ndarray:
+        """Every group through the torch layers, then the head: any shape, any device."""
+        latents = self._mask_token.unsqueeze(0).expand(len(available), -1, -1).clone()
+        for m, plan in zip(self._mods, groups, strict=True):
+            for group in sorted(plan, key=lambda g: g.fresh):  # fresh ones may overwrite state
+                self._run(m, group, slots, latents)
         visible = torch.from_numpy(available).to(self.device)
         probs = self.model.classify(latents, visible).softmax(dim=-1)
         return probs.float().cpu().numpy()
+
+    def _run_fused(
+        self, groups: list[list[_Group]], slots: np.ndarray, available: np.ndarray
+    ) -> np.ndarray:
+        """A live hop (every window continues its stream by one shift per modality) as one
+        onnxruntime call; the state is read and written here, in numpy."""
+        assert self.step is not None
+        n, feed, done = len(available), [], []
+        for m, plan in zip(self._mods, groups, strict=True):
+            d = m.widths[-1]
+            if not plan:  # no window has this modality: zeros, masked in the graph
+                feed.append(np.zeros((n, 1, m.channels), np.float32))
+                feed += [
+                    np.zeros((n, la.k - 1, w), np.float32)
+                    for la, w in zip(m.layers, m.widths, strict=False)
+                ]
+                feed.append(np.zeros((n, d), np.float32))
+                done.append(None)
+                continue
+            group = plan[0]
+            rows, at = group.rows, slots[group.first]
+            shift = group.shifts[0]
+            every = len(rows) == n
+            x = group.x.transpose(0, 2, 1)
+            feed.append(np.ascontiguousarray(x) if every else _rows(x, rows, n))
+            for t in m.tails:
+                kept = t.numpy()[at]
+                feed.append(kept if every else _rows(kept, rows, n))
+            cols = at[:, None] * m.span + (m.pos[at, None] + np.arange(shift)) % m.span
+            ring = m.ring.numpy().reshape(-1, d)
+            base = m.sums.numpy()[at] - ring[cols.reshape(-1)].reshape(len(at), shift, d).sum(
+                axis=1
+            )
+            feed.append(
+                base.astype(np.float32) if every else _rows(base.astype(np.float32), rows, n)
+            )
+            done.append((m, rows, at, cols, base))
+        feed.append(available)
+        out = self.step(feed)
+        for j, job in enumerate(done):
+            if job is None:
+                continue
+            m, rows, at, cols, base = job
+            f, *tails = out[1 + 4 * j : 5 + 4 * j]
+            f = f[rows] if len(rows) != n else f
+            d = f.shape[2]
+            m.ring.numpy().reshape(-1, d)[cols.reshape(-1)] = f.reshape(-1, d)
+            m.sums.numpy()[at] = base + f.sum(axis=1, dtype=np.float64)
+            for t, new in zip(m.tails, tails, strict=True):
+                t.numpy()[at] = new[rows] if len(rows) != n else new
+            m.pos[at] = (m.pos[at] + f.shape[1]) % m.span
+        self.fused_hops += 1
+        return out[0]
 
     def _plan(
         self,
