@@ -114,6 +114,7 @@ class Predictor:
         self._arrays = {k: v.numpy() for k, v in self._inputs.items()}  # views, for filling
         self._mask = np.zeros((max_batch, len(model.modalities)), dtype=bool)
         self._names = model.modality_names
+        self._name_set = set(self._names)
 
     @property
     def runtime(self) -> str:
@@ -133,7 +134,7 @@ class Predictor:
 
     def check(self, window: Window) -> None:
         """Raise InputError when a window does not match the model's modalities."""
-        if sorted(window.data) != sorted(self._names):
+        if window.data.keys() != self._name_set:
             raise InputError(
                 f"window modalities {sorted(window.data)} do not match the model's {self._names}"
             )
@@ -169,47 +170,52 @@ class Predictor:
     def _batch(self, windows: Sequence[Window]) -> list[Prediction]:
         t0 = host_clock()
         n = len(windows)
-        stage = self.streaming is None
-        for i, w in enumerate(windows):
+        names = self._names
+        for w in windows:
             self.check(w)
-            for j, name in enumerate(self._names):
-                self._mask[i, j] = w.available[name]
-                if stage and w.available[name]:  # an unavailable row is never looked at
-                    self._arrays[name][i] = w.data[name]
+        mask = self._mask[:n]
+        mask[:] = [[w.available[name] for name in names] for w in windows]
         if self.streaming is not None:
             probs = self.streaming(
                 [w.subject for w in windows],
                 [w.data for w in windows],
-                self._mask[:n],
+                mask,
                 [w.marks for w in windows],
             )
-        elif self.onnx is not None:
-            probs = self.onnx({k: v[:n] for k, v in self._arrays.items()}, self._mask[:n])
         else:
-            nb = self.device.type == "cuda"
-            inputs = {k: v[:n].to(self.device, non_blocking=nb) for k, v in self._inputs.items()}
-            mask = torch.from_numpy(self._mask[:n]).to(self.device)
-            probs = self.model(inputs, mask).probs.cpu().numpy()
+            for j, name in enumerate(names):
+                rows = self._arrays[name]
+                for i in np.flatnonzero(mask[:, j]).tolist():  # masked rows are never read
+                    rows[i] = windows[i].data[name]
+            if self.onnx is not None:
+                probs = self.onnx({k: v[:n] for k, v in self._arrays.items()}, mask)
+            else:
+                nb = self.device.type == "cuda"
+                inputs = {
+                    k: v[:n].to(self.device, non_blocking=nb) for k, v in self._inputs.items()
+                }
+                probs = self.model(inputs, torch.from_numpy(mask).to(self.device)).probs
+                probs = probs.cpu().numpy()
         t1 = host_clock()
         classes = self.model.classes
+        infer = 1000 * (t1 - t0)
         preds = []
-        for w, p in zip(windows, probs, strict=True):
-            latency = {
-                "window": 1000 * (w.t_emitted - w.t_last_arrival),
-                "queue": 1000 * (t0 - w.t_emitted),
-                "infer": 1000 * (t1 - t0),
-            }
+        for w, p, row in zip(windows, probs.tolist(), probs.argmax(axis=1).tolist(), strict=True):
             preds.append(
                 Prediction(
                     seq=w.seq,
                     t_window_end=w.t_end,
-                    label=classes[int(p.argmax())],
-                    probs={c: float(v) for c, v in zip(classes, p, strict=True)},
+                    label=classes[row],
+                    probs=dict(zip(classes, p, strict=True)),
                     mask=dict(w.available),
                     model=self.model_id,
-                    latency_ms=latency,
+                    latency_ms={
+                        "window": 1000 * (w.t_emitted - w.t_last_arrival),
+                        "queue": 1000 * (t0 - w.t_emitted),
+                        "infer": infer,
+                    },
                     coverage=dict(w.coverage),
-                    states={k: str(v.value) for k, v in w.states.items()},
+                    states={k: v.value for k, v in w.states.items()},
                     subject=w.subject,
                     t_last_arrival=w.t_last_arrival,
                 )

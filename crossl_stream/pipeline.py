@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,6 +154,10 @@ class Pipeline:
     async def run(self) -> Metrics:
         """Play until every reader ends or ``stop`` is called, then drain."""
         self.metrics.started = host_clock()
+        # what exists now (model, code, configs) lives as long as the process: out of the
+        # collector's sight, so a full collection does not walk it (pauses of ~100 ms with
+        # hundreds of subjects otherwise)
+        gc.freeze()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self._close_publishers)
             for publisher in self.publishers:

@@ -123,9 +123,12 @@ class _Resampler:
         if not self._k0 <= k_start <= self._k0 + self._kept:
             self._k0, self._kept = k_start, 0  # the first window, or after a skipped silence
             self._epoch = next(_EPOCHS)
+            self._values = np.zeros_like(self._values)  # windows handed out keep the old
         if k_end - self._k0 > self._near.size:  # slide the kept points to the front
             a = k_start - self._k0
-            self._values[:, : self._kept - a] = self._values[:, a : self._kept]
+            values = np.zeros_like(self._values)  # a new array: handed-out views stay valid
+            values[:, : self._kept - a] = self._values[:, a : self._kept]
+            self._values = values
             self._near[: self._kept - a] = self._near[a : self._kept]
             self._k0, self._kept = k_start, self._kept - a
         k_new = self._k0 + self._kept
@@ -138,7 +141,11 @@ class _Resampler:
         a = k_start - self._k0
         coverage = float(np.count_nonzero(self._near[a : a + n])) / n
         mark = Mark(self._epoch, k_start, k_end <= self._k0 + self._kept)
-        return self._values[:, a : a + n].copy(), coverage, mark
+        if not mark.final:  # its last points may be recomputed in place: a copy
+            return self._values[:, a : a + n].copy(), coverage, mark
+        view = self._values[:, a : a + n]  # final points are never written again
+        view.flags.writeable = False
+        return view, coverage, mark
 
     def _interpolate(self, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Values [channels, len(grid)] at ``grid`` and whether a sample is within tol.
