@@ -183,10 +183,8 @@ class Predictor:
                 [w.marks for w in windows],
             )
         else:
-            for j, name in enumerate(names):
-                rows = self._arrays[name]
-                for i in np.flatnonzero(mask[:, j]).tolist():  # masked rows are never read
-                    rows[i] = windows[i].data[name]
+            for name in names:  # one C loop per modality into the (pinned) staging rows
+                np.stack([w.data[name] for w in windows], out=self._arrays[name][:n])
             if self.onnx is not None:
                 probs = self.onnx({k: v[:n] for k, v in self._arrays.items()}, mask)
             else:

@@ -17,9 +17,10 @@ on; an MQTT subscription with the pipeline's DeviceClock mapping) and publishes 
 moment every sensor has reached a window's end: no windowing, no model. Both runs are scored
 on the same windows (from a second after the first full window on); a pipeline window cut
 before a sensor's last chunk was pushed (that sensor went stale) is counted, not scored.
-What the pipeline adds is its figure minus the relay's.
+What the pipeline adds is its figure minus the relay's: the headline, printed last.
 
 Usage: python tools/bench_latency.py [--seconds 60] [--transport lsl mqtt] [--plot PNG]
+                                     [--device cpu|cuda] [--json PATH]
 LSL discovery stays on this machine (LSLAPICFG is set to tools/lsl_api.cfg); the MQTT broker
 is a mosquitto this script starts on 127.0.0.1 and a free port.
 """
@@ -237,7 +238,7 @@ def make_model(folder: Path) -> Path:
     return folder
 
 
-def config(transport: str, model: Path, port: int) -> dict:
+def config(transport: str, model: Path, port: int, device: str = "cpu") -> dict:
     sensors = {n: {"channels": c, "rate_hz": r, "stale_s": 0.1} for n, (c, r) in SENSORS.items()}
     if transport == "lsl":
         reader = {"kind": "lsl", "streams": {n: {"name": f"bench-{n}"} for n in SENSORS}}
@@ -255,7 +256,12 @@ def config(transport: str, model: Path, port: int) -> dict:
         "sensors": sensors,
         "readers": [reader],
         "window": {"hop_s": 0.1, "lateness_s": 0.0, "connect_grace_s": 5.0},
-        "inference": {"model": str(model), "max_batch": 4, "backpressure": "drop_oldest"},
+        "inference": {
+            "model": str(model),
+            "max_batch": 4,
+            "backpressure": "drop_oldest",
+            "device": device,
+        },
         "publishers": [publisher],
     }
 
@@ -266,7 +272,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_transport(transport: str, seconds: float, model: Path, work: Path, middle: str) -> dict:
+def run_transport(
+    transport: str, seconds: float, model: Path, work: Path, middle: str, device: str = "cpu"
+) -> dict:
     """One run: producer -> ``middle`` (the pipeline, or the relay) -> subscriber."""
     port = free_port()
     broker = None
@@ -282,7 +290,7 @@ def run_transport(transport: str, seconds: float, model: Path, work: Path, middl
         broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
         time.sleep(0.5)
     cfg = work / f"{transport}.yaml"
-    cfg.write_text(json.dumps(config(transport, model, port)))
+    cfg.write_text(json.dumps(config(transport, model, port, device)))
     me = [sys.executable, __file__]
     logs = {role: work / f"{transport}-{middle}-{role}.json" for role in ("producer", "subscriber")}
     env = dict(os.environ)
@@ -403,6 +411,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--transport", nargs="+", default=["lsl", "mqtt"], choices=["lsl", "mqtt"])
     parser.add_argument("--plot", metavar="PNG", help="write latency histograms here")
+    parser.add_argument("--device", default="cpu", help="where the pipeline runs the model")
+    parser.add_argument("--json", metavar="PATH", help="write the figures here")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -415,7 +425,7 @@ def main() -> None:
         )
         for transport in args.transport:
             floor = run_transport(transport, args.seconds, model, work, "relay")
-            r = run_transport(transport, args.seconds, model, work, "pipeline")
+            r = run_transport(transport, args.seconds, model, work, "pipeline", args.device)
             results[transport, "relay"], results[transport, "pipeline"] = floor, r
             s = r["stages_p50"]
             print(
@@ -430,6 +440,29 @@ def main() -> None:
             )
         if args.plot:
             plot(results, args.plot)
+    added = {
+        t: (
+            results[t, "pipeline"]["p50"] - results[t, "relay"]["p50"],
+            results[t, "pipeline"]["p99"] - results[t, "relay"]["p99"],
+        )
+        for t in args.transport
+    }
+    print(
+        f"ADDED LATENCY over the transport floor (pipeline on {args.device}; target <= 1.0 ms "
+        "p50, <= 2.0 ms p99):"
+    )
+    for t, (p50, p99) in added.items():
+        print(f"  {t:<5} +{p50:.2f} ms p50, +{p99:.2f} ms p99")
+    if len(added) == 2:
+        verdict = "no more" if added["mqtt"][0] <= added["lsl"][0] else "more"
+        print(f"  MQTT adds {verdict} than LSL at p50")
+    if args.json:
+        out = {
+            f"{t}-{m}": {k: v for k, v in r.items() if k != "e2e"} for (t, m), r in results.items()
+        }
+        out["added_ms"] = {t: {"p50": a, "p99": b} for t, (a, b) in added.items()}
+        out["device"] = args.device
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

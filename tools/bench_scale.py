@@ -15,6 +15,12 @@ speed does not depend on training.
     python tools/bench_scale.py                        # CPU, fp32 and bf16, N = 25..400
     python tools/bench_scale.py --device cuda --subjects 1000 5000 10000
     python tools/bench_scale.py --check                # bf16 against fp32, then exit
+    python tools/bench_scale.py --worker-only --subjects 1000 10000 --device cuda
+    python tools/bench_scale.py --whole --device cuda  # whole windows/s through Predictor
+
+``--worker-only`` times the worker alone on hops of windows made up front (marked as the
+windowers mark them), for N too large to window in real time in one Python process;
+``--whole`` measures whole-window throughput of ``Predictor`` (no streaming) by batch size.
 
 The largest N served is printed per setting, and the largest whose whole hop fits the
 budget too.
@@ -40,8 +46,9 @@ import torch  # noqa: E402
 
 from crossl_stream.inference import InferenceWorker, Predictor  # noqa: E402
 from crossl_stream.model import CroSSL, ModalitySpec  # noqa: E402
+from crossl_stream.model.specs import Mark  # noqa: E402
 from crossl_stream.model.streaming import StreamingCroSSL  # noqa: E402
-from crossl_stream.windower import Windower  # noqa: E402
+from crossl_stream.windower import Window, Windower  # noqa: E402
 
 LOAD = {"eeg": (32, 250.0), "emg": (8, 500.0), "imu": (6, 50.0)}
 WINDOW_S, HOP_S = 2.0, 0.1
@@ -145,6 +152,64 @@ async def run_setting(
     }
 
 
+def made_hops(model: CroSSL, n: int, hops: int) -> list[list[Window]]:
+    """``hops`` consecutive hops of n subjects' windows, cut from noise and marked as the
+    windowers would mark them (consecutive, final): the worker's input at scales where
+    windowing them live in one process is too slow."""
+    rng = np.random.default_rng(0)
+    shift = {m.name: round(HOP_S * m.rate_hz) for m in model.modalities}
+    bank = {
+        m.name: rng.normal(size=(m.channels, m.samples + 64 * shift[m.name])).astype(np.float32)
+        for m in model.modalities
+    }
+    offsets = rng.integers(0, 32, size=n)
+    out = []
+    for h in range(hops):
+        windows = []
+        for i in range(n):
+            data, marks = {}, {}
+            for m in model.modalities:
+                a = (int(offsets[i]) + h) * shift[m.name]
+                data[m.name] = bank[m.name][:, a : a + m.samples]
+                marks[m.name] = Mark(i + 1, a)
+            every = dict.fromkeys(data, True)
+            windows.append(
+                Window(h, WINDOW_S + h * HOP_S, data, every, every, {}, 0.0, 0.0, f"s{i}", marks)
+            )
+        out.append(windows)
+    return out
+
+
+def worker_only(model: CroSSL, n: int, precision: str, device: str, hops: int) -> dict:
+    """The worker's time for one hop of n subjects' windows (state warm), p50/p99."""
+    streaming = StreamingCroSSL(model, max_streams=n, precision=precision)
+    predictor = Predictor(model, device, max_batch=n, streaming=streaming)
+    made = made_hops(model, n, hops + 2)
+    predictor(made[0])  # every subject's first window: whole
+    predictor(made[1])
+    times = []
+    for windows in made[2:]:
+        t = time.perf_counter()
+        predictor(windows)
+        times.append(time.perf_counter() - t)
+    ms = np.array(times) * 1e3
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+
+
+def whole_throughput(model: CroSSL, device: str) -> None:
+    """Whole windows per second through ``Predictor`` (streaming off), by batch size."""
+    for batch in (1, 32, 1024, 4096):
+        made = made_hops(model, batch, 1)[0]
+        predictor = Predictor(model, device, max_batch=batch)
+        predictor(made)
+        reps = max(3, 20000 // batch)
+        t = time.perf_counter()
+        for _ in range(reps):
+            predictor(made)
+        rate = reps * batch / (time.perf_counter() - t)
+        print(f"whole windows through Predictor on {device}, batch {batch:>5}: {rate:>9.0f}/s")
+
+
 def check_bf16(device: str) -> None:
     """bf16 against fp32 on the same streamed windows: largest probability difference and
     how many labels differ."""
@@ -174,12 +239,31 @@ def main() -> None:
     parser.add_argument("--budget-ms", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1)")
     parser.add_argument("--check", action="store_true", help="bf16 vs fp32, then exit")
+    parser.add_argument("--worker-only", action="store_true", help="time the worker alone")
+    parser.add_argument("--whole", action="store_true", help="whole-window throughput")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or 1)  # the pipeline's default when streaming on a CPU
     gc.freeze()  # as the pipeline does after start-up: the model and code are not garbage
     if args.check:
         check_bf16(args.device)
+        return
+    if args.whole:
+        whole_throughput(lab_model(args.device), args.device)
+        return
+    if args.worker_only:
+        model = lab_model(args.device)
+        rows = []
+        for precision in args.precision:
+            for n in args.subjects:
+                r = worker_only(model, n, precision, args.device, args.hops)
+                rows.append({"subjects": n, "precision": precision, "device": args.device, **r})
+                print(
+                    f"worker alone, {precision}, {n:>6} subjects: one hop p50 {r['p50']:.2f} ms,"
+                    f" p99 {r['p99']:.2f} ms ({1000 * r['p50'] / n:.0f} us/subject)"
+                )
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         return
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "-"

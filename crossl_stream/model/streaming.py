@@ -223,6 +223,7 @@ class _Group:
     keep: np.ndarray
     marks: np.ndarray  # [G, 3] int64
     x: np.ndarray | None = None
+    staged: torch.Tensor | None = None  # x's (pinned) staging tensor, when staged
 
 
 class _Segment:
@@ -286,7 +287,8 @@ class StreamingCroSSL:
         self._slots: collections.OrderedDict[Hashable, int] = collections.OrderedDict()
         self._free: list[int] = []
         self._mask_token = model.mask_token.detach()
-        self._stage_buffers: dict[tuple, torch.Tensor] = {}  # pinned host buffers (CUDA)
+        self._staging = self.device.type == "cuda"  # reused host buffers, pinned on CUDA
+        self._stage_buffers: dict[tuple, torch.Tensor] = {}
         self._staged: set[tuple] = set()  # buffers this call has filled
 
     @property
@@ -600,7 +602,7 @@ class StreamingCroSSL:
                 if group.fresh:
                     cut[0] = data[r[0]][name]
                 pieces.append(np.concatenate(cut, axis=1))
-        if self.device.type != "cuda":
+        if not self._staging:
             return np.stack(pieces)
         g, (c, length) = len(pieces), pieces[0].shape
         key = (name, c, length)
@@ -610,12 +612,17 @@ class StreamingCroSSL:
         buf = self._stage_buffers.get(key)
         if buf is None or buf.shape[0] < g:
             size = max(g, 2 * (0 if buf is None else buf.shape[0]))
-            buf = self._stage_buffers[key] = torch.empty((size, c, length)).pin_memory()
-        return np.stack(pieces, out=buf[:g].numpy())
+            buf = torch.empty((size, c, length))
+            buf = self._stage_buffers[key] = (
+                buf.pin_memory() if buf.device.type == "cpu" and torch.cuda.is_available() else buf
+            )
+        group.staged = buf[:g]  # the pinned tensor: its copy to the GPU is asynchronous
+        return np.stack(pieces, out=group.staged.numpy())
 
     def _run(self, m: _Modality, group: _Group, slots: np.ndarray, latents: torch.Tensor) -> None:
         """Encode one group and put its pooled latents in place."""
-        x = torch.from_numpy(group.x).to(self.device, non_blocking=True).transpose(1, 2)
+        x = group.staged if group.staged is not None else torch.from_numpy(group.x)
+        x = x.to(self.device, non_blocking=True).transpose(1, 2)
         seg_slots = slots[group.first]
         if not group.fresh and len(group.shifts) == 1:
             pooled = m.hop(x, seg_slots)
