@@ -292,8 +292,8 @@ def main() -> None:
             )
             best = max(best, n) if r["served"] else best
             whole = max(whole, n) if r["served"] and r["whole_hop_in_budget"] else whole
-            if not r["served"] and n > best:
-                break  # larger N only get slower
+            if r["hop_p99_ms"] > HOP_S * 1e3:
+                break  # not keeping up: larger N only get slower
         print(
             f"{precision}: largest N served (worker p99 <= {args.budget_ms:g} ms, keeping up, "
             f"no drops): {best or 'none'}; with the whole hop within {args.budget_ms:g} ms: "
