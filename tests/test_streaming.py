@@ -333,5 +333,21 @@ def test_small_live_hops_in_the_onnx_hop_graph_match_torch(tmp_path):
     # hops 1, 2, 3 and 5: hop 0 is whole windows, hop 4 has two shifts of "fast" (the
     # masked subject catches up by two hops), the crowd's are whole windows or too many
     assert fused.fused_hops == 4
+    # one subject alone again, live: a reset, an unfinished window and a NaN on the way
+    fused = StreamingCroSSL(model, step=OnnxStep(path, model, "digest-1"))
+    both = np.ones((1, 2), dtype=bool)
+    for k in range(12):
+        marks, data = streams.window("s1", k, epoch=1 if k < 5 else 2)  # k = 5: a reset
+        if k == 8:
+            marks = {n: mk._replace(final=False) for n, mk in marks.items()}
+        if k == 10:
+            bad = {n: x.copy() for n, x in data.items()}
+            bad["fast"][0, -1] = np.nan
+            with pytest.raises(InputError, match="NaN"):
+                fused(["s1"], [bad], both, [marks])
+        got = fused(["s1"], [data], both, [marks])
+        np.testing.assert_allclose(got, full_model(model, [data], both), atol=2e-5)
+    # whole at 0, 5 (reset) and 9 (after the unfinished 8); hops 1-4, 6-8, 10, 11 fused
+    assert fused.fused_hops == 9 and fused.counters["fast"].full == 3
     with pytest.raises(CheckpointError, match="exported from other weights"):
         OnnxStep(path, model, "digest-2")

@@ -320,6 +320,10 @@ class StreamingCroSSL:
         """
         n = len(keys)
         available = np.asarray(available, dtype=bool)
+        if self.step is not None and marks is not None and 0 < n <= FUSED_MAX:
+            probs = self._hop_fast(keys, data, available, marks)
+            if probs is not None:
+                return probs
         if len(dict.fromkeys(keys)) > self.max_streams:  # in parts of max_streams keys
             cut, seen = 0, set()
             while len(seen) < self.max_streams:
@@ -373,45 +377,104 @@ class StreamingCroSSL:
     def _run_fused(
         self, groups: list[list[_Group]], slots: np.ndarray, available: np.ndarray
     ) -> np.ndarray:
-        """A live hop (every window continues its stream by one shift per modality) as one
-        onnxruntime call; the state is read and written here, in numpy."""
+        """A planned live hop (one shift per modality) as one onnxruntime call."""
+        jobs = [
+            (m, p[0].rows, slots[p[0].first], p[0].shifts[0], p[0].x.transpose(0, 2, 1))
+            if p
+            else None
+            for m, p in zip(self._mods, groups, strict=True)
+        ]
+        return self._fused(jobs, available)
+
+    def _hop_fast(
+        self,
+        keys: Sequence[Hashable],
+        data: Sequence[Mapping[str, np.ndarray]],
+        available: np.ndarray,
+        marks: Sequence[Mapping[str, Mark | None]],
+    ) -> np.ndarray | None:
+        """A small live hop, checked in plain Python (no planning arrays) and run as one
+        onnxruntime call: the latency path. None when any window does not simply continue
+        its stream by one shift per modality; the general path then plans it (and refuses
+        bad input with the error it deserves)."""
+        n = len(keys)
+        slots = [self._slots.get(k) for k in keys]
+        if None in slots or len(set(keys)) != n:
+            return None
+        jobs: list[tuple | None] = []
+        for j, m in enumerate(self._mods):
+            rows, xs, shift = [], [], 0
+            for i in range(n):
+                if not available[i, j]:
+                    continue
+                mk, slot, x = marks[i].get(m.name), slots[i], data[i][m.name]
+                if mk is None or not m.valid[slot] or m.epoch[slot] != mk.epoch:
+                    return None
+                s = mk.start - int(m.start[slot])
+                if (
+                    x.shape != (m.channels, m.samples)
+                    or not 1 <= s <= m.span
+                    or shift not in (0, s)
+                ):
+                    return None
+                shift = s
+                rows.append(i)
+                xs.append(x[:, m.samples - s :])
+            if not rows:
+                jobs.append(None)
+                continue
+            x = np.stack(xs)
+            if not np.isfinite(x).all():
+                return None
+            at = np.array([slots[i] for i in rows], dtype=np.int64)
+            jobs.append((m, np.array(rows), at, shift, x.transpose(0, 2, 1)))
+        probs = self._fused(jobs, available)
+        for job in jobs:
+            if job is None:
+                continue
+            m, rows, at = job[:3]
+            m.counters.reused += len(rows)
+            for i, slot in zip(rows.tolist(), at.tolist(), strict=True):
+                mk = marks[i][m.name]
+                m.valid[slot], m.epoch[slot], m.start[slot] = mk.final, mk.epoch, mk.start
+        for key in keys:
+            self._slots.move_to_end(key)
+        return probs
+
+    def _fused(self, jobs: list[tuple | None], available: np.ndarray) -> np.ndarray:
+        """Run one live hop in the hop graph. A job per modality: (modality, rows, slots,
+        shift, new samples [G, shift, C]) or None; the state is read and written here, in
+        numpy."""
         assert self.step is not None
-        n, feed, done = len(available), [], []
-        for m, plan in zip(self._mods, groups, strict=True):
+        n, feed, jobs = len(available), [], list(jobs)
+        for j, (m, job) in enumerate(zip(self._mods, jobs, strict=True)):
             d = m.widths[-1]
-            if not plan:  # no window has this modality: zeros, masked in the graph
+            if job is None:  # no window has this modality: zeros, masked in the graph
                 feed.append(np.zeros((n, 1, m.channels), np.float32))
                 feed += [
                     np.zeros((n, la.k - 1, w), np.float32)
                     for la, w in zip(m.layers, m.widths, strict=False)
                 ]
                 feed.append(np.zeros((n, d), np.float32))
-                done.append(None)
                 continue
-            group = plan[0]
-            rows, at = group.rows, slots[group.first]
-            shift = group.shifts[0]
+            _, rows, at, shift, x = job
             every = len(rows) == n
-            x = group.x.transpose(0, 2, 1)
             feed.append(np.ascontiguousarray(x) if every else _rows(x, rows, n))
             for t in m.tails:
                 kept = t.numpy()[at]
                 feed.append(kept if every else _rows(kept, rows, n))
             cols = at[:, None] * m.span + (m.pos[at, None] + np.arange(shift)) % m.span
-            ring = m.ring.numpy().reshape(-1, d)
-            base = m.sums.numpy()[at] - ring[cols.reshape(-1)].reshape(len(at), shift, d).sum(
-                axis=1
-            )
-            feed.append(
-                base.astype(np.float32) if every else _rows(base.astype(np.float32), rows, n)
-            )
-            done.append((m, rows, at, cols, base))
+            leaving = m.ring.numpy().reshape(-1, d)[cols.reshape(-1)]
+            base = m.sums.numpy()[at] - leaving.reshape(len(at), shift, d).sum(axis=1)
+            base32 = base.astype(np.float32)
+            feed.append(base32 if every else _rows(base32, rows, n))
+            jobs[j] = (*job, cols, base)
         feed.append(available)
         out = self.step(feed)
-        for j, job in enumerate(done):
+        for j, job in enumerate(jobs):
             if job is None:
                 continue
-            m, rows, at, cols, base = job
+            m, rows, at, _, _, cols, base = job
             f, *tails = out[1 + 4 * j : 5 + 4 * j]
             f = f[rows] if len(rows) != n else f
             d = f.shape[2]
