@@ -95,4 +95,3 @@ def load_cuda(model):
     import copy
 
     return copy.deepcopy(model).to("cuda")
-
