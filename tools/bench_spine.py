@@ -7,7 +7,8 @@
    resample by np.interp per channel). Best of --repeats runs, median beside it.
 2. Worker: windows per second of the default model on consecutive windows every 100 ms,
    one at a time and in batches: eager torch and onnxruntime encoding whole windows (the
-   exported model.onnx), and onnxruntime streaming (windows share encoder features).
+   exported model.onnx), and streaming (windows share encoder features; one at a time
+   through stream.onnx).
 3. Replay: the shipped XDF session through the whole pipeline (built from a config, as
    `crossl-stream run` does) at max speed, in times real time, per runtime (the target is
    >= 1000x on CPU for the default model).
@@ -94,8 +95,15 @@ def bench_naive(data) -> tuple[float, int]:
 
 def bench_worker(model_dir: str, hop_s: float = 0.1) -> dict[tuple[str, int], float]:
     """Windows per second of the Predictor, batch 1 and 32: eager torch and onnxruntime on
-    whole windows, and onnxruntime streaming (windows sharing encoder features)."""
-    from crossl_stream.model.export import ONNX_FILE, OnnxModel, weights_digest
+    whole windows, and streaming (windows sharing encoder features) as the pipeline runs it:
+    one window at a time through the hop graph (stream.onnx), a batch through torch."""
+    from crossl_stream.model.export import (
+        ONNX_FILE,
+        STREAM_FILE,
+        OnnxModel,
+        OnnxStep,
+        weights_digest,
+    )
     from crossl_stream.model.specs import Mark
     from crossl_stream.model.streaming import StreamingCroSSL
     from crossl_stream.windower import Window
@@ -132,7 +140,8 @@ def bench_worker(model_dir: str, hop_s: float = 0.1) -> dict[tuple[str, int], fl
         for batch in (1, 32):
             streaming = None
             if runtime == "streaming":
-                streaming = StreamingCroSSL(model)
+                step = OnnxStep(Path(model_dir) / STREAM_FILE, model, digest)
+                streaming = StreamingCroSSL(model, step=step)
             session = onnx if runtime == "onnxruntime" else None
             predictor = Predictor(model, "cpu", batch, onnx=session, streaming=streaming)
             predictor(windows[:batch])  # warm up
