@@ -105,12 +105,19 @@ def make_model(folder: Path, export: bool) -> tuple[str, float]:
     save_model(model, folder, {"soak": "random weights (tools/soak.py): runtime, not accuracy"})
     if not export:
         return "torch", 0.0
-    from crossl_stream.model.export import ONNX_FILE, export_onnx, weights_digest
+    from crossl_stream.model.export import (
+        ONNX_FILE,
+        STREAM_FILE,
+        export_onnx,
+        export_stream,
+        weights_digest,
+    )
 
     t0 = time.monotonic()
     try:
         digest = weights_digest(folder / WEIGHTS)
         export_onnx(model, folder / ONNX_FILE, digest)
+        export_stream(model, folder / STREAM_FILE, digest)
     except Exception as exc:  # no export extra, or an exporter problem: torch it is
         print(f"ONNX export failed ({exc}); the daemon runs the model in torch")
         return "torch", time.monotonic() - t0
