@@ -257,6 +257,7 @@ class InferenceWorker:
         self._room = asyncio.Event()
         self._room.set()
         self._closed = False
+        self._forget: set[str] = set()  # subjects that left, forgotten once their windows pass
 
     async def put(self, window: Window) -> None:
         """Queue a window, under the backpressure policy."""
@@ -280,6 +281,14 @@ class InferenceWorker:
         self.max_wait = other.max_wait
         self.policy = other.policy
         self._room.set()
+
+    def forget(self, subject: str) -> None:
+        """Drop what the model keeps for a subject that left, once the windows of it still
+        queued are predicted (they would make it anew)."""
+        if any(w.subject == subject for w in self._queue):
+            self._forget.add(subject)
+        else:
+            self.predictor.forget(subject)
 
     def depth(self) -> int:
         """Windows waiting for the model."""
@@ -305,6 +314,10 @@ class InferenceWorker:
             batch = [self._queue.popleft() for _ in range(n)]
             self._room.set()
             preds = self.predictor(batch)
+            if self._forget:
+                for subject in self._forget - {w.subject for w in self._queue}:
+                    self._forget.discard(subject)
+                    self.predictor.forget(subject)
             self.counters.batches += 1
             self.counters.predictions += len(preds)
             for p in preds:

@@ -302,7 +302,7 @@ class Pipeline:
                 self.retired_faults[key] = self.retired_faults.get(key, 0) + n
             for reader in self.readers:
                 reader.forget(subject)
-            self.worker.predictor.forget(subject)
+            self.worker.forget(subject)  # once its flushed windows are predicted
             self.admission.release(subject)
             log.info("subject %r: every sensor lost; its windows end here", subject)
         return gone
@@ -402,14 +402,14 @@ def build_worker(cfg: PipelineConfig, model: CroSSL, model_dir: Path, source: st
     """The inference worker of ``cfg`` around ``model``, on its device and runtime."""
     inf = cfg.inference
     device = pick_device(inf.device)
-    threads = inf.threads or (1 if device.type == "cpu" and inf.streaming else None)
+    model.to(device)
+    streaming = _streaming(model, inf, cfg.window.hop_s, source, cfg, model_dir)
+    threads = inf.threads or (1 if device.type == "cpu" and streaming is not None else None)
     if threads:
         # one by default when streaming on the CPU: a hop is small work, the readers and
         # windowers need the other cores, and an idle OpenMP team spins (measured: 0.08 CPU
-        # s/s of a 2-core box for one subject)
+        # s/s of a 2-core box for one subject); whole windows keep torch's default
         torch.set_num_threads(threads)
-    model.to(device)
-    streaming = _streaming(model, inf, cfg.window.hop_s, source, cfg, model_dir)
     onnx = None if streaming else _onnx_session(model_dir, inf.runtime, device, source)
     predictor = Predictor(model, inf.device, inf.max_batch, model_id(model_dir), onnx, streaming)
     backpressure = inf.backpressure

@@ -105,3 +105,26 @@ def test_block_policy_loses_nothing_and_keeps_order(model, excerpt):
     assert [p.seq for p in preds] == [w.seq for w in windows]
     assert worker.counters.dropped == 0
     assert worker.counters.batches >= len(windows) // 3
+
+
+def test_a_subject_that_left_is_forgotten_once_its_queued_windows_are_predicted(model, excerpt):
+    """Forgetting while the subject's last windows still queue would let them make its
+    state anew, held until evicted; the worker forgets once they are through."""
+    from crossl_stream.model.streaming import StreamingCroSSL
+
+    async def scenario():
+        streaming = StreamingCroSSL(model, max_streams=4)
+        worker = InferenceWorker(Predictor(model, "cpu", max_batch=2, streaming=streaming))
+        windows = windows_of(excerpt)[:6]
+        for i, w in enumerate(windows):
+            w.subject = "left" if i < 4 else "stays"
+            await worker.put(w)
+        worker.forget("left")  # four of its windows still queued
+        assert streaming.streams == 0
+        stream = worker.predictions()
+        seen = [await anext(stream) for _ in range(len(windows))]
+        return streaming, seen
+
+    streaming, seen = asyncio.run(scenario())
+    assert [p.subject for p in seen] == ["left"] * 4 + ["stays"] * 2
+    assert streaming.streams == 1 and streaming.evicted == 0  # "stays" only

@@ -351,3 +351,30 @@ def test_small_live_hops_in_the_onnx_hop_graph_match_torch(tmp_path):
     assert fused.fused_hops == 9 and fused.counters["fast"].full == 3
     with pytest.raises(CheckpointError, match="exported from other weights"):
         OnnxStep(path, model, "digest-2")
+
+
+def test_a_call_that_fails_part_way_leaves_no_state_to_trust(monkeypatch):
+    """The state moves on before the head runs: a failure there (a CUDA OOM, an interrupt)
+    must not leave a subject building on it. float64 windows are taken as float32."""
+    model, streams = MODELS["mlp"], Streams()
+    streaming = StreamingCroSSL(model)
+    head, calls = model.classify, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the head failed")
+        return head(*args, **kwargs)
+
+    monkeypatch.setattr(model, "classify", failing_once)
+    for k in range(8):
+        marks, data = streams.window("s1", k)
+        data = {n: x.astype(np.float64) for n, x in data.items()}
+        if k == 2:
+            with pytest.raises(RuntimeError, match="the head failed"):
+                streaming(["s1"], [data], BOTH, [marks])
+            continue
+        got = streaming(["s1"], [data], BOTH, [marks])
+        np.testing.assert_allclose(got, full_model(model, [data], BOTH), atol=2e-5)
+    # windows 0 and 3 (after the failure) whole, the rest reused
+    assert streaming.counters["fast"].full == 2 and streaming.counters["fast"].reused == 5

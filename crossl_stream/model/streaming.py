@@ -16,7 +16,8 @@ Reuse is decided from marks, not assumed: a window's ``Mark`` (from the windower
 unbroken run of final grid points (``epoch``) and where the window starts in it. A window
 reuses its stream's state only when the previous window of that stream and modality was
 final, is of the same epoch, and starts 1 to ``span`` points earlier; anything else (a new
-subject, a gap, a reset, a masked sensor, an unaligned hop, no mark) encodes the whole window.
+subject, a gap longer than the window's feature span, a reset, an unaligned hop, no mark)
+encodes the whole window; a sensor masked for a few hops picks up from its kept state.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 Precision = Literal["fp32", "bf16"]
 FIRST_SLOTS = 8  # state is allocated for this many subjects, doubled as more come
 FUSED_MAX = 8  # hops of up to this many windows go through the onnxruntime hop graph
+STAGE_ROWS = 4096  # larger groups are staged in buffers of their own, not kept (CUDA)
 
 
 @dataclass
@@ -158,7 +160,9 @@ class _Modality:
         flat = torch.from_numpy(cols.reshape(-1)).to(self.device, non_blocking=True)
         ring = self.ring.view(-1, d)
         leaving = ring.index_select(0, flat).view(g, shift, d)
-        self.sums.index_add_(0, idx, (f.sum(dim=1) - leaving.sum(dim=1)).double())
+        self.sums.index_add_(
+            0, idx, f.sum(dim=1, dtype=torch.float64) - leaving.sum(dim=1, dtype=torch.float64)
+        )
         ring.index_copy_(0, flat, f.reshape(-1, d))
         for t, new in zip(self.tails, tails, strict=True):
             t.index_copy_(0, idx, new)
@@ -338,11 +342,11 @@ class StreamingCroSSL:
                     for p in parts
                 ]
             )
+        self._staged.clear()  # the last call ended in a synchronising copy
         groups = [
             self._plan(m, keys, data, available[:, j], marks) for j, m in enumerate(self._mods)
         ]
         slots = self._assign(keys)  # after every check: a refused call changes nothing
-        self._staged.clear()  # the last call ended in a synchronising copy
         fused = (
             self.step is not None
             and n <= FUSED_MAX
@@ -351,16 +355,31 @@ class StreamingCroSSL:
                 for p in groups
             )
         )
-        if fused:
-            probs = self._run_fused(groups, slots, available)
-        else:
-            probs = self._run_torch(groups, slots, available)
+        try:
+            if fused:
+                probs = self._run_fused(groups, slots, available)
+            else:
+                probs = self._run_torch(groups, slots, available)
+        except BaseException:  # state half moved on: these slots start over from whole windows
+            self._invalidate(slots)
+            raise
+        for m, plan in zip(self._mods, groups, strict=True):
+            for group in plan:
+                full = len(group.first) if group.fresh else 0  # each segment's first window
+                m.counters.full += full
+                m.counters.reused += len(group.rows) - full
         for m, plan in zip(self._mods, groups, strict=True):
             for group in plan:
                 kept = slots[group.first[group.keep]]
                 epoch, start, final = group.marks[group.keep].T
                 m.valid[kept], m.epoch[kept], m.start[kept] = final.astype(bool), epoch, start
         return probs
+
+    def _invalidate(self, slots: np.ndarray) -> None:
+        """No reuse of what ``slots`` keep (a call failed part-way through)."""
+        for m in self._mods:
+            if len(m.valid):
+                m.valid[np.unique(slots[slots >= 0])] = False
 
     def _run_torch(
         self, groups: list[list[_Group]], slots: np.ndarray, available: np.ndarray
@@ -423,12 +442,16 @@ class StreamingCroSSL:
             if not rows:
                 jobs.append(None)
                 continue
-            x = np.stack(xs)
+            x = np.stack(xs, dtype=np.float32)
             if not np.isfinite(x).all():
                 return None
             at = np.array([slots[i] for i in rows], dtype=np.int64)
             jobs.append((m, np.array(rows), at, shift, x.transpose(0, 2, 1)))
-        probs = self._fused(jobs, available)
+        try:
+            probs = self._fused(jobs, available)
+        except BaseException:
+            self._invalidate(np.array(slots, dtype=np.int64))
+            raise
         for job in jobs:
             if job is None:
                 continue
@@ -465,7 +488,9 @@ class StreamingCroSSL:
                 feed.append(kept if every else _rows(kept, rows, n))
             cols = at[:, None] * m.span + (m.pos[at, None] + np.arange(shift)) % m.span
             leaving = m.ring.numpy().reshape(-1, d)[cols.reshape(-1)]
-            base = m.sums.numpy()[at] - leaving.reshape(len(at), shift, d).sum(axis=1)
+            base = m.sums.numpy()[at] - leaving.reshape(len(at), shift, d).sum(
+                axis=1, dtype=np.float64
+            )
             base32 = base.astype(np.float32)
             feed.append(base32 if every else _rows(base32, rows, n))
             jobs[j] = (*job, cols, base)
@@ -538,8 +563,6 @@ class StreamingCroSSL:
             reuse &= m.valid[at] & (m.epoch[at] == marked[:, 0])
         else:
             reuse[:] = False
-        m.counters.reused += int(reuse.sum())
-        m.counters.full += int((~reuse).sum())
         groups = []
         for s in np.unique(shift[reuse]).tolist():
             pick = reuse & (shift == s)
@@ -590,10 +613,6 @@ class StreamingCroSSL:
                 segments.append(seg)
             last[key] = (mk.epoch, mk.start, int(mk.final)) if mk is not None else (0, 0, 0)
             seg.mark = last[key]
-            if reuse:
-                m.counters.reused += 1
-            else:
-                m.counters.full += 1
         by_shape: dict[tuple, list[_Segment]] = {}
         for seg in segments:
             by_shape.setdefault((seg.fresh, tuple(seg.shifts)), []).append(seg)
@@ -666,11 +685,11 @@ class StreamingCroSSL:
                     cut[0] = data[r[0]][name]
                 pieces.append(np.concatenate(cut, axis=1))
         if not self._staging:
-            return np.stack(pieces)
+            return np.stack(pieces, dtype=np.float32)
         g, (c, length) = len(pieces), pieces[0].shape
         key = (name, c, length)
-        if key in self._staged:  # this call staged into it already: a buffer of its own
-            return np.stack(pieces)
+        if key in self._staged or g > STAGE_ROWS:  # staged into already, or too big to keep
+            return np.stack(pieces, dtype=np.float32)
         self._staged.add(key)
         buf = self._stage_buffers.get(key)
         if buf is None or buf.shape[0] < g:
@@ -680,7 +699,7 @@ class StreamingCroSSL:
                 buf.pin_memory() if buf.device.type == "cpu" and torch.cuda.is_available() else buf
             )
         group.staged = buf[:g]  # the pinned tensor: its copy to the GPU is asynchronous
-        return np.stack(pieces, out=group.staged.numpy())
+        return np.stack(pieces, out=group.staged.numpy(), casting="same_kind")
 
     def _run(self, m: _Modality, group: _Group, slots: np.ndarray, latents: torch.Tensor) -> None:
         """Encode one group and put its pooled latents in place."""
