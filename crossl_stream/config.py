@@ -336,9 +336,9 @@ class InferenceConfig(_Strict):
     )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
-        description="bf16: the streaming convolutions in bfloat16, ~3x faster on CPUs with "
-        "AVX512-BF16 and on GPUs; probabilities within ~1e-2 of fp32 (tools/bench_scale.py "
-        "--check measures it on a model)",
+        description="bf16: the streaming convolutions as bfloat16 GEMMs (~3x faster GEMMs on "
+        "CPUs with AVX512-BF16; the whole worker 0-30% on the lab load, docs/benchmarks.md); "
+        "probabilities within ~1e-2 of fp32 (tools/bench_scale.py --check measures it)",
     )
 
 

@@ -299,3 +299,16 @@ def test_card_of_an_old_model_folder(tmp_path):
     assert "seglearn-watch" in text and "Burns" in text
     assert "| `acc` | — | 3 | 50 Hz | 100 |" in text
     assert "| 10% | 76.0 | 78.1 |" in render_card(OLD_META, OLD_METRICS)
+
+
+def test_the_shipped_model_card_is_what_its_model_json_renders(tmp_path):
+    """The card of models/default is generated: editing the renderer must regenerate it."""
+    import shutil
+
+    from crossl_stream import default_model_dir
+
+    shipped = default_model_dir()
+    for name in ("model.json", "metrics.json"):
+        if (shipped / name).is_file():
+            shutil.copy(shipped / name, tmp_path / name)
+    assert write_card(tmp_path).read_text() == (shipped / "README.md").read_text()

@@ -908,9 +908,10 @@ def render_card(meta: dict[str, Any], metrics: dict[str, Any] | None = None) -> 
         "",
         "- `model.safetensors`: weights and normalisation statistics; `model.json`: "
         "architecture, modalities, classes and how it was trained (the source of this card).",
-        "- `model.onnx` (when exported): the whole model as one graph for onnxruntime, "
-        "stamped with the SHA-256 of the weights it was exported from; `crossl-stream export "
-        "DIR` rewrites it.",
+        "- `stream.onnx` and `model.onnx` (when exported): a live hop (every encoder step "
+        "on a window's new samples, and the head) and the whole model, as graphs for "
+        "onnxruntime. Each is stamped with the SHA-256 of the weights it was exported from; "
+        "`crossl-stream export DIR` rewrites them.",
     ]
     return "\n".join(lines) + "\n"
 
