@@ -202,10 +202,10 @@ def whole_throughput(model: CroSSL, device: str) -> None:
         made = made_hops(model, batch, 1)[0]
         predictor = Predictor(model, device, max_batch=batch)
         predictor(made)
-        reps = max(3, 20000 // batch)
-        t = time.perf_counter()
-        for _ in range(reps):
+        reps, t = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - t < 2.0:  # about 2 s a batch size
             predictor(made)
+            reps += 1
         rate = reps * batch / (time.perf_counter() - t)
         print(f"whole windows through Predictor on {device}, batch {batch:>5}: {rate:>9.0f}/s")
 
