@@ -20,14 +20,14 @@ step() { echo; echo "== $1 ($(date -u +%T))"; shift; "$@"; echo "(exit $?)"; }
   fi
   step "machine" nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   step "torch" python3 -c "import torch, os; print(torch.__version__, torch.cuda.get_device_name(), os.cpu_count(), 'CPUs')"
-  step "CUDA and streaming tests" timeout 120 python3 -m pytest -q -s -p no:cacheprovider \
+  step "CUDA and streaming tests" timeout 110 python3 -m pytest -q -s -p no:cacheprovider \
     tests/test_cuda.py tests/test_streaming.py
   step "bf16 vs fp32" timeout 30 python3 tools/bench_scale.py --check --device cuda
-  step "whole windows" timeout 40 python3 tools/bench_scale.py --whole --device cuda
+  step "whole windows" timeout 30 python3 tools/bench_scale.py --whole --device cuda
   step "worker alone" timeout 80 python3 tools/bench_scale.py --worker-only --device cuda \
     --subjects 1 100 1000 10000 --hops 12 --json "$out/worker.json"
   step "windowers + worker" timeout 50 python3 tools/bench_scale.py --device cuda \
     --subjects 100 200 400 --hops 15 --precision bf16 --json "$out/scale.json"
-  step "latency" timeout 100 python3 tools/bench_latency.py --seconds 15 --device cuda \
+  step "latency" timeout 130 python3 tools/bench_latency.py --seconds 10 --device cuda \
     --json "$out/latency.json"
 } 2>&1 | tee "$out/gpu-check.log"
