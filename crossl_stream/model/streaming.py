@@ -347,19 +347,8 @@ class StreamingCroSSL:
             self._plan(m, keys, data, available[:, j], marks) for j, m in enumerate(self._mods)
         ]
         slots = self._assign(keys)  # after every check: a refused call changes nothing
-        fused = (
-            self.step is not None
-            and n <= FUSED_MAX
-            and all(
-                len(p) == 0 or (len(p) == 1 and not p[0].fresh and len(p[0].shifts) == 1)
-                for p in groups
-            )
-        )
         try:
-            if fused:
-                probs = self._run_fused(groups, slots, available)
-            else:
-                probs = self._run_torch(groups, slots, available)
+            probs = self._run_torch(groups, slots, available)
         except BaseException:  # state half moved on: these slots start over from whole windows
             self._invalidate(slots)
             raise
@@ -368,8 +357,6 @@ class StreamingCroSSL:
                 full = len(group.first) if group.fresh else 0  # each segment's first window
                 m.counters.full += full
                 m.counters.reused += len(group.rows) - full
-        for m, plan in zip(self._mods, groups, strict=True):
-            for group in plan:
                 kept = slots[group.first[group.keep]]
                 epoch, start, final = group.marks[group.keep].T
                 m.valid[kept], m.epoch[kept], m.start[kept] = final.astype(bool), epoch, start
@@ -392,18 +379,6 @@ class StreamingCroSSL:
         visible = torch.from_numpy(available).to(self.device)
         probs = self.model.classify(latents, visible).softmax(dim=-1)
         return probs.float().cpu().numpy()
-
-    def _run_fused(
-        self, groups: list[list[_Group]], slots: np.ndarray, available: np.ndarray
-    ) -> np.ndarray:
-        """A planned live hop (one shift per modality) as one onnxruntime call."""
-        jobs = [
-            (m, p[0].rows, slots[p[0].first], p[0].shifts[0], p[0].x.transpose(0, 2, 1))
-            if p
-            else None
-            for m, p in zip(self._mods, groups, strict=True)
-        ]
-        return self._fused(jobs, available)
 
     def _hop_fast(
         self,
