@@ -100,7 +100,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     info = pretrained_info(source)  # a missing or foreign folder: said before reading data
     if out.resolve() == source.resolve():
         raise CrosslError(f"--out {out}: the pretrained folder itself; fine-tune into another")
-    if info.get("stage") == "finetuned":
+    if info.get("stage") in ("finetuned", "supervised"):
         raise CrosslError(
             f"--from {source}: already fine-tuned (on {info.get('labels_fraction', 1.0):.0%} of "
             "the labels); fine-tune from the pretrained folder it came from"
@@ -119,12 +119,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         pretrained_info,
         run_finetune,
         run_pretrain,
+        run_supervised,
     )
 
     out = _out_dir(args)
     cfg, data = _spec(args)
     data.require_classes(_shown(args.spec))
     start = time.perf_counter()
+    if cfg.recipe == "supervised":
+        _resume(args, out / FINETUNE_STATE)
+        run_supervised(cfg, data, out, args.labels_fraction, not args.quiet)
+        print(f"trained (supervised, no pretraining) in {time.perf_counter() - start:.0f} s")
+        _finish(out)
+        return 0
     _resume(args, out / "pretrained" / PRETRAIN_STATE)
     _resume(args, out / FINETUNE_STATE)
     base = run_pretrain(cfg, data, out / "pretrained", not args.quiet)
@@ -174,27 +181,30 @@ def _machine() -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from crossl_stream.training.experiments import run_folds, run_masking_grid
+    from crossl_stream.training.experiments import merged, run_ablation, run_folds
     from crossl_stream.training.report import write_eval
 
     cfg, data = _spec(args)
     data.require_classes(_shown(args.spec))
     out = Path(args.out) if args.out else Path("eval") / Path(args.spec).stem
     progress = not args.quiet
-    results = run_folds(data, cfg, progress, log.info)
-    masking = None
-    if cfg.evaluation.masking_grid or cfg.evaluation.compare_attention:
-        masking = run_masking_grid(data, cfg, progress, log.info)
+    start = time.perf_counter()
+    ablation = None
+    ev = cfg.evaluation
+    if ev.ablation or ev.ablation_curve_steps:
+        ablation = run_ablation(data, cfg, progress, log.info, args.jobs)
+        if ev.select and ablation["chosen"] != "base":
+            chosen = ablation["chosen"]
+            print(f"ablation: variant {chosen!r} scored best on validation; the folds run it")
+            cfg = merged(cfg, ablation["variants"][ablation["chosen"]])
+    results = run_folds(data, cfg, progress, log.info, args.jobs)
+    results["config"] = cfg.model_dump(mode="json", exclude={"data"})
+    results["total_seconds"] = time.perf_counter() - start
     command = "crossl-stream " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
-    metrics = write_eval(results, out, masking, _machine(), command)
-    f1 = metrics["macro_f1"]
-    for fraction in cfg.evaluation.label_fractions:
-        key = str(float(fraction))
-        print(
-            f"labels {fraction:.0%}: macro-F1 CroSSL {f1.get(f'crossl@{key}', float('nan')):.3f}, "
-            f"supervised {f1.get(f'supervised@{key}', float('nan')):.3f}"
-        )
-    print(f"report: {_shown(out / 'report.md')} ({results['seconds']:.0f} s)")
+    metrics = write_eval(results, out, ablation, _machine(), command)
+    for line in metrics.get("summary", []):
+        print(line)
+    print(f"report: {_shown(out / 'report.md')} ({results['total_seconds'] / 60:.0f} min)")
     return 0
 
 
@@ -679,6 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="training spec YAML")
     p.add_argument("--out", default=None, help="report folder (default: eval/<spec name>)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="folds trained at once, in as many processes (each with cores/jobs threads)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -54,13 +54,39 @@ class LossConfig(_Strict):
     covariance: float = Field(100.0, ge=0.0)
 
 
+class AugmentConfig(_Strict):
+    """Signal augmentations applied to each view's raw input, each off at 0.
+
+    ``scale``: std of a per-window, per-channel gain around 1. ``jitter``: std of added
+    Gaussian noise, in units of each channel's standard deviation. ``rotate_deg``: the
+    largest angle of a random 3-D rotation applied to every 3-channel modality of a window
+    (the same rotation for all of them: sensors on one device turn together). ``time_warp``:
+    how far a smooth random warp may move a sample, as a fraction of the window.
+    """
+
+    scale: float = Field(0.0, ge=0.0, le=1.0)
+    jitter: float = Field(0.0, ge=0.0)
+    rotate_deg: float = Field(0.0, ge=0.0, le=180.0)
+    time_warp: float = Field(0.0, ge=0.0, le=0.25)
+
+    @property
+    def active(self) -> bool:
+        return any((self.scale, self.jitter, self.rotate_deg, self.time_warp))
+
+
 class PretrainConfig(_Strict):
-    """Self-supervised pretraining budget."""
+    """Self-supervised pretraining: budget, expander and augmentations of the two views."""
 
     steps: int = Field(300, ge=0)
     batch_size: int = Field(256, ge=16, description="VICReg statistics need a real batch")
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
+    expander: tuple[Annotated[int, Field(gt=0)], ...] = Field(
+        (),
+        description="widths of the MLP the VICReg loss sees the embedding through (VICReg's "
+        "expander, dropped after pretraining); empty: the loss acts on the embedding",
+    )
+    augment: AugmentConfig = AugmentConfig()
 
 
 class FinetuneConfig(_Strict):
@@ -83,6 +109,17 @@ class FinetuneConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0)
     probe_lr: float = Field(1e-2, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
+    modality_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="probability that each available modality of a training window is "
+        "hidden (never all of them): what teaches a classifier to do without a sensor; the "
+        "same for every arm (fine-tune, supervised)",
+    )
+    augment: bool = Field(
+        False, description="apply pretrain.augment to classifier training too (every arm)"
+    )
 
     @model_validator(mode="after")
     def _steps_in_order(self) -> FinetuneConfig:
@@ -91,23 +128,59 @@ class FinetuneConfig(_Strict):
         return self
 
 
+ARMS = ("supervised", "supervised-plain", "crossl", "crossl-all", "probe")
+Arm = Literal["supervised", "supervised-plain", "crossl", "crossl-all", "probe"]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
 class EvaluationConfig(_Strict):
     """What `crossl-stream eval` runs: each fold holds out one group (a subject or a
-    session) for testing; models see the other groups only."""
+    session) for testing; models see the other groups only.
+
+    ``arms`` names each arm and the label fractions it runs at:
+    ``supervised`` (from scratch, with ``finetune.modality_dropout`` and augmentation as
+    configured), ``supervised-plain`` (from scratch, neither), ``crossl`` (pretrained on the
+    training groups, fine-tuned), ``crossl-all`` (pretrained on every window, the test
+    group's too, without labels; fine-tuned on the training groups' labels), ``probe`` (a
+    linear head on the ``crossl`` encoder). Each arm runs once per seed in ``seeds``, except
+    at label fraction 1.0 (the costliest, least variable runs): the first ``seeds_at_full``.
+
+    ``ablation`` maps a variant name to overrides of this spec (e.g. ``{pretrain: {expander:
+    []}}``); each is pretrained on the training groups of each of ``ablation_folds`` less a
+    validation group, and scored on that validation group only (a linear probe on every
+    label, fine-tuning on 1% of them). With ``select``, the variant with the best mean
+    validation score (the spec itself is the variant ``base``) is the one the folds run.
+    """
 
     by: Literal["subject", "session"] = Field(
         "subject", description="what a fold holds out; a session is named SUBJECT/SESSION"
     )
-    label_fractions: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = (0.01, 0.1, 1.0)
+    arms: dict[Arm, tuple[Fraction, ...]] = {
+        "supervised": (0.01, 0.1, 1.0),
+        "crossl": (0.01, 0.1, 1.0),
+        "probe": (0.01, 0.1, 1.0),
+    }
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    seeds_at_full: int = Field(1, ge=1)
     folds: tuple[Id, ...] | None = Field(None, description="groups to hold out; None = each")
-    masking_grid: tuple[MaskingConfig, ...] = ()
-    masking_folds: tuple[Id, ...] = ()
-    compare_attention: bool = False
+    ablation: dict[str, dict] = {}
+    ablation_folds: tuple[Id, ...] = ()
+    ablation_curve_steps: int = Field(
+        0,
+        ge=0,
+        description="pretrain the base variant this long on the first ablation fold, "
+        "scoring a probe on its validation group every tenth of it (0: skip)",
+    )
+    select: bool = False
 
     @model_validator(mode="after")
-    def _full_labels_included(self) -> EvaluationConfig:
-        if 1.0 not in self.label_fractions:
-            raise ValueError("label_fractions must include 1.0 (missing-modality metrics use it)")
+    def _arms_given(self) -> EvaluationConfig:
+        if not self.arms or not any(self.arms.values()):
+            raise ValueError("arms: name at least one arm with a label fraction")
+        if "base" in self.ablation:
+            raise ValueError("ablation: 'base' is the spec itself; name variants otherwise")
+        if (self.ablation or self.ablation_curve_steps) and not self.ablation_folds:
+            raise ValueError("ablation: needs ablation_folds (folds whose training groups it uses)")
         return self
 
 
@@ -288,6 +361,12 @@ class TrainConfig(_Strict):
         description="train: pretraining sees no held-out window (holdout, or eval's test "
         "group); all: it also sees theirs, without labels (a lab has a new subject's "
         "unlabelled recording before their labels)",
+    )
+    recipe: Literal["crossl", "supervised"] = Field(
+        "crossl",
+        description="what `crossl-stream train` makes: crossl (pretrain, then fine-tune) or "
+        "supervised (the same architecture from scratch on the labels, with the finetune "
+        "settings); choose the arm the evaluation found best on validation",
     )
     seed: int = 0
     model: ModelConfig = ModelConfig()

@@ -43,8 +43,15 @@ def test_watch_config_holds_out_the_demo_subject():
         ("- a list\n", "top level must be a mapping"),
         ("a: [unclosed\n", "not valid YAML"),
         ("finetune: {min_steps: 500, max_steps: 200}\n", "min_steps (500) exceeds max_steps"),
-        ("evaluation: {label_fractions: [0.1, 2.0]}\n", "label_fractions.1: Input should be less"),
-        ("evaluation: {label_fractions: [0.1]}\n", "must include 1.0"),
+        ("evaluation: {arms: {crossl: [0.1, 2.0]}}\n", "arms.crossl.1: Input should be less"),
+        ("evaluation: {arms: {crossl: []}}\n", "name at least one arm"),
+        ("evaluation: {arms: {ssl: [0.1]}}\n", "evaluation.arms.ssl.[key]: Input should be"),
+        ("evaluation: {ablation: {a: {}}}\n", "needs ablation_folds"),
+        ("evaluation: {seeds: []}\n", "evaluation.seeds: Tuple should have at least 1"),
+        ("pretrain: {augment: {rotate: 5}}\n", "pretrain.augment.rotate: unknown key"),
+        ("pretrain: {expander: [0]}\n", "pretrain.expander.0: Input should be greater"),
+        ("finetune: {modality_dropout: 1}\n", "finetune.modality_dropout: Input should be less"),
+        ("recipe: ssl\n", "recipe: Input should be 'crossl' or 'supervised'"),
     ],
 )
 def test_bad_config_names_file_key_and_reason(tmp_path, text, message):

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from crossl_stream.training.experiments import FoldOutcome, summarise
+from crossl_stream.training.experiments import FoldOutcome, runs_table
 from crossl_stream.training.report import (
     eval_metrics,
-    paired_difference,
+    min_wins,
+    paired,
     render_card,
     render_eval,
     write_card,
@@ -19,178 +21,309 @@ from crossl_stream.training.report import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDS = ["s1", "s2"]
+GROUPS = ["s1", "s2", "s3", "s4"]
 
-
-def _variant(per_fold: dict[str, float]) -> dict:
-    values = list(per_fold.values())
-    return {
-        "macro_f1": float(np.mean(values)),
-        "macro_f1_std": float(np.std(values)),
-        "macro_f1_per_fold": per_fold,
-        "accuracy": float(np.mean(values)),
-        "confusion": [[8, 2], [1, 9]],
-    }
-
-
-# macro-F1 per fold (s1, s2) of each variant
+# macro-F1 per seed, then per subject (s1..s4), of each run; fraction 1.0 has seed 0 only
 SCORES = {
-    "crossl@0.1": (0.80, 0.60),
-    "crossl-probe@0.1": (0.50, 0.40),
-    "supervised@0.1": (0.70, 0.74),
-    "crossl@1.0": (0.90, 0.80),
-    "crossl-probe@1.0": (0.60, 0.50),
-    "supervised@1.0": (0.85, 0.79),
-    "supervised+masking@1.0": (0.86, 0.78),
-    "crossl@1.0|acc": (0.80, 0.70),
-    "crossl@1.0|gyro": (0.70, 0.60),
-    "supervised@1.0|acc": (0.60, 0.50),
-    "supervised@1.0|gyro": (0.40, 0.30),
-    "supervised+masking@1.0|acc": (0.75, 0.65),
-    "supervised+masking@1.0|gyro": (0.70, 0.60),
+    "supervised@0.1": {"0": (0.70, 0.74, 0.60, 0.80), "1": (0.72, 0.70, 0.64, 0.78)},
+    "crossl@0.1": {"0": (0.80, 0.70, 0.70, 0.84), "1": (0.78, 0.70, 0.68, 0.84)},
+    "crossl-all@0.1": {"0": (0.80, 0.84, 0.70, 0.90), "1": (0.82, 0.80, 0.74, 0.88)},
+    "supervised@1.0": {"0": (0.86, 0.82, 0.84, 0.84)},
+    "crossl@1.0": {"0": (0.90, 0.80, 0.85, 0.85)},
+}
+# macro-F1 with one modality alone, seed 0 at fraction 1.0
+ALONE = {
+    "supervised@1.0": {"acc": (0.80, 0.78, 0.80, 0.78), "gyro": (0.80, 0.76, 0.78, 0.80)},
+    "crossl@1.0": {"acc": (0.81, 0.72, 0.765, 0.765), "gyro": (0.45, 0.40, 0.425, 0.425)},
 }
 
 
-def _results(pretrain_on: str = "train") -> dict:
-    stops = {
-        g: {name: {"stopped": "patience", "best_epoch": 4} for name in SCORES if "|" not in name}
-        for g in FOLDS
+def _entry(f1: float, stopped: str = "patience", alone: dict | None = None) -> dict:
+    capped = stopped == "max_epochs"
+    e = {
+        "macro_f1": f1,
+        "accuracy": f1 + 0.05,
+        "stopped": stopped,
+        "best_epoch": 30 if capped else 4,
+        "epochs": 30 if capped else 9,
+        "steps": 90,
+        "val_f1": 0.7,
     }
-    stops["s2"]["supervised@0.1"] = {"stopped": "max_epochs", "best_epoch": 50}
+    if alone:
+        e["alone"] = alone
+    return e
+
+
+def _runs(modalities: bool = True) -> dict:
+    runs: dict = {}
+    for key, per_seed in SCORES.items():
+        for seed, values in per_seed.items():
+            for i, (g, f1) in enumerate(zip(GROUPS, values, strict=True)):
+                alone = (
+                    {m: v[i] for m, v in ALONE[key].items()}
+                    if modalities and key in ALONE
+                    else None
+                )
+                runs.setdefault(key, {}).setdefault(seed, {})[g] = _entry(f1, alone=alone)
+    runs["supervised@0.1"]["1"]["s3"]["stopped"] = "max_epochs"  # one run hit the cap
+    runs["supervised@0.1"]["1"]["s3"]["best_epoch"] = 30
+    return runs
+
+
+def _results(modalities: bool = True) -> dict:
+    """A trimmed copy of what ``run_folds`` returns (and the CLI adds)."""
     pretrain = [
         {"loss": 30.0 - i, "invariance": 1.0, "variance": 0.9, "covariance": 0.1 + i / 100}
         for i in range(25)
     ]
-    sup = [{"loss": 1.0 / (i + 1), "accuracy": 0.5} for i in range(12)]
-    for i, h in enumerate(sup[2::3], 1):
+    history = [{"loss": 1.0 / (i + 1), "accuracy": 0.5} for i in range(12)]
+    for i, h in enumerate(history[2::3], 1):
         h.update(epoch=i, val_f1=0.5 + i / 20, val_loss=1.0 / i)
     return {
         "name": "emg-gestures",
-        "by": "session",
-        "pretrain_on": pretrain_on,
+        "by": "subject",
         "classes": ["rock", "paper"],
-        "modalities": ["acc", "gyro"],
+        "modalities": ["acc", "gyro"] if modalities else ["emg"],
         "window_s": 1.0,
-        "folds": FOLDS,
+        "folds": GROUPS,
+        "seeds": [0, 1],
+        "arms": {"crossl": [0.1, 1.0], "crossl-all": [0.1], "supervised": [0.1, 1.0]},
         "windows": 400,
         "labelled_windows": 380,
-        "variants": {
-            name: _variant(dict(zip(FOLDS, v, strict=True))) for name, v in SCORES.items()
-        },
-        "stops": stops,
-        "curves": {"pretrain": pretrain, "supervised@1.0": sup, "crossl@1.0": sup},
+        "runs": _runs(modalities),
+        "confusion": {k: [[8, 2], [1, 9]] for k in SCORES},
+        "curves": {"pretrain": pretrain, "supervised@0.1": history, "crossl@0.1": history},
         "curves_fold": "s1",
-        "seconds": 123.0,
+        "jobs": 2,
+        "seconds": 100.0,
+        "fold_seconds": 180.0,
+        "config": {
+            "masking": {"strategy": "spatial", "keep": 0.5},
+            "pretrain": {"steps": 300, "expander": [64, 64], "augment": {"jitter": 0.05}},
+            "finetune": {"modality_dropout": 0.2, "augment": False, "max_epochs": 30},
+            "evaluation": {"select": True},
+        },
+        "total_seconds": 150.0,
     }
 
 
-MASKING = [
-    {
-        "variant": "mlp/spatial@0.5",
-        "probe@1": 0.61,
-        "finetune@0.1": 0.76,
-        "folds": FOLDS,
-        "seconds": 10.0,
+ABLATION = {
+    "variants": {"base": {}, "no-expander": {"pretrain": {"expander": []}}},
+    "folds": ["s1"],
+    "rows": [
+        {"variant": "base", "group": "s1", "seed": 0, "probe_f1": 0.5, "finetune_f1": 0.4},
+        {"variant": "no-expander", "group": "s1", "seed": 0, "probe_f1": 0.6, "finetune_f1": 0.5},
+    ],
+    "scores": {
+        "base": {"probe_f1": 0.5, "finetune_f1": 0.4, "score": 0.45},
+        "no-expander": {"probe_f1": 0.6, "finetune_f1": 0.5, "score": 0.55},
     },
-    {
-        "variant": "mlp/random@0.9",
-        "probe@1": 0.55,
-        "finetune@0.1": 0.78,
-        "folds": FOLDS,
-        "seconds": 12.0,
+    "chosen": "no-expander",
+    "curve": {
+        "variant": "base",
+        "group": "s1",
+        "seed": 0,
+        "curve": [{"step": 10, "probe_f1": 0.42}, {"step": 20, "probe_f1": 0.47}],
+        "loss": [30.0 - i for i in range(20)],
     },
-]
+    "seconds": 30.0,
+}
 
 
-def test_summary_is_the_mean_of_per_fold_macro_f1():
-    y = np.array([0, 0, 1, 1, 2, 2])
-    folds = [
-        FoldOutcome(g, y, {"crossl@0.1": np.where(np.arange(6) == flip, 2, y)})
-        for g, flip in (("1", 0), ("2", 1))
+def _exact_p(d: list[float]) -> float:
+    """Two-sided Wilcoxon signed-rank p by hand: every sign pattern of distinct ranks."""
+    ranks = np.argsort(np.argsort(np.abs(d))) + 1
+    observed = ranks[np.array(d) > 0].sum()
+    mean = ranks.sum() / 2
+    sums = [
+        sum(r for r, s in zip(ranks, signs, strict=True) if s)
+        for signs in itertools.product([0, 1], repeat=len(d))
     ]
-    v = summarise(folds, 3)["crossl@0.1"]
-    # one of six windows wrong in each fold: class 0 or 1 loses a window to class 2
-    assert v["macro_f1_per_fold"]["1"] == pytest.approx(v["macro_f1_per_fold"]["2"])
-    assert v["macro_f1"] == pytest.approx(np.mean(list(v["macro_f1_per_fold"].values())))
-    assert v["accuracy"] == pytest.approx(10 / 12)
+    return float(np.mean([abs(s - mean) >= abs(observed - mean) for s in sums]))
 
 
-def test_paired_difference_is_fold_by_fold():
-    d = paired_difference(_results()["variants"], "crossl@0.1", "supervised@0.1", FOLDS)
-    assert d["per_fold"] == pytest.approx({"s1": 0.10, "s2": -0.14})
-    assert d["mean"] == pytest.approx(-0.02)
-    assert (d["wins"], d["losses"], d["folds"]) == (1, 1, 2)
-
-
-def test_metrics_json_carries_the_agreed_keys():
-    m = eval_metrics(_results())
-    assert m["dataset"] == "emg-gestures"
-    assert m["protocol"] == "leave-one-session-out"
-    assert (m["pretrain_on"], m["folds"], m["windows"]) == ("train", FOLDS, 400)
-    assert m["macro_f1"]["crossl@0.1"] == pytest.approx(0.70)
-    assert m["macro_f1_std"]["crossl@0.1"] == pytest.approx(0.10)
-    assert "crossl@1.0|acc" not in m["macro_f1"]
-    assert m["missing_modality_macro_f1"]["supervised"] == pytest.approx(
-        {"acc": 0.55, "gyro": 0.35}
+def test_metrics_are_means_over_seeds_then_subjects():
+    m = eval_metrics(_results(), ABLATION, "2 CPU cores")
+    assert m["dataset"] == "emg-gestures" and m["protocol"] == "leave-one-subject-out"
+    assert (m["folds"], m["seeds"], m["windows"]) == (GROUPS, [0, 1], 400)
+    # a subject's score is its mean over seeds; the mean and std are over subjects
+    assert m["per_subject"]["supervised@0.1"] == pytest.approx(
+        {"s1": 0.71, "s2": 0.72, "s3": 0.62, "s4": 0.79}
     )
-    assert m["crossl_minus_supervised"] == pytest.approx({"0.1": -0.02, "1.0": 0.03})
+    assert m["macro_f1"]["supervised@0.1"] == pytest.approx(0.71)
+    assert m["macro_f1_std"]["supervised@0.1"] == pytest.approx(np.sqrt(0.0146 / 4), abs=1e-6)
+    assert m["macro_f1_std"]["crossl@0.1"] == pytest.approx(np.sqrt(0.0157 / 4), abs=1e-6)
+    assert m["accuracy"]["supervised@0.1"] == pytest.approx(0.76)
+    # the spread over seeds: std of the per-seed means (0.76 and 0.75); none with one seed
+    assert m["seed_spread"]["crossl@0.1"] == pytest.approx(0.005)
+    assert m["seed_spread"]["crossl@1.0"] is None
+    # each modality alone, and the share of the all-modality macro-F1 it keeps
+    assert m["alone"]["crossl@1.0"] == pytest.approx({"acc": 0.765, "gyro": 0.425})
+    assert m["kept"]["crossl@1.0"] == pytest.approx({"acc": 0.9, "gyro": 0.5})
+    assert "crossl@0.1" not in m["alone"]
+    assert m["stops"]["supervised@0.1"] == {"patience": 7, "max_epochs": 1, "steps": 0}
+    assert m["stops"]["crossl@1.0"] == {"patience": 4, "max_epochs": 0, "steps": 0}
+    assert m["ablation"]["chosen"] == "no-expander"
+    assert m["ablation"]["scores"]["base"]["score"] == pytest.approx(0.45)
+    assert (m["machine"], m["seconds"]) == ("2 CPU cores", 150.0)
 
 
-def test_write_eval_writes_every_file_and_the_numbers(tmp_path):
+def test_paired_comparison_subject_by_subject_with_its_wilcoxon_p():
+    m = eval_metrics(_results())
+    d = m["paired"]["crossl@0.1 - supervised@0.1"]
+    diffs = [0.08, -0.02, 0.07, 0.05]  # crossl (0.79, 0.70, 0.69, 0.84) - supervised
+    assert list(d["per_subject"].values()) == pytest.approx(diffs)
+    assert d["mean"] == pytest.approx(0.045)
+    assert (d["wins"], d["losses"], d["n"]) == (3, 1, 4)
+    assert d["p"] == pytest.approx(_exact_p(diffs)) and d["p"] == pytest.approx(0.25)
+    every = m["paired"]["crossl-all@0.1 - supervised@0.1"]
+    assert (every["wins"], every["n"], every["p"]) == (4, 4, pytest.approx(2 / 16))
+    # fraction 1.0 ran seed 0 only: the pair is over that seed
+    assert m["paired"]["crossl@1.0 - supervised@1.0"]["seeds"] == [0]
+    assert "crossl-all@1.0 - supervised@1.0" not in m["paired"]
+
+
+def test_paired_uses_only_the_seeds_both_runs_share():
+    runs = _runs()
+    runs["supervised@1.0"]["1"] = {g: _entry(0.0) for g in GROUPS}  # a seed crossl lacks
+    d = paired(runs, "crossl@1.0", "supervised@1.0", GROUPS)
+    assert d["seeds"] == [0]
+    assert d["mean"] == pytest.approx(0.01)
+
+
+def test_targets_met_and_missed_with_their_margins():
+    targets = {t["name"]: t for t in eval_metrics(_results())["targets"]}
+    full = targets["supervised@1.0 >= 0.83"]
+    assert full["met"] and full["margin"] == pytest.approx(0.01)
+    gain = targets["crossl@0.1 >= supervised@0.1 + 0.05"]
+    assert gain["value"] == pytest.approx(0.755) and gain["goal"] == pytest.approx(0.76)
+    assert not gain["met"] and gain["margin"] == pytest.approx(-0.005)
+    assert gain["diff"] == pytest.approx(0.045) and gain["p"] == pytest.approx(0.25)
+    every = targets["crossl-all@0.1 >= supervised@0.1 + 0.05"]
+    assert every["met"] and every["margin"] == pytest.approx(0.05)
+    kept = targets["crossl@1.0 kept >= 0.9 with one modality only"]
+    assert not kept["met"] and kept["modality"] == "gyro"
+    assert kept["margin"] == pytest.approx(0.5 - 0.9)
+    sup = targets["supervised@1.0 kept >= 0.9 with one modality only"]
+    assert sup["met"] and sup["value"] == pytest.approx(0.785 / 0.84, abs=1e-6)
+    assert not any(name.startswith("crossl@0.01") for name in targets)  # not run
+
+
+def test_summary_lines_for_the_terminal():
+    lines = eval_metrics(_results())["summary"]
+    assert lines[0] == (
+        "labels 10%: CroSSL 75.5, CroSSL (all) 81.0, supervised 71.0 "
+        "(CroSSL - supervised +4.5, p=0.25; CroSSL (all) - supervised +10.0, p=0.12)"
+    )
+    assert "target crossl@0.1 >= supervised@0.1 + 0.05: missed (-0.5 points)" in lines
+    assert "target supervised@1.0 >= 0.83: met (+1.0 points)" in lines
+    assert lines[-1] == "runs stopped at max_epochs (the cap bound): supervised@0.1 1"
+
+
+def test_min_wins_for_a_significant_wilcoxon():
+    assert min_wins(5) is None  # even 5 of 5 gives p = 0.0625
+    assert min_wins(6) == 6
+    assert min_wins(10) == 7  # the 3 losses the smallest: p = 28 / 1024
+
+
+def test_write_eval_writes_every_file_and_the_report(tmp_path):
     out = tmp_path / "eval"
-    metrics = write_eval(_results(), out, MASKING, "2 CPU cores, no GPU", "crossl-stream eval x")
+    results = _results()
+    metrics = write_eval(results, out, ABLATION, "2 CPU cores, no GPU", "crossl-stream eval x")
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert json.loads((out / "results.json").read_text())["name"] == "emg-gestures"
-    assert json.loads((out / "masking.json").read_text()) == MASKING
+    assert json.loads((out / "results.json").read_text()) == results
+    assert json.loads((out / "ablation.json").read_text()) == ABLATION
     for png in (
         "learning_curves.png",
         "label_fractions.png",
-        "confusion_crossl_1.0.png",
-        "confusion_supervised_1.0.png",
         "missing_modality.png",
+        "confusion_supervised_1.0.png",
+        "confusion_crossl_1.0.png",
+        "ablation_curve.png",
     ):
         assert (out / "img" / png).stat().st_size > 1000, png
+        assert f"![{png}](img/{png})" in (out / "report.md").read_text()
     text = (out / "report.md").read_text()
     assert text.startswith("# Evaluation: emg-gestures")
-    assert "`crossl-stream eval x`" in text and "2 CPU cores, no GPU" in text
-    assert "145 s" in text  # 123 s of folds and 22 s of masking grid
-    assert "Leave-one-session-out" in text and "(s1, s2)" in text
-    assert "training sessions' windows only (strict" in text
-    # labels table: mean ± std over folds
-    assert "| 10% | 70.0 ± 10.0 | 45.0 ± 5.0 | 72.0 ± 2.0 |" in text
-    assert "| 100% | 85.0 ± 5.0 | 55.0 ± 5.0 | 82.0 ± 3.0 |" in text
-    # paired differences, in a table and in words
-    assert "| 10% | -2.0 | 12.0 | 1 of 2 |" in text
+    assert "Leave-one-subject-out over 4 subjects (s1, s2, s3, s4); seeds 0, 1" in text
+    assert "400 windows (380 labelled)" in text
+    assert "Runs with every label (100%) use seed 0 only" in text
+    assert "2 CPU cores, no GPU" in text and "2.5 min in all" in text
+    assert "`crossl-stream eval x`" in text
+    # the main table: mean ± std over subjects, and the paired columns
     assert (
-        "CroSSL fine-tuned with 10% of labels is 2.0 points below supervised with the same "
-        "labels, winning 1 of 2 folds." in text
+        "| 10% | 75.5 ± 6.3 | 81.0 ± 6.0 | 71.0 ± 6.0 | +4.5, 3/4, p=0.25 | +10.0, 4/4, p=0.12 |"
+        in text
     )
+    assert "| 100% | 85.0 ± 3.5 | — | 84.0 ± 1.4 | +1.0, 3/4," in text
+    assert "| crossl@0.1 | 0, 1 | 75.5 ± 6.3 | 80.5 | ± 0.5 |" in text
+    assert "| crossl@1.0 | 0 | 85.0 ± 3.5 | 90.0 | — (one seed) |" in text
+    # targets
+    assert "## Targets" in text
     assert (
-        "CroSSL fine-tuned with 100% of labels is 3.0 points above supervised with the same "
-        "labels, winning 2 of 2 folds." in text
+        "| crossl@0.1 >= supervised@0.1 + 0.05 | 75.5 | 76.0 | **missed** | -0.5 | "
+        "paired mean +4.5, Wilcoxon p=0.25 |" in text
     )
-    # per-fold rows
-    assert "| s1 | 80.0 | 50.0 | 70.0 | +10.0 |" in text
-    assert "| s2 | 60.0 | 40.0 | 74.0 | -14.0 |" in text
-    # ablation and missing modalities: kept = worst single modality / full
-    assert "| supervised + masking | 82.0 ± 4.0 |" in text
-    assert "| CroSSL fine-tune | 85.0 | 75.0 | 65.0 | 76% |" in text
-    assert "| supervised | 82.0 | 55.0 | 35.0 | 43% |" in text
-    # the capped run is named plainly
-    assert "| supervised@0.1 | 1 | 1 | 0 |" in text
-    assert "1 of 6 supervised runs stopped at max_epochs: the cap bound" in text
-    assert "All 8 CroSSL runs stopped on patience" in text
-    assert "| mlp/random@0.9 | 55.0 | 78.0 | 12 |" in text
-    assert "![label_fractions.png](img/label_fractions.png)" in text
+    assert "| supervised@1.0 >= 0.83 | 84.0 | 83.0 | met | +1.0 |" in text
+    assert "Not measured (no such run): crossl@0.01, crossl-all@0.01." in text
+    assert "which arm is shipped is decided elsewhere" in text
+    # one modality missing: each alone with what it keeps, and the worst
+    assert "| crossl@1.0 | 85.0 | 76.5 (90%) | 42.5 (50%) | 50% |" in text
+    # per subject
+    assert "### Per subject, 10% of labels" in text
+    assert "| s2 | 72.0 | 70.0 | 82.0 | -2.0 | +10.0 |" in text
+    # the ablation, on validation subjects only
+    assert "## Ablation (validation only)" in text
+    assert "| **no-expander** (chosen) | `pretrain.expander: []` | 60.0 | 50.0 | 55.0 |" in text
+    assert "| base | `(the spec as written)` | 50.0 | 40.0 | 45.0 |" in text
+    assert "the folds ran `no-expander`" in text
+    assert "| 20 | 47.0 |" in text and "never a test subject" in text
+    # the capped run is flagged
+    assert "| supervised@0.1 | 8 | 7 | **1** (capped) | 0 | 4 |" in text
+    assert "**Stopped at max_epochs:** supervised@0.1 (1 of 8)" in text
+    # how to read
+    assert "## How to read these numbers" in text
+    assert "with 4 subjects it cannot reach p < 0.05 at all" in text
+    assert "validation subject drawn from the training subjects" in text
 
 
-def test_report_says_where_pretraining_looked_and_skips_one_modality_tables():
-    r = _results("all")
-    r["modalities"] = ["emg"]
-    r["variants"] = {k: v for k, v in r["variants"].items() if "|" not in k}
-    text = render_eval(eval_metrics(r), r, None, [], None, None)
-    assert "also saw the held-out session's windows" in text
-    assert "Missing modalities" not in text and "Masking strategies" not in text
+def test_one_modality_data_has_no_missing_modality_table(tmp_path):
+    results = _results(modalities=False)
+    metrics = write_eval(results, tmp_path, None)
+    assert metrics["alone"] == {} and metrics["kept"] == {} and metrics["ablation"] is None
+    assert not any("modality only" in t["name"] for t in metrics["targets"])
+    text = (tmp_path / "report.md").read_text()
+    assert "One modality missing" not in text and "Ablation" not in text
+    assert not (tmp_path / "img" / "missing_modality.png").exists()
+    assert not (tmp_path / "ablation.json").exists()
+    assert "## Targets" in text and "## How the runs stopped" in text
+
+
+def test_report_without_plots_says_why():
+    results = _results()
+    text = render_eval(eval_metrics(results), results, None, [], None, None)
+    assert "matplotlib is not installed" in text and "## Plots" not in text
+
+
+def test_metrics_of_runs_table_from_fold_outcomes():
+    """The protocol's own table (``runs_table``) is what the report reads."""
+    y = np.array([0, 0, 1, 1])
+    folds = [
+        FoldOutcome(
+            g,
+            seed,
+            y,
+            {"crossl@0.1": np.where(np.arange(4) == wrong, 1 - y, y)},
+            stops={"crossl@0.1": {"stopped": "patience", "best_epoch": 2}},
+        )
+        for seed, g, wrong in ((0, "a", 0), (0, "b", 9), (1, "a", 9), (1, "b", 9))
+    ]
+    results = {"name": "x", "folds": ["a", "b"], "runs": runs_table(folds, 2)}
+    m = eval_metrics(results)
+    # subject a: seed 0 has one window of four wrong (macro-F1 0.733), seed 1 none
+    assert m["per_subject"]["crossl@0.1"]["a"] == pytest.approx((11 / 15 + 1) / 2)
+    assert m["per_subject"]["crossl@0.1"]["b"] == pytest.approx(1.0)
+    assert m["stops"]["crossl@0.1"]["patience"] == 4
 
 
 PRETRAINED_META = {
@@ -255,8 +388,13 @@ def test_card_of_a_finetuned_model_with_metrics():
     assert "epoch cap (200 epochs)" in text and "epoch 190" in text
     assert "Held out (never trained on): rr" in text
     assert "aeon" in text and "BSD 3-Clause" in text
-    assert "| 10% | 70.0 | 72.0 | -2.0 |" in text
-    assert "each of 2 sessions held out" in text
+    assert (
+        "| 10% | 75.5 | 71.0 | 81.0 | +4.5 (3/4 wins, p=0.25) | +10.0 (4/4 wins, p=0.12) |" in text
+    )
+    assert "| 100% | 85.0 | 84.0 | — | +1.0 (3/4 wins" in text
+    assert "each of 4 subjects held out in turn (2 seeds) on emg-gestures" in text
+    assert "- CroSSL: acc only 76.5 (kept 90%), gyro only 42.5 (kept 50%)" in text
+    assert "- supervised@1.0 >= 0.83: met (+1.0 points)" in text
     assert "crossl-stream replay RECORDING.xdf --model DIR" in text
 
 

@@ -1,19 +1,26 @@
-"""The evaluation protocol on any data set read from a spec: each fold holds out one group
-(a subject or a session); label fractions; CroSSL fine-tune and probe against a supervised
-baseline trained to convergence (early stopping on a validation group drawn from the
-training groups, never the test group); missing modalities; masking strategies.
+"""The evaluation protocol on any data set read from a spec.
 
-Every classifier is trained on the training groups' labels only. Pretraining, and the
-normalisation statistics of the pretrained model, see the training groups' windows; with
-``pretrain_on: all`` they also see the held-out group's windows, without their labels (the
-supervised baselines' normalisation always comes from the training groups alone).
+Each fold holds out one group (a subject or a session) as the test group. Every arm
+(``EvaluationConfig``) is trained on the training groups' labels only, at each of its label
+fractions and seeds, and early-stopped on a validation group drawn from the training groups,
+never the test group. Every model is scored on the test group with all modalities and with
+each modality alone. Pretraining sees the training groups' windows; the ``crossl-all`` arm's
+also sees the test group's, without labels (a lab has a new subject's recording before their
+labels). An ablation scores pretraining variants on validation groups only, and can choose
+the variant the folds run.
+
+Folds and ablation variants are independent jobs: ``jobs`` processes run them at once.
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import multiprocessing
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from crossl_stream.config import MaskingConfig, TrainConfig
+from crossl_stream.config import FinetuneConfig, MaskingConfig, TrainConfig
 from crossl_stream.errors import DatasetError
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.model.masking import NO_MASKING, LatentMasker
@@ -29,11 +36,27 @@ from crossl_stream.model.specs import ModalitySpec
 from crossl_stream.training.datasets import Windows, fit_normalisation, labelled_subset
 from crossl_stream.training.metrics import accuracy, confusion_matrix, macro_f1
 from crossl_stream.training.spec import LoadedData
-from crossl_stream.training.train import fit_classifier, predict, pretrain, validation_split
+from crossl_stream.training.train import (
+    fit_classifier,
+    predict,
+    pretrain,
+    validation_split,
+)
+
+Log = Callable[[str], None]
 
 
 def masker_of(cfg: MaskingConfig) -> LatentMasker:
+    """The latent masker that makes pretraining's views."""
     return LatentMasker(cfg.strategy, cfg.keep)
+
+
+def dropout_masker(cfg: FinetuneConfig) -> LatentMasker:
+    """Modality dropout for classifier training: each modality hidden with
+    ``cfg.modality_dropout`` (never all), or no masking."""
+    if cfg.modality_dropout <= 0:
+        return NO_MASKING
+    return LatentMasker("spatial", 1.0 - cfg.modality_dropout)
 
 
 def new_model(
@@ -48,6 +71,11 @@ def new_model(
 
 def fraction_key(fraction: float) -> str:
     return str(float(fraction))
+
+
+def run_key(arm: str, fraction: float) -> str:
+    """``arm@fraction``, the name of one arm at one label fraction."""
+    return f"{arm}@{fraction_key(fraction)}"
 
 
 def labelled_split(
@@ -74,14 +102,23 @@ def finetune(
     checkpoint=None,
 ):
     """``base`` with a class head, trained on a ``fraction`` of the labelled windows
-    (``finetune``: everything, with latent masking; ``probe``: the head only); returns the
-    model and the fit result."""
+    (``finetune``: everything, with modality dropout and augmentation as configured;
+    ``probe``: the head only); returns the model and the fit result."""
     train, val = labelled_split(windows, fraction, cfg.evaluation.by, cfg.seed)
     torch.manual_seed(cfg.seed)  # the new head: the same whether pretraining ran just now or not
     model = base.with_classes(classes) if base.classes != classes else copy.deepcopy(base)
-    masker = masker_of(cfg.masking) if mode == "finetune" else NO_MASKING
+    probe = mode == "probe"
     result = fit_classifier(
-        model, train, mode, cfg.finetune, masker, cfg.seed, progress, val=val, checkpoint=checkpoint
+        model,
+        train,
+        mode,
+        cfg.finetune,
+        NO_MASKING if probe else dropout_masker(cfg.finetune),
+        cfg.seed,
+        progress,
+        val=val,
+        checkpoint=checkpoint,
+        augment=cfg.pretrain.augment if cfg.finetune.augment and not probe else None,
     )
     return model, result
 
@@ -91,37 +128,36 @@ def supervised(
     windows: Windows,
     cfg: TrainConfig,
     fraction: float = 1.0,
-    masking: bool = False,
+    plain: bool = False,
     progress: bool = True,
+    checkpoint=None,
 ):
     """The supervised baseline: the same architecture from scratch, trained to convergence
-    (early stopping) on the same labelled windows; ``masking`` adds CroSSL's latent masking
-    as augmentation."""
+    (early stopping) on the same labelled windows as fine-tuning, with the same modality
+    dropout and augmentation; ``plain``: with neither."""
     train, val = labelled_split(windows, fraction, cfg.evaluation.by, cfg.seed)
     model = new_model(data.modalities, data.classes, cfg, windows)
-    masker = masker_of(cfg.masking) if masking else NO_MASKING
+    masker = NO_MASKING if plain else dropout_masker(cfg.finetune)
+    augment = cfg.pretrain.augment if cfg.finetune.augment and not plain else None
     result = fit_classifier(
-        model, train, "supervised", cfg.finetune, masker, cfg.seed, progress, val=val
+        model,
+        train,
+        "supervised",
+        cfg.finetune,
+        masker,
+        cfg.seed,
+        progress,
+        val=val,
+        checkpoint=checkpoint,
+        augment=augment,
     )
     return model, result
 
 
-@dataclass
-class FoldOutcome:
-    """Predictions of every variant on one held-out group."""
-
-    group: str
-    y_true: np.ndarray
-    predictions: dict[str, np.ndarray] = field(default_factory=dict)
-    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-    stops: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
 def split_fold(data: LoadedData, cfg: TrainConfig, group: str) -> tuple[Windows, Windows]:
     """(training windows, test windows) with ``group`` held out. The test windows are the
-    group's labelled windows in which every modality is available, so that every variant,
-    and each modality left out, is scored on the same windows."""
+    group's labelled windows in which every modality is available, so that every arm,
+    and each modality left alone, is scored on the same windows."""
     w = data.windows
     groups = w.subject if cfg.evaluation.by == "subject" else w.session
     train = w.take(np.flatnonzero(groups != group))
@@ -129,63 +165,177 @@ def split_fold(data: LoadedData, cfg: TrainConfig, group: str) -> tuple[Windows,
     return train, w.take(test_index)
 
 
-def run_fold(data: LoadedData, cfg: TrainConfig, group: str, progress: bool = True) -> FoldOutcome:
-    """Every variant with ``group`` held out: CroSSL fine-tune and probe, supervised (with and
-    without masking at full labels), and the missing-modality scores of the full-label
-    models."""
+def with_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
+    return cfg.model_copy(update={"seed": seed})
+
+
+def _state(model: CroSSL) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def _restore(model: CroSSL, state: bytes) -> CroSSL:
+    model.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
+    return model
+
+
+# -- one fold -------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldOutcome:
+    """Every arm's predictions on one held-out group for one seed."""
+
+    group: str
+    seed: int
+    y_true: np.ndarray
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    missing: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    stops: dict[str, dict[str, Any]] = field(default_factory=dict)
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def pretrain_all(data: LoadedData, cfg: TrainConfig, progress: bool = False) -> bytes:
+    """The ``crossl-all`` encoder of ``cfg.seed``: pretrained on every window (no label);
+    the same for every fold, so made once per seed."""
+    base = new_model(data.modalities, [], cfg, data.windows)
+    pretrain(base, data.windows, masker_of(cfg.masking), cfg.pretrain, cfg.loss, cfg.seed, progress)
+    return _state(base)
+
+
+def run_fold(
+    data: LoadedData,
+    cfg: TrainConfig,
+    group: str,
+    progress: bool = True,
+    transductive: bytes | None = None,
+    full: bool = True,
+    curves: bool = False,
+) -> FoldOutcome:
+    """Every arm of ``cfg.evaluation.arms`` with ``group`` held out, seed ``cfg.seed``.
+
+    ``transductive``: the ``crossl-all`` encoder (``pretrain_all``); ``full``: run the
+    label fraction 1.0 too; ``curves``: keep the training histories.
+    """
     start = time.perf_counter()
     train, test = split_fold(data, cfg, group)
     if not len(test):
         raise DatasetError(f"fold {group!r}: no labelled window with every sensor to test on")
-    out = FoldOutcome(group, test.y)
+    out = FoldOutcome(group, cfg.seed, test.y)
     names = [m.name for m in data.modalities]
+    arms = {a: [f for f in fs if full or f < 1.0] for a, fs in cfg.evaluation.arms.items()}
 
-    def evaluate(name: str, model: CroSSL, result, with_missing: bool = False) -> None:
-        out.predictions[name] = predict(model, test).argmax(1)
-        out.curves[name] = result.history
-        out.stops[name] = {"stopped": result.stopped, "best_epoch": result.best_epoch}
-        if with_missing:
-            for m in names:
-                out.predictions[f"{name}|{m}"] = predict(model, test, [m]).argmax(1)
+    def score(key: str, model: CroSSL, result, began: float) -> None:
+        seconds = time.perf_counter() - began
+        out.predictions[key] = predict(model, test).argmax(1)
+        if len(names) > 1:
+            out.missing[key] = {m: predict(model, test, [m]).argmax(1) for m in names}
+        out.stops[key] = {
+            "stopped": result.stopped,
+            "best_epoch": result.best_epoch,
+            "epochs": result.epochs,
+            "steps": result.steps,
+            "val_f1": result.best_val_f1,
+            "seconds": round(seconds, 1),
+        }
+        if curves:
+            out.curves[key] = result.history
 
-    unlabelled = data.windows if cfg.pretrain_on == "all" else train
-    base = new_model(data.modalities, [], cfg, unlabelled)
-    out.curves["pretrain"] = pretrain(
-        base, unlabelled, masker_of(cfg.masking), cfg.pretrain, cfg.loss, cfg.seed, progress
-    )
-    for fraction in cfg.evaluation.label_fractions:
-        key = fraction_key(fraction)
-        full = fraction == 1.0
-        model, result = finetune(base, train, data.classes, cfg, fraction, "finetune", progress)
-        evaluate(f"crossl@{key}", model, result, full)
-        probe, result = finetune(base, train, data.classes, cfg, fraction, "probe", progress)
-        evaluate(f"crossl-probe@{key}", probe, result)
-        sup, result = supervised(data, train, cfg, fraction, False, progress)
-        evaluate(f"supervised@{key}", sup, result, full)
-        if full:
-            # the supervised model trained with the same latent masking as CroSSL: separates
-            # what pretraining brings from what masking as augmentation brings
-            aug, result = supervised(data, train, cfg, fraction, True, progress)
-            evaluate(f"supervised+masking@{key}", aug, result, True)
+    strict = None
+    if arms.get("crossl") or arms.get("probe"):
+        began = time.perf_counter()
+        strict = new_model(data.modalities, [], cfg, train)
+        history = pretrain(
+            strict, train, masker_of(cfg.masking), cfg.pretrain, cfg.loss, cfg.seed, progress
+        )
+        if curves:
+            out.curves["pretrain"] = history
+        out.stops["pretrain"] = {"seconds": round(time.perf_counter() - began, 1)}
+    every = None
+    if arms.get("crossl-all"):
+        every = new_model(data.modalities, [], cfg, data.windows)
+        if transductive is None:
+            transductive = pretrain_all(data, cfg, progress)
+        _restore(every, transductive)
+    for arm, fractions in arms.items():
+        for fraction in fractions:
+            key = run_key(arm, fraction)
+            began = time.perf_counter()
+            if arm in ("supervised", "supervised-plain"):
+                plain = arm == "supervised-plain"
+                model, result = supervised(data, train, cfg, fraction, plain, progress)
+            elif arm == "probe":
+                assert strict is not None
+                model, result = finetune(
+                    strict, train, data.classes, cfg, fraction, "probe", progress
+                )
+            else:
+                base = strict if arm == "crossl" else every
+                assert base is not None
+                model, result = finetune(
+                    base, train, data.classes, cfg, fraction, "finetune", progress
+                )
+            score(key, model, result, began)
     out.seconds = time.perf_counter() - start
     return out
 
 
-def summarise(folds: list[FoldOutcome], n_classes: int) -> dict[str, dict[str, Any]]:
-    """Per variant: macro-F1 mean and std over folds, per-fold values, accuracy, confusion."""
-    summary: dict[str, dict[str, Any]] = {}
-    for name in folds[0].predictions:
-        per_fold = [macro_f1(f.y_true, f.predictions[name], n_classes) for f in folds]
-        y_true = np.concatenate([f.y_true for f in folds])
-        y_pred = np.concatenate([f.predictions[name] for f in folds])
-        summary[name] = {
-            "macro_f1": float(np.mean(per_fold)),
-            "macro_f1_std": float(np.std(per_fold)),
-            "macro_f1_per_fold": {f.group: v for f, v in zip(folds, per_fold, strict=True)},
-            "accuracy": accuracy(y_true, y_pred),
-            "confusion": confusion_matrix(y_true, y_pred, n_classes).tolist(),
-        }
-    return summary
+# -- jobs -----------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(data: LoadedData, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["data"] = data
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(_WORKER["data"], *args)
+
+
+def _run_jobs(
+    data: LoadedData,
+    calls: Iterable[tuple[Callable[..., Any], tuple]],
+    jobs: int,
+    desc: str,
+    progress: bool,
+) -> list[Any]:
+    """Each ``fn(data, *args)`` of ``calls``, results in order; ``jobs`` processes at once
+    (one torch thread each, when they share the CPU cores), or in this process."""
+    calls = list(calls)
+    if jobs <= 1 or len(calls) <= 1:
+        return [fn(data, *args) for fn, args in tqdm(calls, desc=desc, disable=not progress)]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    results: list[Any] = [None] * len(calls)
+    with ProcessPoolExecutor(jobs, context, _init_worker, (data, threads)) as pool:
+        futures = {pool.submit(_call, fn, *args): i for i, (fn, args) in enumerate(calls)}
+        for future in tqdm(
+            as_completed(futures), total=len(calls), desc=desc, disable=not progress
+        ):
+            results[futures[future]] = future.result()
+    return results
+
+
+def _fold_job(
+    data: LoadedData,
+    cfg: TrainConfig,
+    group: str,
+    transductive: bytes | None,
+    full: bool,
+    curves: bool,
+) -> FoldOutcome:
+    return run_fold(data, cfg, group, False, transductive, full, curves)
+
+
+def _pretrain_all_job(data: LoadedData, cfg: TrainConfig) -> bytes:
+    return pretrain_all(data, cfg, False)
+
+
+# -- the protocol ---------------------------------------------------------------------------
 
 
 def fold_groups(data: LoadedData, cfg: TrainConfig) -> list[str]:
@@ -207,85 +357,219 @@ def run_folds(
     data: LoadedData,
     cfg: TrainConfig,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Log = print,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """The protocol over every fold; a dict ready for the report (and saved as JSON)."""
+    """Every fold of every seed; a dict ready for the report (and saved as JSON)."""
+    ev = cfg.evaluation
     groups = fold_groups(data, cfg)
     w = data.windows
-    if len(set((w.subject if cfg.evaluation.by == "subject" else w.session).tolist())) < 2:
-        raise DatasetError(
-            f"evaluation.by: {cfg.evaluation.by}: the data has one only; nothing to hold out"
+    if len(set((w.subject if ev.by == "subject" else w.session).tolist())) < 2:
+        raise DatasetError(f"evaluation.by: {ev.by}: the data has one only; nothing to hold out")
+    start = time.perf_counter()
+    transductive: dict[int, bytes | None] = dict.fromkeys(ev.seeds)
+    if ev.arms.get("crossl-all"):
+        calls = [(_pretrain_all_job, (with_seed(cfg, s),)) for s in ev.seeds]
+        states = _run_jobs(data, calls, jobs, "pretrain on all", progress)
+        transductive = dict(zip(ev.seeds, states, strict=True))
+    calls = [
+        (
+            _fold_job,
+            (with_seed(cfg, s), g, transductive[s], i < ev.seeds_at_full, i == 0 and j == 0),
         )
-    folds = []
-    for group in tqdm(groups, desc="folds", disable=not progress):
-        fold = run_fold(data, cfg, group, progress)
-        folds.append(fold)
-        f1 = {
-            k: round(macro_f1(fold.y_true, v, len(data.classes)), 3)
-            for k, v in fold.predictions.items()
-            if "|" not in k
-        }
-        log(f"fold {cfg.evaluation.by}={group} seconds={fold.seconds:.0f} macro_f1={f1}")
+        for i, s in enumerate(ev.seeds)
+        for j, g in enumerate(groups)
+    ]
+    folds = _run_jobs(data, calls, jobs, "folds", progress)
+    n = len(data.classes)
+    for fold in folds:
+        f1 = {k: round(macro_f1(fold.y_true, v, n), 3) for k, v in fold.predictions.items()}
+        log(f"fold {ev.by}={fold.group} seed={fold.seed} seconds={fold.seconds:.0f} macro_f1={f1}")
+    first = folds[0]
     return {
         "name": data.name,
-        "by": cfg.evaluation.by,
-        "pretrain_on": cfg.pretrain_on,
+        "by": ev.by,
         "classes": data.classes,
         "modalities": [m.name for m in data.modalities],
         "window_s": data.modalities[0].window_s,
         "folds": groups,
+        "seeds": list(ev.seeds),
+        "arms": {a: list(f) for a, f in ev.arms.items()},
         "windows": len(data.windows),
         "labelled_windows": len(data.windows.labelled),
-        "variants": summarise(folds, len(data.classes)),
-        "stops": {f.group: f.stops for f in folds},
-        "curves": folds[0].curves,
-        "curves_fold": folds[0].group,
-        "seconds": float(sum(f.seconds for f in folds)),
+        "runs": runs_table(folds, n),
+        "confusion": confusions(folds, n),
+        "curves": first.curves,
+        "curves_fold": first.group,
+        "jobs": jobs,
+        "seconds": time.perf_counter() - start,
+        "fold_seconds": float(sum(f.seconds for f in folds)),
     }
 
 
-def run_masking_grid(
+def runs_table(folds: list[FoldOutcome], n_classes: int) -> dict[str, Any]:
+    """Per run key: per seed, per group, the test scores, each modality alone, and the stop."""
+    table: dict[str, Any] = {}
+    for f in folds:
+        for key, pred in f.predictions.items():
+            entry = {
+                "macro_f1": macro_f1(f.y_true, pred, n_classes),
+                "accuracy": accuracy(f.y_true, pred),
+                **f.stops[key],
+            }
+            if key in f.missing:
+                entry["alone"] = {
+                    m: macro_f1(f.y_true, p, n_classes) for m, p in f.missing[key].items()
+                }
+            table.setdefault(key, {}).setdefault(str(f.seed), {})[f.group] = entry
+    return table
+
+
+def confusions(folds: list[FoldOutcome], n_classes: int) -> dict[str, list[list[int]]]:
+    """Per run key: the confusion matrix summed over folds and seeds."""
+    out: dict[str, np.ndarray] = {}
+    for f in folds:
+        for key, pred in f.predictions.items():
+            cm = confusion_matrix(f.y_true, pred, n_classes)
+            out[key] = out[key] + cm if key in out else cm
+    return {k: v.tolist() for k, v in out.items()}
+
+
+# -- ablation -------------------------------------------------------------------------------
+
+
+def merged(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """``cfg`` with ``overrides`` merged in (nested dicts merge), validated again."""
+
+    def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    return TrainConfig.model_validate(merge(cfg.model_dump(mode="json"), overrides))
+
+
+def validation_windows(data: LoadedData, cfg: TrainConfig, group: str) -> tuple[Windows, Windows]:
+    """(training windows, validation windows) inside fold ``group``'s training data: one
+    group drawn from them (the seed's) is the validation group; the test group is unused."""
+    train, _ = split_fold(data, cfg, group)
+    by = "subject" if cfg.evaluation.by == "subject" else "session"
+    inner, val = validation_split(train, by, cfg.seed)
+    return train.take(inner), train.take(val)
+
+
+def ablation_job(
+    data: LoadedData, cfg: TrainConfig, name: str, group: str, curve_steps: int = 0
+) -> dict[str, Any]:
+    """One ablation variant on one fold's validation group: pretrain on the rest of the
+    fold's training groups; a linear probe on all their labels and fine-tuning on 1%, each
+    scored on the validation group. ``curve_steps``: pretrain that long instead, scoring the
+    probe every tenth of it (the curve that says whether pretraining has flattened)."""
+    start = time.perf_counter()
+    train, val = validation_windows(data, cfg, group)
+    n = len(data.classes)
+    base = new_model(data.modalities, [], cfg, train)
+    pcfg = (
+        cfg.pretrain if not curve_steps else cfg.pretrain.model_copy(update={"steps": curve_steps})
+    )
+    curve: list[dict[str, float]] = []
+    marks = {round(curve_steps * k / 10) for k in range(1, 11)} if curve_steps else set()
+
+    def probe_now(step: int, _: dict[str, float]) -> None:
+        if step in marks:
+            curve.append({"step": step, "probe_f1": probe_val(base)})
+            base.train()
+
+    def probe_val(model: CroSSL) -> float:
+        head = model.with_classes(data.classes)
+        labelled = train.take(train.labelled)
+        fit_classifier(head, labelled, "probe", cfg.finetune, seed=cfg.seed, progress=False)
+        held = val.take(val.labelled)
+        return macro_f1(held.y, predict(head, held).argmax(1), n)
+
+    history = pretrain(
+        base,
+        train,
+        masker_of(cfg.masking),
+        pcfg,
+        cfg.loss,
+        cfg.seed,
+        False,
+        on_step=probe_now if curve_steps else None,
+    )
+    row: dict[str, Any] = {"variant": name, "group": group, "seed": cfg.seed}
+    if curve_steps:
+        row["curve"] = curve
+        row["loss"] = [h["loss"] for h in history]
+    else:
+        row["probe_f1"] = probe_val(base)
+        labels = train.take(train.labelled)
+        lab_train, _ = labelled_split(labels, 0.01, cfg.evaluation.by, cfg.seed)
+        model = base.with_classes(data.classes)
+        torch.manual_seed(cfg.seed)
+        fit_classifier(
+            model,
+            lab_train,
+            "finetune",
+            cfg.finetune,
+            dropout_masker(cfg.finetune),
+            cfg.seed,
+            False,
+            val=None,
+            augment=cfg.pretrain.augment if cfg.finetune.augment else None,
+        )
+        held = val.take(val.labelled)
+        row["finetune_f1"] = macro_f1(held.y, predict(model, held).argmax(1), n)
+        row["variance"] = (
+            float(np.mean([h["variance"] for h in history[-20:]])) if history else None
+        )
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def run_ablation(
     data: LoadedData,
     cfg: TrainConfig,
     progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> list[dict[str, Any]]:
-    """Each masking config (and the attention aggregator with the default masking): SSL,
-    then linear probe on all labels and fine-tuning on 10%, on the configured folds."""
-    groups = list(cfg.evaluation.masking_folds) or fold_groups(data, cfg)
-    variants: list[tuple[str, TrainConfig]] = [
-        (f"mlp/{m.strategy}@{m.keep:g}", cfg.model_copy(update={"masking": m}))
-        for m in cfg.evaluation.masking_grid
+    log: Log = print,
+    jobs: int = 1,
+) -> dict[str, Any]:
+    """Every ablation variant (and ``base``) on every ablation fold's validation group,
+    plus the long pretraining curve; the scores, and the variant chosen (best mean of the
+    probe and the 1%-label fine-tune on validation)."""
+    ev = cfg.evaluation
+    variants = {"base": {}, **ev.ablation}
+    configs = {name: merged(cfg, o) for name, o in variants.items()}
+    calls = [
+        (ablation_job, (configs[name], name, str(g)))
+        for name in variants
+        for g in ev.ablation_folds
     ]
-    if cfg.evaluation.compare_attention:
-        attention = cfg.model.model_copy(update={"aggregator": "attention"})
-        name = f"attention/{cfg.masking.strategy}@{cfg.masking.keep:g}"
-        variants.append((name, cfg.model_copy(update={"model": attention})))
-    n = len(data.classes)
-    rows = []
-    for name, vcfg in variants:
-        probe_f1, ft_f1 = [], []
-        start = time.perf_counter()
-        for group in groups:
-            train, test = split_fold(data, vcfg, group)
-            unlabelled = data.windows if vcfg.pretrain_on == "all" else train
-            base = new_model(data.modalities, [], vcfg, unlabelled)
-            masker = masker_of(vcfg.masking)
-            pretrain(base, unlabelled, masker, vcfg.pretrain, vcfg.loss, vcfg.seed, progress)
-            probe, _ = finetune(base, train, data.classes, vcfg, 1.0, "probe", progress)
-            probe_f1.append(macro_f1(test.y, predict(probe, test).argmax(1), n))
-            model, _ = finetune(base, train, data.classes, vcfg, 0.1, "finetune", progress)
-            ft_f1.append(macro_f1(test.y, predict(model, test).argmax(1), n))
-        row = {
-            "variant": name,
-            "probe@1": float(np.mean(probe_f1)),
-            "finetune@0.1": float(np.mean(ft_f1)),
-            "folds": groups,
-            "seconds": time.perf_counter() - start,
-        }
-        log(f"masking {row}")
-        rows.append(row)
-    return rows
+    if ev.ablation_curve_steps:
+        calls.insert(
+            0, (ablation_job, (cfg, "base", str(ev.ablation_folds[0]), ev.ablation_curve_steps))
+        )
+    start = time.perf_counter()
+    rows = _run_jobs(data, calls, jobs, "ablation", progress)
+    curve = rows.pop(0) if ev.ablation_curve_steps else None
+    scores = {}
+    for name in variants:
+        mine = [r for r in rows if r["variant"] == name]
+        probe = float(np.mean([r["probe_f1"] for r in mine]))
+        tuned = float(np.mean([r["finetune_f1"] for r in mine]))
+        scores[name] = {"probe_f1": probe, "finetune_f1": tuned, "score": (probe + tuned) / 2}
+        log(f"ablation {name}: probe {probe:.3f}, finetune@1% {tuned:.3f} (validation)")
+    chosen = max(scores, key=lambda k: scores[k]["score"])
+    return {
+        "variants": variants,
+        "folds": [str(g) for g in ev.ablation_folds],
+        "rows": rows,
+        "scores": scores,
+        "chosen": chosen,
+        "curve": curve,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def set_threads(n: int | None) -> None:

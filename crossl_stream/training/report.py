@@ -1,12 +1,16 @@
 """Evaluation results -> results.json, metrics.json, report.md and plots; model cards.
 
-``write_eval`` takes the dict ``experiments.run_folds`` returns for one data set (and,
-optionally, the rows of ``run_masking_grid``) and writes, into one folder, the raw results,
-the machine-readable summary, a markdown report whose sentences are written from the numbers,
-and its plots under ``img/``. ``write_card`` writes the ``README.md`` of any model folder from
-its ``model.json`` (and an evaluation's ``metrics.json`` when there is one).
+``write_eval`` takes the dict ``experiments.run_folds`` returns for one data set (with the
+``config`` and ``total_seconds`` the CLI adds) and, optionally, the one ``run_ablation``
+returns, and writes into one folder the raw results, the machine-readable summary, a markdown
+report whose sentences are written from the numbers, and its plots under ``img/``.
+``write_card`` writes the ``README.md`` of any model folder from its ``model.json`` (and an
+evaluation's ``metrics.json`` when there is one).
 
-Values are fractions in [0, 1] in the JSON files and percentages in the markdown.
+A run key is ``arm@fraction`` (``crossl@0.1``); ``results["runs"][key][seed][group]`` is one
+test score. A subject's (group's) score is its mean over the key's seeds; means and stds are
+over subjects. Values are fractions in [0, 1] in the JSON files and percentages in the
+markdown.
 """
 
 from __future__ import annotations
@@ -17,17 +21,25 @@ from typing import Any
 
 import numpy as np
 
-# the models of the label-fraction table, and those trained with every label that are also
-# scored with one modality only
-MODELS = ("crossl", "crossl-probe", "supervised")
-FULL_MODELS = ("crossl", "supervised", "supervised+masking")
+from crossl_stream.training.metrics import wilcoxon_signed_rank
+
+ARMS = ("crossl", "crossl-all", "probe", "supervised", "supervised-plain")
 TITLES = {
-    "crossl": "CroSSL fine-tune",
-    "crossl-probe": "CroSSL probe",
+    "crossl": "CroSSL",
+    "crossl-all": "CroSSL (all)",
+    "probe": "CroSSL probe",
     "supervised": "supervised",
-    "supervised+masking": "supervised + masking",
+    "supervised-plain": "supervised (plain)",
 }
+# the paired comparisons: (arm, baseline) at each label fraction both ran
+PAIRS = (("crossl", "supervised"), ("crossl-all", "supervised"))
 STOPS = ("patience", "max_epochs", "steps")
+# the issue's targets
+GOAL_FULL = 0.83  # supervised@1.0 macro-F1
+GOAL_GAIN = 0.05  # CroSSL over supervised at each of GAIN_FRACTIONS
+GAIN_FRACTIONS = (0.1, 0.01)
+GOAL_KEPT = 0.9  # share of the all-modality macro-F1 kept with one modality only
+DIGITS = 6
 
 
 def save_json(path: Path, data: Any) -> None:
@@ -39,31 +51,38 @@ def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def canonical(name: str) -> str:
-    """``crossl@1`` -> ``crossl@1.0`` (and keeps ``|modality`` suffixes)."""
-    head, _, modality = name.partition("|")
-    model, _, fraction = head.partition("@")
-    out = f"{model}@{float(fraction)}" if fraction else model
-    return f"{out}|{modality}" if modality else out
+def run_key(arm: str, fraction: float) -> str:
+    """("crossl", 0.1) -> ``crossl@0.1``."""
+    return f"{arm}@{float(fraction)}"
 
 
-def split_variant(name: str) -> tuple[str, float | None, str | None]:
-    """``crossl@1.0|acc`` -> ("crossl", 1.0, "acc")."""
-    head, _, modality = name.partition("|")
-    model, _, fraction = head.partition("@")
-    return model, (float(fraction) if fraction else None), (modality or None)
+def split_key(key: str) -> tuple[str, float | None]:
+    """``crossl@0.1`` -> ("crossl", 0.1); a key without ``@`` has no fraction."""
+    arm, _, fraction = key.partition("@")
+    return arm, (float(fraction) if fraction else None)
 
 
-def _key(fraction: float) -> str:
-    return str(float(fraction))
+def _rank(key: str) -> tuple:
+    arm, fraction = split_key(key)
+    return (-1.0 if fraction is None else fraction, ARMS.index(arm) if arm in ARMS else 99, key)
+
+
+def run_keys(keys: Any) -> list[str]:
+    """Run keys by label fraction, then arm."""
+    return sorted(keys, key=_rank)
+
+
+def fractions(keys: Any) -> list[float]:
+    """The label fractions of ``keys``, ascending."""
+    return sorted({f for k in keys if (f := split_key(k)[1]) is not None})
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(float(v), DIGITS)
 
 
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
-
-
-def _pm(v: dict | None) -> str:
-    return f"{_pct(v['macro_f1'])} ± {_pct(v['macro_f1_std'])}" if v else "—"
 
 
 def _labels(fraction: float) -> str:
@@ -71,385 +90,756 @@ def _labels(fraction: float) -> str:
     return f"{100 * fraction:g}%"
 
 
-def _capital(text: str) -> str:
-    return text[:1].upper() + text[1:]
+def _points(d: float | None) -> str:
+    return "—" if d is None else f"{100 * d:+.1f}"
 
 
-def _points(d: float) -> str:
-    return f"{100 * d:+.1f}"
+def _p(p: float | None) -> str:
+    return "—" if p is None else (f"{p:.2f}" if p >= 0.01 else f"{p:.3f}")
 
 
-# -- the summary --------------------------------------------------------------------------
+def _seed(s: str) -> int | str:
+    return int(s) if s.lstrip("-").isdigit() else s
 
 
-def _normalised(results: dict[str, Any]) -> dict[str, Any]:
-    """``results`` with canonical variant names and every key the report reads (results
-    written before the generic protocol said ``subjects`` and ``curves_subject``)."""
-    r = dict(results)
-    r["variants"] = {canonical(k): v for k, v in results.get("variants", {}).items()}
-    r["curves"] = {
-        (canonical(k) if "@" in k else k): v for k, v in (results.get("curves") or {}).items()
+# -- the numbers ----------------------------------------------------------------------------
+
+
+def groups_of(results: dict[str, Any]) -> list[str]:
+    """The held-out groups: ``folds`` in order, then any other group a run has."""
+    out = [str(g) for g in results.get("folds") or []]
+    for per_seed in (results.get("runs") or {}).values():
+        for per_group in per_seed.values():
+            out += sorted(g for g in per_group if g not in out)
+    return out
+
+
+def per_subject(
+    runs: dict[str, Any],
+    key: str,
+    groups: list[str],
+    seeds: list[str] | None = None,
+    field: str = "macro_f1",
+    modality: str | None = None,
+) -> dict[str, float]:
+    """Each group's ``field`` (or macro-F1 with ``modality`` alone) of run ``key``: the mean
+    over ``seeds`` (default: every seed the key ran); groups no seed has are left out."""
+    per_seed = runs.get(key) or {}
+    seeds = list(per_seed) if seeds is None else [str(s) for s in seeds]
+    out = {}
+    for g in groups:
+        values = []
+        for s in seeds:
+            entry = (per_seed.get(s) or {}).get(g)
+            if entry is None:
+                continue
+            v = (entry.get("alone") or {}).get(modality) if modality else entry.get(field)
+            if v is not None:
+                values.append(float(v))
+        if values:
+            out[g] = float(np.mean(values))
+    return out
+
+
+def run_summary(
+    runs: dict[str, Any], key: str, groups: list[str], modalities: list[str]
+) -> dict[str, Any]:
+    """One run key: the per-subject scores, their mean and std over subjects, the spread over
+    seeds (std of the per-seed means over subjects; None with one seed), the accuracy, each
+    modality alone with the fraction it keeps, and how the runs stopped."""
+    per_seed = runs[key]
+    subjects = per_subject(runs, key, groups)
+    f1 = np.array(list(subjects.values()))
+    seed_means = [
+        float(np.mean([e["macro_f1"] for e in per_seed[s].values()]))
+        for s in per_seed
+        if per_seed[s]
+    ]
+    acc = per_subject(runs, key, groups, field="accuracy")
+    mean = float(f1.mean()) if f1.size else None
+    alone = {}
+    for m in modalities:
+        a = per_subject(runs, key, groups, modality=m)
+        if a:
+            alone[m] = float(np.mean(list(a.values())))
+    kept = {m: v / mean for m, v in alone.items()} if mean else {}
+    stops = dict.fromkeys(STOPS, 0)
+    best = []
+    for per_group in per_seed.values():
+        for e in per_group.values():
+            stopped = e.get("stopped") or "steps"
+            stops[stopped] = stops.get(stopped, 0) + 1
+            if e.get("best_epoch") is not None:
+                best.append(int(e["best_epoch"]))
+    return {
+        "seeds": [_seed(s) for s in per_seed],
+        "per_subject": subjects,
+        "macro_f1": mean,
+        "macro_f1_std": float(f1.std()) if f1.size else None,
+        "seed_spread": float(np.std(seed_means)) if len(seed_means) > 1 else None,
+        "accuracy": float(np.mean(list(acc.values()))) if acc else None,
+        "alone": alone,
+        "kept": kept,
+        "worst": min(kept, key=kept.get) if kept else None,
+        "stops": stops,
+        "runs": sum(stops.values()),
+        "best_epoch": float(np.median(best)) if best else None,
     }
-    r["stops"] = {
-        str(g): {canonical(k): s for k, s in v.items()}
-        for g, v in (results.get("stops") or {}).items()
-    }
-    r.setdefault("name", "unnamed data set")
-    r.setdefault("by", "subject")
-    r.setdefault("pretrain_on", "train")
-    r["folds"] = [str(g) for g in (results.get("folds") or results.get("subjects") or [])]
-    r.setdefault("curves_fold", results.get("curves_subject"))
-    r.setdefault("modalities", [])
-    r.setdefault("classes", [])
-    return r
 
 
-def fractions(variants: dict[str, Any]) -> list[float]:
-    """The label fractions of the label-fraction table, ascending."""
-    found = set()
-    for name in variants:
-        model, fraction, modality = split_variant(name)
-        if model in MODELS and fraction is not None and modality is None:
-            found.add(fraction)
-    return sorted(found)
-
-
-def paired_difference(
-    variants: dict[str, Any], a: str, b: str, folds: list[str] | None = None
-) -> dict[str, Any] | None:
-    """``a`` minus ``b`` fold by fold (same held-out group): the mean and std of the
-    differences, and on how many folds ``a`` scored higher, lower, the same."""
-    if a not in variants or b not in variants:
+def paired(runs: dict[str, Any], a: str, b: str, groups: list[str]) -> dict[str, Any] | None:
+    """``a`` minus ``b`` subject by subject, each the mean over the seeds both ran: the mean
+    difference, wins (a higher) and losses out of n subjects, and the exact two-sided
+    Wilcoxon signed-rank p-value; None when the two share no seed and subject."""
+    if a not in runs or b not in runs:
         return None
-    fa = {str(k): v for k, v in variants[a].get("macro_f1_per_fold", {}).items()}
-    fb = {str(k): v for k, v in variants[b].get("macro_f1_per_fold", {}).items()}
-    order = [g for g in (folds or sorted(fa)) if g in fa and g in fb]
-    if not order:
+    seeds = [s for s in runs[a] if s in runs[b]]
+    sa = per_subject(runs, a, groups, seeds)
+    sb = per_subject(runs, b, groups, seeds)
+    both = [g for g in sa if g in sb]
+    if not both:
         return None
-    diffs = {g: fa[g] - fb[g] for g in order}
-    d = np.array(list(diffs.values()))
+    d = np.round(np.array([sa[g] - sb[g] for g in both]), 12)
     return {
         "mean": float(d.mean()),
-        "std": float(d.std()),
-        "wins": int((d > 1e-12).sum()),
-        "losses": int((d < -1e-12).sum()),
-        "ties": int((np.abs(d) <= 1e-12).sum()),
-        "folds": len(d),
-        "per_fold": diffs,
+        "wins": int((d > 0).sum()),
+        "losses": int((d < 0).sum()),
+        "n": len(both),
+        "p": wilcoxon_signed_rank(d),
+        "seeds": [_seed(s) for s in seeds],
+        "per_subject": {g: float(x) for g, x in zip(both, d, strict=True)},
     }
 
 
-def eval_metrics(results: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json: the summary other tools read; values are fractions in [0, 1]."""
-    r = _normalised(results)
-    variants = r["variants"]
-    missing: dict[str, dict[str, float]] = {}
-    for name, v in variants.items():
-        model, _, modality = split_variant(name)
-        if modality:
-            missing.setdefault(model, {})[modality] = round(v["macro_f1"], 6)
-    diffs = {}
-    for f in fractions(variants):
-        d = paired_difference(variants, f"crossl@{_key(f)}", f"supervised@{_key(f)}", r["folds"])
-        if d:
-            diffs[_key(f)] = round(d["mean"], 6)
+def min_wins(n: int, alpha: float = 0.05) -> int | None:
+    """The fewest wins out of ``n`` paired subjects that can give a two-sided Wilcoxon
+    p < ``alpha`` (the losses being the smallest differences); None: no number can."""
+    for k in range(n // 2 + 1, n + 1):  # more wins than losses
+        d = np.arange(1.0, n + 1)
+        d[: n - k] *= -1
+        if wilcoxon_signed_rank(d) < alpha:
+            return k
+    return None
+
+
+def _target(name: str, value: float, goal: float, **extra: Any) -> dict[str, Any]:
     return {
-        "dataset": r["name"],
-        "protocol": f"leave-one-{r['by']}-out",
-        "pretrain_on": r["pretrain_on"],
-        "folds": r["folds"],
-        "windows": r.get("windows"),
-        "macro_f1": {k: round(v["macro_f1"], 6) for k, v in variants.items() if "|" not in k},
-        "macro_f1_std": {
-            k: round(v["macro_f1_std"], 6) for k, v in variants.items() if "|" not in k
-        },
-        "missing_modality_macro_f1": missing,
-        "crossl_minus_supervised": diffs,
+        "name": name,
+        "value": _round(value),
+        "goal": _round(goal),
+        "met": bool(value >= goal - 1e-12),
+        "margin": _round(value - goal),
+        **{k: (_round(v) if isinstance(v, float) else v) for k, v in extra.items()},
     }
+
+
+def targets(summaries: dict[str, dict], pairs: dict[str, dict]) -> list[dict[str, Any]]:
+    """The issue's targets that this evaluation measured: supervised with every label; CroSSL
+    (and CroSSL trained on all windows) over supervised at 10% and 1% of labels; the share
+    of macro-F1 each arm keeps with one modality only, at every label."""
+    out = []
+    full = summaries.get(run_key("supervised", 1.0))
+    if full and full["macro_f1"] is not None:
+        out.append(_target(f"supervised@1.0 >= {GOAL_FULL:g}", full["macro_f1"], GOAL_FULL))
+    for f in GAIN_FRACTIONS:
+        base = run_key("supervised", f)
+        for arm in ("crossl", "crossl-all"):
+            key = run_key(arm, f)
+            if summaries.get(key, {}).get("macro_f1") is None:
+                continue
+            if summaries.get(base, {}).get("macro_f1") is None:
+                continue
+            d = pairs.get(f"{key} - {base}") or {}
+            out.append(
+                _target(
+                    f"{key} >= {base} + {GOAL_GAIN:g}",
+                    summaries[key]["macro_f1"],
+                    summaries[base]["macro_f1"] + GOAL_GAIN,
+                    diff=d.get("mean"),
+                    p=d.get("p"),
+                )
+            )
+    for key, s in summaries.items():
+        if split_key(key)[1] == 1.0 and s["worst"]:
+            out.append(
+                _target(
+                    f"{key} kept >= {GOAL_KEPT:g} with one modality only",
+                    s["kept"][s["worst"]],
+                    GOAL_KEPT,
+                    modality=s["worst"],
+                )
+            )
+    return out
+
+
+def _ablation_summary(ablation: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not ablation:
+        return None
+    return {
+        "folds": ablation.get("folds"),
+        "variants": ablation.get("variants"),
+        "scores": {
+            name: {k: _round(v) for k, v in s.items()}
+            for name, s in (ablation.get("scores") or {}).items()
+        },
+        "chosen": ablation.get("chosen"),
+    }
+
+
+def _summary(metrics: dict[str, Any]) -> list[str]:
+    """Short lines for a terminal: each label fraction, the targets, any capped run."""
+    f1 = metrics["macro_f1"]
+    lines = []
+    for f in fractions(f1):
+        cells = [
+            f"{TITLES.get(arm, arm)} {_pct(f1[run_key(arm, f)])}"
+            for arm in ARMS
+            if run_key(arm, f) in f1
+        ]
+        diffs = []
+        for arm, base in PAIRS:
+            d = metrics["paired"].get(f"{run_key(arm, f)} - {run_key(base, f)}")
+            if d:
+                diffs.append(f"{TITLES[arm]} - {TITLES[base]} {_points(d['mean'])}, p={_p(d['p'])}")
+        line = f"labels {_labels(f)}: " + ", ".join(cells)
+        lines.append(line + (f" ({'; '.join(diffs)})" if diffs else ""))
+    for t in metrics["targets"]:
+        lines.append(
+            f"target {t['name']}: {'met' if t['met'] else 'missed'} ({_points(t['margin'])} points)"
+        )
+    capped = {k: s["max_epochs"] for k, s in metrics["stops"].items() if s.get("max_epochs")}
+    if capped:
+        lines.append(
+            "runs stopped at max_epochs (the cap bound): "
+            + ", ".join(f"{k} {n}" for k, n in capped.items())
+        )
+    return lines
+
+
+def eval_metrics(
+    results: dict[str, Any],
+    ablation: dict[str, Any] | None = None,
+    machine: str | None = None,
+) -> dict[str, Any]:
+    """metrics.json: the summary other tools read; values are fractions in [0, 1]."""
+    runs = results.get("runs") or {}
+    groups = groups_of(results)
+    keys = run_keys(runs)
+    modalities = list(results.get("modalities") or [])
+    summaries = {k: run_summary(runs, k, groups, modalities) for k in keys}
+    pairs = {}
+    for f in fractions(keys):
+        for arm, base in PAIRS:
+            a, b = run_key(arm, f), run_key(base, f)
+            d = paired(runs, a, b, groups)
+            if d:
+                pairs[f"{a} - {b}"] = d
+
+    def each(field: str) -> dict[str, float | None]:
+        return {k: _round(s[field]) for k, s in summaries.items()}
+
+    metrics = {
+        "dataset": results.get("name", "unnamed data set"),
+        "protocol": f"leave-one-{results.get('by', 'subject')}-out",
+        "folds": groups,
+        "seeds": list(results.get("seeds") or []),
+        "windows": results.get("windows"),
+        "macro_f1": each("macro_f1"),
+        "macro_f1_std": each("macro_f1_std"),
+        "seed_spread": each("seed_spread"),
+        "accuracy": each("accuracy"),
+        "per_subject": {
+            k: {g: _round(v) for g, v in s["per_subject"].items()} for k, s in summaries.items()
+        },
+        "alone": {
+            k: {m: _round(v) for m, v in s["alone"].items()}
+            for k, s in summaries.items()
+            if s["alone"]
+        },
+        "kept": {
+            k: {m: _round(v) for m, v in s["kept"].items()}
+            for k, s in summaries.items()
+            if s["kept"]
+        },
+        "paired": {
+            name: {
+                **{k: (_round(v) if k in ("mean", "p") else v) for k, v in d.items()},
+                "per_subject": {g: _round(x) for g, x in d["per_subject"].items()},
+            }
+            for name, d in pairs.items()
+        },
+        "targets": targets(summaries, pairs),
+        "stops": {k: s["stops"] for k, s in summaries.items()},
+        "best_epoch": each("best_epoch"),
+        "ablation": _ablation_summary(ablation),
+        "machine": machine,
+        "seconds": _round(results.get("total_seconds", results.get("seconds"))),
+    }
+    metrics["summary"] = _summary(metrics)
+    return metrics
 
 
 def write_eval(
     results: dict[str, Any],
     out: Path,
-    masking: list | None = None,
+    ablation: dict[str, Any] | None = None,
     machine: str | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``out/results.json`` (and ``masking.json``), ``metrics.json``, ``report.md`` and
-    ``img/*.png``; returns the metrics."""
+    """Write ``out/results.json`` (and ``ablation.json``), ``metrics.json``, ``report.md``
+    and ``img/*.png``; returns the metrics."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / "results.json", results)
-    if masking:
-        save_json(out / "masking.json", masking)
-    metrics = eval_metrics(results)
+    if ablation:
+        save_json(out / "ablation.json", ablation)
+    metrics = eval_metrics(results, ablation, machine)
     save_json(out / "metrics.json", metrics)
-    plots = _plots(_normalised(results), out / "img")
-    (out / "report.md").write_text(render_eval(metrics, results, masking, plots, machine, command))
+    plots = _plots(metrics, results, ablation, out / "img")
+    (out / "report.md").write_text(render_eval(metrics, results, ablation, plots, machine, command))
     return metrics
 
 
-# -- the report ---------------------------------------------------------------------------
+# -- the report -----------------------------------------------------------------------------
 
 
-def _compare(d: dict[str, Any], other: str, won: str = "winning") -> str:
-    """ "3.1 points below supervised, winning 1 of 4 folds" from a paired difference."""
-    size = abs(100 * d["mean"])
-    if size < 0.05:
-        where = f"level with {other} (0.0 points)"
-    else:
-        where = f"{size:.1f} points {'above' if d['mean'] > 0 else 'below'} {other}"
-    tail = f"{won} {d['wins']} of {d['folds']} folds"
-    if d["ties"]:
-        tail += f" ({d['ties']} tied)"
-    return f"{where}, {tail}"
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def _spread_note(d: dict[str, Any]) -> str:
-    if d["wins"] and d["losses"] and abs(d["mean"]) < d["std"]:
-        return (
-            f" The per-fold differences spread ± {100 * d['std']:.1f} points, more than their "
-            "mean: the sign is not consistent across folds."
+def _overrides(o: Any, prefix: str = "") -> str:
+    """``{pretrain: {expander: []}}`` -> "pretrain.expander: []"."""
+    if isinstance(o, dict):
+        if not o:
+            return "(the spec as written)" if not prefix else f"{prefix}: {{}}"
+        return "; ".join(_overrides(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in o.items())
+    return f"{prefix}: {json.dumps(o)}"
+
+
+def _header(
+    metrics: dict[str, Any],
+    results: dict[str, Any],
+    ablation: dict[str, Any] | None,
+    machine: str | None,
+    command: str | None,
+) -> list[str]:
+    by = results.get("by", "subject")
+    groups = metrics["folds"]
+    seeds = metrics["seeds"]
+    lines = [f"# Evaluation: {metrics['dataset']}", ""]
+    facts = [
+        f"Leave-one-{by}-out over {len(groups)} {by}s ({', '.join(groups)})",
+        f"seeds {', '.join(map(str, seeds)) or '—'}",
+    ]
+    windows = results.get("windows")
+    if windows is not None:
+        text = f"{windows} windows"
+        if results.get("labelled_windows") is not None:
+            text += f" ({results['labelled_windows']} labelled)"
+        if results.get("window_s"):
+            text += f" of {results['window_s']:g} s"
+        facts.append(text)
+    mods = results.get("modalities") or []
+    facts.append(
+        f"modalities {', '.join(mods) or '—'}; {len(results.get('classes') or [])} classes"
+    )
+    lines.append("; ".join(facts) + ".")
+    at_full: list[str] = []
+    for k, per_seed in (results.get("runs") or {}).items():
+        if split_key(k)[1] == 1.0:
+            at_full += [s for s in per_seed if s not in at_full]
+    if at_full and len(at_full) < len(seeds):
+        lines[-1] += (
+            f" Runs with every label (100%) use seed{'s' if len(at_full) > 1 else ''} "
+            f"{', '.join(at_full)} only."
         )
-    return ""
+    timing = []
+    total = metrics.get("seconds")
+    if total:
+        timing.append(f"took {_seconds(total)} in all")
+    if results.get("fold_seconds"):
+        timing.append(
+            f"{_seconds(results['fold_seconds'])} of fold work over {results.get('jobs', 1)} "
+            f"job{'s' if results.get('jobs', 1) != 1 else ''}"
+        )
+    if ablation and ablation.get("seconds"):
+        timing.append(f"{_seconds(ablation['seconds'])} of ablation")
+    made = f"Run on {machine}" if machine else "Run"
+    if timing:
+        made += ": " + ", ".join(timing)
+    lines += ["", made + "."]
+    lines += ["", f"Command: `{command or 'crossl-stream eval'}`", ""]
+    lines.append(
+        "Raw results: `results.json`"
+        + (" and `ablation.json`" if ablation else "")
+        + "; summary: `metrics.json`. Numbers are macro-F1 in percent; differences are in "
+        "points."
+    )
+    return lines
 
 
-def _stop_counts(stops: dict[str, dict[str, dict]], variant: str) -> dict[str, Any]:
-    counts = dict.fromkeys(STOPS, 0)
-    best = []
-    for per_fold in stops.values():
-        s = per_fold.get(variant)
-        if not s:
+def _protocol(results: dict[str, Any]) -> list[str]:
+    by = results.get("by", "subject")
+    cfg = results.get("config") or {}
+    pre = cfg.get("pretrain") or {}
+    ft = cfg.get("finetune") or {}
+    mask = cfg.get("masking") or {}
+    arms = [a for a in ARMS if a in (results.get("arms") or {})] or [
+        a for a in ARMS if any(split_key(k)[0] == a for k in results.get("runs") or {})
+    ]
+    what = {
+        "supervised": "the same architecture trained from scratch, with modality dropout "
+        "(and augmentation when configured)",
+        "supervised-plain": "from scratch with neither modality dropout nor augmentation",
+        "crossl": f"pretrained on the training {by}s' windows only, then fine-tuned",
+        "crossl-all": f"pretrained on every window, the held-out {by}'s too but without its "
+        f"labels, then fine-tuned on the training {by}s' labels",
+        "probe": "a linear head on the frozen CroSSL encoder",
+    }
+    lines = ["", "## Protocol", ""]
+    lines.append(
+        f"Each fold holds out one {by}; every arm learns from the other {by}s' labels only, "
+        "on a class-stratified fraction of the labelled windows (the same windows for every "
+        f"arm), stops early on a validation {by} drawn from the training {by}s, and is scored "
+        f"on the held-out {by}'s labelled windows in which every modality is present, with "
+        "every modality and with each alone."
+    )
+    lines.append("")
+    for arm in arms:
+        lines.append(f"- **{TITLES[arm]}** (`{arm}`): {what[arm]}.")
+    bits = []
+    if pre.get("steps") is not None:
+        bits.append(f"pretraining {pre['steps']} steps")
+    if "expander" in pre:
+        bits.append(f"expander {pre['expander'] or 'none'}")
+    if mask:
+        bits.append(f"`{mask.get('strategy')}` latent masking keep {mask.get('keep')}")
+    if pre.get("augment"):
+        shown = ", ".join(
+            f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in pre["augment"].items()
+        )
+        bits.append(f"augmentation ({shown})")
+    if ft.get("modality_dropout") is not None:
+        bits.append(f"modality dropout {ft['modality_dropout']:g}")
+    if "augment" in ft:
+        bits.append(f"classifier augmentation {'on' if ft['augment'] else 'off'}")
+    if ft.get("max_epochs") is not None:
+        bits.append(
+            f"at most {ft['max_epochs']} epochs"
+            + (f", patience {ft['patience']}" if ft.get("patience") is not None else "")
+        )
+    if bits:
+        lines += ["", "Settings: " + "; ".join(bits) + "."]
+    return lines
+
+
+def _main_table(metrics: dict[str, Any], runs: dict[str, Any]) -> list[str]:
+    f1, std = metrics["macro_f1"], metrics["macro_f1_std"]
+    arms = [a for a in ARMS if any(split_key(k)[0] == a for k in f1)]
+    pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
+    head = [TITLES[a] for a in arms] + [
+        f"{TITLES[a]} − {TITLES[b]} (paired: mean, wins, Wilcoxon p)" for a, b in pairs
+    ]
+    lines = [
+        "",
+        "## Macro-F1 by label fraction",
+        "",
+        f"Mean ± std over the held-out {metrics['protocol'].split('-')[2]}s of each subject's "
+        "mean over seeds.",
+        "",
+        "| labels | " + " | ".join(head) + " |",
+        "|---" * (len(head) + 1) + "|",
+    ]
+    for f in fractions(f1):
+        cells = []
+        for a in arms:
+            k = run_key(a, f)
+            cells.append(f"{_pct(f1[k])} ± {_pct(std[k])}" if k in f1 else "—")
+        for a, b in pairs:
+            d = metrics["paired"].get(f"{run_key(a, f)} - {run_key(b, f)}")
+            cells.append(
+                f"{_points(d['mean'])}, {d['wins']}/{d['n']}, p={_p(d['p'])}" if d else "—"
+            )
+        lines.append(f"| {_labels(f)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| run | seeds | macro-F1 | accuracy | spread over seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for k in f1:
+        seeds = list(runs.get(k, {}))
+        spread = metrics["seed_spread"].get(k)
+        lines.append(
+            f"| {k} | {', '.join(seeds)} | {_pct(f1[k])} ± {_pct(std[k])} | "
+            f"{_pct(metrics['accuracy'].get(k))} | "
+            f"{'— (one seed)' if spread is None else '± ' + _pct(spread)} |"
+        )
+    return lines
+
+
+def _targets_section(metrics: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## Targets",
+        "",
+        "| target | value | goal | result | margin (points) | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in metrics["targets"]:
+        notes = ""
+        if "p" in t:
+            notes = f"paired mean {_points(t.get('diff'))}, Wilcoxon p={_p(t.get('p'))}"
+        elif "modality" in t:
+            notes = f"worst: {t['modality']} only"
+        lines.append(
+            f"| {t['name']} | {_pct(t['value'])} | {_pct(t['goal'])} | "
+            f"{'met' if t['met'] else '**missed**'} | {_points(t['margin'])} | {notes} |"
+        )
+    names = {t["name"] for t in metrics["targets"]}
+    absent = []
+    if not any(n.startswith("supervised@1.0") for n in names):
+        absent.append("supervised@1.0")
+    absent += [
+        run_key(a, f)
+        for f in GAIN_FRACTIONS
+        for a in ("crossl", "crossl-all")
+        if not any(n.startswith(run_key(a, f) + " ") for n in names)
+    ]
+    if absent:
+        lines += ["", f"Not measured (no such run): {', '.join(absent)}."]
+    if any("modality" in t for t in metrics["targets"]):
+        lines += [
+            "",
+            f"The modality target ({GOAL_KEPT:.0%} of macro-F1 kept) is shown for every arm "
+            "trained with every label; which arm is shipped is decided elsewhere.",
+        ]
+    return lines
+
+
+def _missing_section(metrics: dict[str, Any], modalities: list[str]) -> list[str]:
+    alone, kept, f1 = metrics["alone"], metrics["kept"], metrics["macro_f1"]
+    keys = [k for k in f1 if k in alone]
+    if len(modalities) < 2 or not keys:
+        return []
+    lines = [
+        "",
+        "## One modality missing",
+        "",
+        "Each model scored on the same windows with one modality only (the others missing); "
+        "kept = that macro-F1 / the macro-F1 with every modality (from the means over "
+        "subjects).",
+        "",
+        "| run | all modalities | "
+        + " | ".join(f"{m} only (kept)" for m in modalities)
+        + " | worst kept |",
+        "|---" * (len(modalities) + 3) + "|",
+    ]
+    for k in keys:
+        cells = [
+            f"{_pct(alone[k].get(m))} ({kept[k][m]:.0%})" if m in kept.get(k, {}) else "—"
+            for m in modalities
+        ]
+        worst = min(kept[k].values()) if kept.get(k) else None
+        lines.append(
+            f"| {k} | {_pct(f1[k])} | "
+            + " | ".join(cells)
+            + f" | {'—' if worst is None else f'{worst:.0%}'} |"
+        )
+    if len(modalities) > 2:
+        lines += [
+            "",
+            f"With {len(modalities)} modalities, one alone is harder than one missing: these "
+            "are lower bounds.",
+        ]
+    return lines
+
+
+def _per_subject_section(metrics: dict[str, Any], by: str) -> list[str]:
+    ps, lines = metrics["per_subject"], []
+    for f in fractions(metrics["macro_f1"]):
+        base = run_key("supervised", f)
+        pairs = [
+            (a, metrics["paired"][f"{run_key(a, f)} - {base}"])
+            for a, _ in PAIRS
+            if f"{run_key(a, f)} - {base}" in metrics["paired"]
+        ]
+        if not pairs:
             continue
-        counts[s.get("stopped") or "steps"] = counts.get(s.get("stopped") or "steps", 0) + 1
-        if s.get("best_epoch") is not None:
-            best.append(int(s["best_epoch"]))
-    return {"counts": counts, "runs": sum(counts.values()), "best": best}
+        shown = [base] + [run_key(a, f) for a, _ in pairs]
+        lines += [
+            "",
+            f"### Per {by}, {_labels(f)} of labels",
+            "",
+            f"| {by} | "
+            + " | ".join(TITLES[split_key(k)[0]] for k in shown)
+            + " | "
+            + " | ".join(f"{TITLES[a]} − supervised" for a, _ in pairs)
+            + " |",
+            "|---" * (1 + len(shown) + len(pairs)) + "|",
+        ]
+        for g in metrics["folds"]:
+            cells = [_pct(ps.get(k, {}).get(g)) for k in shown]
+            cells += [_points(d["per_subject"].get(g)) for _, d in pairs]
+            lines.append(f"| {g} | " + " | ".join(cells) + " |")
+        cells = [_pct(metrics["macro_f1"][k]) for k in shown]
+        cells += [f"{_points(d['mean'])} ({d['wins']}/{d['n']} wins)" for _, d in pairs]
+        lines.append("| mean | " + " | ".join(cells) + " |")
+    if lines:
+        lines = [
+            "",
+            f"## Per {by}",
+            "",
+            f"Each {by}'s macro-F1, the mean over the run's seeds; the differences are over "
+            "the seeds both runs share.",
+        ] + lines
+    return lines
 
 
-def _stops_section(r: dict[str, Any]) -> list[str]:
-    stops = r["stops"]
-    order = list(TITLES)
+def _ablation_section(ablation: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    by = results.get("by", "subject")
+    scores = ablation.get("scores") or {}
+    chosen = ablation.get("chosen")
+    select = ((results.get("config") or {}).get("evaluation") or {}).get("select")
+    folds = ", ".join(map(str, ablation.get("folds") or []))
+    lines = [
+        "",
+        "## Ablation (validation only)",
+        "",
+        f"Each variant is pretrained on the training {by}s of fold(s) {folds or '—'} less one "
+        f"validation {by} drawn from them, and scored on that validation {by} only: a linear "
+        "probe on every label and fine-tuning on 1% of them. These are validation "
+        f"{by}s only, never a test {by}; score = the mean of the two.",
+        "",
+        "| variant | overrides | probe F1 | fine-tune@1% F1 | score |",
+        "|---|---|---|---|---|",
+    ]
+    for name, overrides in (ablation.get("variants") or {}).items():
+        s = scores.get(name, {})
+        mark = f"**{name}** (chosen)" if name == chosen else name
+        lines.append(
+            f"| {mark} | `{_overrides(overrides)}` | {_pct(s.get('probe_f1'))} | "
+            f"{_pct(s.get('finetune_f1'))} | {_pct(s.get('score'))} |"
+        )
+    if chosen:
+        if select and chosen != "base":
+            ran = f"the folds ran `{chosen}`"
+        elif select:
+            ran = "the folds ran the spec as written"
+        else:
+            ran = "selection was off (`evaluation.select`), so the folds ran the spec as written"
+        lines += ["", f"Best on validation: `{chosen}`; {ran}."]
+    curve = ablation.get("curve") or {}
+    points = curve.get("curve") or []
+    if points:
+        lines += [
+            "",
+            f"### Pretraining curve: `{curve.get('variant', 'base')}`, validation {by} of "
+            f"fold {curve.get('group')}",
+            "",
+            "Linear-probe macro-F1 on the validation group as pretraining runs; flat at the end "
+            "means more steps would not help.",
+            "",
+            "| step | probe F1 (validation) |",
+            "|---|---|",
+        ]
+        lines += [f"| {p['step']} | {_pct(p['probe_f1'])} |" for p in points]
+    return lines
 
-    def rank(name: str) -> tuple:
-        model, fraction, _ = split_variant(name)
-        return (fraction or 0.0, order.index(model) if model in order else len(order), name)
 
-    names = sorted({v for per_fold in stops.values() for v in per_fold}, key=rank)
-    if not names:
+def _stops_section(metrics: dict[str, Any]) -> list[str]:
+    stops = metrics["stops"]
+    if not stops:
         return []
     lines = [
         "",
         "## How the runs stopped",
         "",
-        "Every classifier trains in epochs and keeps the weights of its best epoch on a "
-        f"validation {r['by']} drawn from the training {r['by']}s: `patience` means the "
-        "validation macro-F1 stopped improving, `max_epochs` that the epoch cap ended the run "
-        "first, `steps` that there was no validation group and a fixed step budget ran.",
+        "Every classifier trains in epochs and keeps its best epoch on the validation group: "
+        "`patience` means the validation macro-F1 stopped improving; `max_epochs` that the "
+        "epoch cap ended the run first (a defect: the cap bound, not the validation score); "
+        "`steps` that there was no validation group and a fixed step budget ran.",
         "",
-        "| run | patience | max_epochs | steps | best epoch (median, range) |",
-        "|---|---|---|---|---|",
+        "| run | runs | patience | max_epochs | steps | best epoch (median) |",
+        "|---|---|---|---|---|---|",
     ]
-    sentences = []
-    for name in names:
-        s = _stop_counts(stops, name)
-        c = s["counts"]
-        best = s["best"]
-        shown = f"{int(np.median(best))} ({min(best)}–{max(best)})" if best else "—"
-        lines.append(f"| {name} | {c['patience']} | {c['max_epochs']} | {c['steps']} | {shown} |")
-    for group, label in (("supervised", "supervised"), ("crossl", "CroSSL")):
-        runs = [n for n in names if split_variant(n)[0].startswith(group)]
-        total = {k: sum(_stop_counts(stops, n)["counts"][k] for n in runs) for k in STOPS}
-        n = sum(total.values())
-        if not n:
-            continue
-        capped = [n_ for n_ in runs if _stop_counts(stops, n_)["counts"]["max_epochs"]]
-        if total["max_epochs"]:
-            those = "that run" if total["max_epochs"] == 1 else "those runs"
-            sentences.append(
-                f"- {total['max_epochs']} of {n} {label} runs stopped at max_epochs: the cap "
-                f"bound, not the validation score ({', '.join(capped)}); {those} had not met "
-                "the early-stopping rule, and a higher cap could change the numbers."
-            )
-        elif total["patience"] == n:
-            sentences.append(
-                f"- All {n} {label} runs stopped on patience: none was cut short by the epoch cap."
-            )
-        if total["steps"]:
-            sentences.append(
-                f"- {total['steps']} of {n} {label} runs had no validation group and trained a "
-                "fixed step budget."
-            )
-    return lines + [""] + sentences
+    capped = []
+    for k, s in stops.items():
+        n = sum(s.values())
+        cap = s.get("max_epochs", 0)
+        if cap:
+            capped.append(f"{k} ({cap} of {n})")
+        best = metrics.get("best_epoch", {}).get(k)
+        lines.append(
+            f"| {k} | {n} | {s.get('patience', 0)} | "
+            f"{f'**{cap}** (capped)' if cap else 0} | {s.get('steps', 0)} | "
+            f"{'—' if best is None else f'{best:g}'} |"
+        )
+    lines.append("")
+    if capped:
+        lines.append(
+            f"- **Stopped at max_epochs:** {', '.join(capped)}. Those runs had not met the "
+            "early-stopping rule; raise `finetune.max_epochs` and the numbers may change."
+        )
+    else:
+        lines.append("- No run stopped at max_epochs: none was cut short by the epoch cap.")
+    steps = [k for k, s in stops.items() if s.get("steps")]
+    if steps:
+        lines.append(f"- Fixed step budget, no validation group: {', '.join(steps)}.")
+    return lines
+
+
+def _reading(metrics: dict[str, Any], by: str) -> list[str]:
+    n = len(metrics["folds"])
+    k = min_wins(n)
+    wilcoxon = (
+        f"with {n} {by}s it cannot reach p < 0.05 with fewer than {k} wins of {n}, however "
+        "large the differences (and needs more wins when the losses are not the smallest)"
+        if k is not None
+        else f"with {n} {by}s it cannot reach p < 0.05 at all"
+    )
+    return [
+        "",
+        "## How to read these numbers",
+        "",
+        f"- **Per-{by} scores.** A {by}'s score is its macro-F1 averaged over the seeds of "
+        f"that run; means ± std are over the {n} held-out {by}s, so the std is the spread "
+        f"between {by}s, not between runs. The spread over seeds (std of the per-seed "
+        "means) is in the per-run table.",
+        f"- **Paired comparisons.** CroSSL − supervised compares the two on the same held-out "
+        f"{by}, over the seeds both ran; wins count the {by}s where CroSSL scored higher. The "
+        f"p-value is the exact two-sided Wilcoxon signed-rank test over {by}s: {wilcoxon}. "
+        "A target met on the means with a large p is not yet evidence.",
+        f"- **Validation.** Early stopping and the ablation use a validation {by} drawn from "
+        f"the training {by}s of each fold; no test {by}'s labels are ever used (CroSSL (all) "
+        f"sees the test {by}'s windows, unlabelled, in pretraining).",
+        "- **Label fractions count windows.** Overlapping windows share most of their "
+        "samples, so a small fraction of windows can cover most recordings; every arm gets "
+        "the same labelled windows.",
+        "- **Confusion matrices** pool every fold and seed; the tables' macro-F1 is the mean "
+        f"of per-{by} scores, so the two need not agree.",
+    ]
 
 
 def render_eval(
     metrics: dict[str, Any],
     results: dict[str, Any],
-    masking: list | None = None,
+    ablation: dict[str, Any] | None = None,
     plots: list[str] | None = None,
     machine: str | None = None,
     command: str | None = None,
 ) -> str:
     """report.md as text."""
-    r = _normalised(results)
-    variants = r["variants"]
-    folds = r["folds"]
-    by = r["by"]
-    n = len(folds)
-    fracs = fractions(variants)
-    lines = [f"# Evaluation: {r['name']}", ""]
-
-    made = []
-    if command:
-        made.append(f"Produced by `{command}`")
-    else:
-        made.append("Produced by `crossl-stream eval`")
-    if machine:
-        made[-1] += f" on {machine}"
-    seconds = float(r.get("seconds") or 0.0)
-    if masking:
-        seconds += sum(float(row.get("seconds") or 0.0) for row in masking)
-    if seconds:
-        made.append(
-            f"{seconds:.0f} s ({seconds / 60:.1f} min) of training and scoring in all"
-            + (" (protocol and masking grid)" if masking else "")
-        )
-    lines += [
-        "; ".join(made) + ". Raw results: `results.json`; summary: `metrics.json`. "
-        "Numbers are macro-F1 in percent; differences are in points.",
-        "",
-        "## Protocol",
-        "",
-    ]
-    if r["pretrain_on"] == "all":
-        where = (
-            "Self-supervised pretraining, and the normalisation statistics of the pretrained "
-            f"encoder, also saw the held-out {by}'s windows, without their labels (not strict: "
-            "the encoder has seen the test signals, as one adapted on a new user's unlabelled "
-            "data would)"
-        )
-    else:
-        where = (
-            f"Self-supervised pretraining saw the training {by}s' windows only (strict: "
-            f"nothing of the held-out {by})"
-        )
-    windows = r.get("windows")
-    labelled = r.get("labelled_windows")
-    counted = f"{windows} windows" if windows is not None else "Windows"
-    if labelled is not None:
-        counted += f" ({labelled} labelled)"
-    window_s = r.get("window_s")
-    if window_s:
-        counted += f" of {window_s:g} s"
-    lines += [
-        f"Leave-one-{by}-out: each of the {n} folds holds out one {by} "
-        f"({', '.join(folds)}); every classifier is fitted on the other {by}s' labels. "
-        f"{counted[0].upper() + counted[1:]}; modalities "
-        f"{', '.join(r['modalities']) or '—'}; {len(r['classes'])} classes. {where}. "
-        "CroSSL is then fine-tuned (every weight) or probed (a linear head on the frozen "
-        "encoder) on a class-stratified fraction of the labelled training windows; the "
-        "supervised baseline is the same architecture trained from scratch on the same "
-        "labelled windows. Every classifier holds part of those windows out for validation "
-        f"(a whole {by} where there are several) and keeps the weights of its best epoch "
-        "(early stopping). Each model is "
-        f"scored on the held-out {by}'s labelled windows in which every modality is present, "
-        "one window at a time. Mean ± std are over folds (one seed), so the spread is "
-        f"between {by}s, not between runs.",
-        "",
-        "## Labels: CroSSL against supervised",
-        "",
-        "| labels | CroSSL fine-tune | CroSSL probe | supervised |",
-        "|---|---|---|---|",
-    ]
-    for f in fracs:
-        k = _key(f)
-        cells = [_pm(variants.get(f"{m}@{k}")) for m in MODELS]
-        lines.append(f"| {_labels(f)} | " + " | ".join(cells) + " |")
-
-    diffs = {
-        f: paired_difference(variants, f"crossl@{_key(f)}", f"supervised@{_key(f)}", folds)
-        for f in fracs
-    }
-    if any(diffs.values()):
-        lines += [
-            "",
-            "### CroSSL minus supervised, fold by fold",
-            "",
-            "| labels | mean difference | std of the differences | folds CroSSL won |",
-            "|---|---|---|---|",
-        ]
-        for f, d in diffs.items():
-            if d:
-                lines.append(
-                    f"| {_labels(f)} | {_points(d['mean'])} | {100 * d['std']:.1f} | "
-                    f"{d['wins']} of {d['folds']} |"
-                )
-        lines.append("")
-        for f, d in diffs.items():
-            if d:
-                lines.append(
-                    f"- CroSSL fine-tuned with {_labels(f)} of labels is "
-                    f"{_compare(d, 'supervised with the same labels')}.{_spread_note(d)}"
-                )
-
-    for f in fracs:
-        k = _key(f)
-        present = [m for m in MODELS if f"{m}@{k}" in variants]
-        if not present:
-            continue
-        head = " | ".join(TITLES[m] for m in present)
-        lines += [
-            "",
-            f"### Per fold, {_labels(f)} of labels",
-            "",
-            f"| {by} | {head} | CroSSL − supervised |",
-            "|---" * (len(present) + 2) + "|",
-        ]
-        for g in folds:
-            cells = [
-                _pct(variants[f"{m}@{k}"].get("macro_f1_per_fold", {}).get(g)) for m in present
-            ]
-            d = diffs.get(f)
-            diff = _points(d["per_fold"][g]) if d and g in d["per_fold"] else "—"
-            lines.append(f"| {g} | " + " | ".join(cells) + f" | {diff} |")
-
-    aug = variants.get("supervised+masking@1.0")
-    if aug:
-        lines += [
-            "",
-            "## Ablation: supervised with CroSSL's latent masking",
-            "",
-            "The supervised baseline trained on every label with the latent masking CroSSL "
-            "uses, as augmentation: it has the masking but no pretraining, so it separates what "
-            "each brings.",
-            "",
-            "| all labels | macro-F1 |",
-            "|---|---|",
-        ]
-        for m in FULL_MODELS:
-            if f"{m}@1.0" in variants:
-                lines.append(f"| {TITLES[m]} | {_pm(variants[f'{m}@1.0'])} |")
-        lines.append("")
-        d = paired_difference(variants, "supervised+masking@1.0", "supervised@1.0", folds)
-        if d:
-            lines.append(
-                "- Masking alone: supervised + masking is "
-                f"{_compare(d, 'supervised', 'better on')}.{_spread_note(d)}"
-            )
-        d = paired_difference(variants, "crossl@1.0", "supervised+masking@1.0", folds)
-        if d:
-            lines.append(
-                "- Pretraining on top of masking: CroSSL fine-tuned is "
-                f"{_compare(d, 'supervised + masking', 'better on')}.{_spread_note(d)}"
-            )
-
-    mods = r["modalities"]
-    lines += _missing_section(variants, mods)
-    lines += _stops_section(r)
-    if masking:
-        lines += _masking_section(masking)
-    lines += ["", READING.format(by=by, n=n).strip()]
+    by = results.get("by", "subject")
+    machine = machine or metrics.get("machine")
+    lines = _header(metrics, results, ablation, machine, command)
+    lines += _protocol(results)
+    lines += _main_table(metrics, results.get("runs") or {})
+    lines += _targets_section(metrics)
+    lines += _missing_section(metrics, list(results.get("modalities") or []))
+    lines += _per_subject_section(metrics, by)
+    if ablation:
+        lines += _ablation_section(ablation, results)
+    lines += _stops_section(metrics)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}](img/{p})" for p in plots]
     elif plots is not None:
@@ -457,102 +847,20 @@ def render_eval(
             "",
             "(No plots: matplotlib is not installed; `pip install crossl-stream[report]`.)",
         ]
+    lines += _reading(metrics, by)
     return "\n".join(lines) + "\n"
 
 
-def _missing_section(variants: dict[str, Any], mods: list[str]) -> list[str]:
-    if len(mods) < 2:
-        return []
-    models = [
-        m
-        for m in FULL_MODELS
-        if f"{m}@1.0" in variants and all(f"{m}@1.0|{x}" in variants for x in mods)
-    ]
-    if not models:
-        return []
-    lines = [
-        "",
-        "## Missing modalities at inference",
-        "",
-        "Models trained with every label, scored on the same windows with only one modality "
-        "given. Kept = worst single-modality macro-F1 / macro-F1 with every modality.",
-        "",
-        "| model | "
-        + " | ".join(["+".join(mods)] + [f"{x} only" for x in mods])
-        + " | kept (worst) |",
-        "|---" * (len(mods) + 3) + "|",
-    ]
-    sentences = []
-    for m in models:
-        full = variants[f"{m}@1.0"]["macro_f1"]
-        vals = {x: variants[f"{m}@1.0|{x}"]["macro_f1"] for x in mods}
-        worst = min(vals, key=vals.get)
-        kept = vals[worst] / full if full > 0 else float("nan")
-        lines.append(
-            f"| {TITLES[m]} | {_pct(full)} | "
-            + " | ".join(_pct(v) for v in vals.values())
-            + f" | {kept:.0%} |"
-        )
-        sentences.append(
-            f"- {_capital(TITLES[m])} keeps {kept:.0%} of its macro-F1 with {worst} only, "
-            f"its worst single modality ({_pct(vals[worst])} against {_pct(full)})."
-        )
-    return lines + [""] + sentences
+# -- plots ----------------------------------------------------------------------------------
 
 
-def _masking_section(masking: list) -> list[str]:
-    folds = [str(g) for g in masking[0].get("folds", [])]
-    lines = [
-        "",
-        "## Masking strategies and aggregators",
-        "",
-        "Pretraining with each setting, then a linear probe on every label and fine-tuning on "
-        f"10% of them; macro-F1 mean over the held-out groups {', '.join(folds)}. One run "
-        "per setting and fold, and no per-fold spread is recorded: read small differences "
-        "with care.",
-        "",
-        "| aggregator / masking@keep | probe, 100% labels | fine-tune, 10% labels | seconds |",
-        "|---|---|---|---|",
-    ]
-    for row in masking:
-        lines.append(
-            f"| {row['variant']} | {_pct(row.get('probe@1'))} | "
-            f"{_pct(row.get('finetune@0.1'))} | {float(row.get('seconds') or 0):.0f} |"
-        )
-    if len(masking) > 1:
-        for key, what in (("probe@1", "probe"), ("finetune@0.1", "fine-tune")):
-            rows = [row for row in masking if row.get(key) is not None]
-            if len(rows) > 1:
-                hi = max(rows, key=lambda x: x[key])
-                lo = min(rows, key=lambda x: x[key])
-                lines.append(
-                    f"\n{what}: highest {hi['variant']} ({_pct(hi[key])}), lowest "
-                    f"{lo['variant']} ({_pct(lo[key])}), {100 * (hi[key] - lo[key]):.1f} "
-                    "points apart."
-                )
-    return lines
-
-
-READING = """
-## How to read these numbers
-
-- **{n} folds.** Every mean is over {n} held-out {by}s and every std is the spread between
-  them (one seed). A difference smaller than the per-fold spread, or won on about half the
-  folds, is not evidence that one model is better.
-- **Paired differences.** "CroSSL minus supervised" compares the two models on the same
-  held-out {by}, then averages; it is more telling than comparing the two means and stds.
-- **Label fractions count windows.** Overlapping windows of one recording share most of
-  their samples, so a small fraction of the windows can cover most recordings. CroSSL and the
-  baseline always get the same labelled windows.
-- **Confusion matrices** pool the windows of every fold; the macro-F1 in the tables is the
-  mean of the per-fold macro-F1, so the two need not agree exactly.
-"""
-
-
-# -- plots --------------------------------------------------------------------------------
-
-
-def _plots(r: dict[str, Any], img: Path) -> list[str]:
+def _plots(
+    metrics: dict[str, Any],
+    results: dict[str, Any],
+    ablation: dict[str, Any] | None,
+    img: Path,
+) -> list[str]:
+    """The report's plots under ``img``; their file names (none without matplotlib)."""
     try:
         import matplotlib
 
@@ -561,78 +869,31 @@ def _plots(r: dict[str, Any], img: Path) -> list[str]:
     except ImportError:
         return []
     img.mkdir(parents=True, exist_ok=True)
-    variants = r["variants"]
-    made = []
-    curve = _learning_curves(plt, r, img)
-    if curve:
-        made.append(curve)
-
-    fracs = fractions(variants)
-    if fracs:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for model in MODELS:
-            pts = [
-                (f, variants[f"{model}@{_key(f)}"])
-                for f in fracs
-                if f"{model}@{_key(f)}" in variants
-            ]
-            if pts:
-                ax.errorbar(
-                    [f for f, _ in pts],
-                    [100 * v["macro_f1"] for _, v in pts],
-                    yerr=[100 * v["macro_f1_std"] for _, v in pts],
-                    marker="o",
-                    capsize=3,
-                    label=TITLES[model],
-                )
-        if len(fracs) > 1 and fracs[-1] / fracs[0] >= 10:
-            ax.set_xscale("log")
-        ax.set_xticks(fracs, [_labels(f) for f in fracs])
-        ax.set_xlabel("fraction of labelled training windows")
-        ax.set_ylabel(f"macro-F1 % (mean ± std over {len(r['folds'])} folds)")
-        ax.set_title(f"{r['name']}: leave-one-{r['by']}-out")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(img / "label_fractions.png", dpi=110)
-        plt.close(fig)
-        made.append("label_fractions.png")
-
-    for name in ("crossl@1.0", "supervised@1.0"):
-        if name in variants and variants[name].get("confusion"):
-            cm = np.asarray(variants[name]["confusion"], dtype=float)
-            classes = r["classes"] or [str(i) for i in range(len(cm))]
-            made.append(_confusion(plt, cm, classes, name, img))
-
-    mods = r["modalities"]
-    models = [
-        m
-        for m in FULL_MODELS
-        if f"{m}@1.0" in variants and all(f"{m}@1.0|{x}" in variants for x in mods)
+    made = [
+        _learning_curves(plt, results, img),
+        _label_fractions(plt, metrics, results, img),
+        _missing_modality(plt, metrics, list(results.get("modalities") or []), img),
     ]
-    if len(mods) >= 2 and models:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        sets = ["+".join(mods)] + [f"{x} only" for x in mods]
-        width = 0.8 / len(models)
-        for i, model in enumerate(models):
-            vals = [variants[f"{model}@1.0"]["macro_f1"]] + [
-                variants[f"{model}@1.0|{x}"]["macro_f1"] for x in mods
-            ]
-            ax.bar(
-                np.arange(len(sets)) + i * width,
-                [100 * v for v in vals],
-                width,
-                label=TITLES[model],
-            )
-        ax.set_xticks(np.arange(len(sets)) + width * (len(models) - 1) / 2, sets)
-        ax.set_ylabel("macro-F1 % (mean over folds)")
-        ax.set_title("modalities given at inference (trained with every label)")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
-        fig.tight_layout()
-        fig.savefig(img / "missing_modality.png", dpi=110)
-        plt.close(fig)
-        made.append("missing_modality.png")
-    return made
+    confusion = results.get("confusion") or {}
+    classes = list(results.get("classes") or [])
+    for key in _confusion_keys(metrics, confusion):
+        cm = np.asarray(confusion[key], dtype=float)
+        made.append(_confusion(plt, cm, classes or [str(i) for i in range(len(cm))], key, img))
+    if ablation:
+        made.append(_ablation_curve(plt, ablation, results.get("by", "subject"), img))
+    return [m for m in made if m]
+
+
+def _confusion_keys(metrics: dict[str, Any], confusion: dict[str, Any]) -> list[str]:
+    """supervised@1.0 and the best CroSSL run at the largest fraction CroSSL ran."""
+    f1 = metrics["macro_f1"]
+    keys = [run_key("supervised", 1.0)] if run_key("supervised", 1.0) in confusion else []
+    crossl = [k for k in f1 if split_key(k)[0] in ("crossl", "crossl-all") and k in confusion]
+    if crossl:
+        top = max(split_key(k)[1] or 0.0 for k in crossl)
+        at_top = [k for k in crossl if split_key(k)[1] == top]
+        keys.append(max(at_top, key=lambda k: f1[k] or 0.0))
+    return keys
 
 
 def _smooth(values: list[float], n: int = 10) -> np.ndarray:
@@ -640,13 +901,15 @@ def _smooth(values: list[float], n: int = 10) -> np.ndarray:
     return np.convolve(v, np.ones(n) / n, mode="valid") if len(v) > n else v
 
 
-def _learning_curves(plt: Any, r: dict[str, Any], img: Path) -> str | None:
-    curves = r["curves"]
+def _learning_curves(plt: Any, results: dict[str, Any], img: Path) -> str | None:
+    curves = results.get("curves") or {}
     pre = curves.get("pretrain") or []
-    runs = {k: v for k, v in curves.items() if k != "pretrain" and v}
-    if not pre and not runs:
+    histories = {k: v for k, v in curves.items() if k != "pretrain" and v}
+    if not pre and not histories:
         return None
-    fold = r.get("curves_fold")
+    fold = results.get("curves_fold")
+    by = results.get("by", "subject")
+    first_seed = str((results.get("seeds") or [0])[0])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if pre:
         for part in ("loss", "invariance", "variance", "covariance"):
@@ -654,31 +917,33 @@ def _learning_curves(plt: Any, r: dict[str, Any], img: Path) -> str | None:
                 axes[0].plot(_smooth([h[part] for h in pre]), label=part)
         axes[0].set_yscale("log")
         axes[0].legend()
-    axes[0].set_title(f"VICReg pretraining, {r['by']} {fold} held out")
+    axes[0].set_title(f"VICReg pretraining, {by} {fold} held out")
     axes[0].set_xlabel("step (moving mean of 10)")
-    epochs = {k: [h for h in v if "val_f1" in h] for k, v in runs.items()}
+    epochs = {k: [h for h in v if "val_f1" in h] for k, v in _by_key(histories).items()}
     epochs = {k: v for k, v in epochs.items() if v}
-    stops = r["stops"].get(str(fold), {})
+    runs = results.get("runs") or {}
     if epochs:
-        for name, hist in epochs.items():
-            style = "-" if name.startswith("supervised") else "--"
+        for key, hist in epochs.items():
+            style = "-" if key.startswith("supervised") else "--"
             (line,) = axes[1].plot(
                 [h.get("epoch", i + 1) for i, h in enumerate(hist)],
                 [100 * h["val_f1"] for h in hist],
                 style,
-                label=name,
+                label=key,
             )
-            best = stops.get(name, {}).get("best_epoch")
+            best = ((runs.get(key) or {}).get(first_seed) or {}).get(str(fold), {})
+            best = best.get("best_epoch")
             for h in hist:
                 if best is not None and h.get("epoch") == best:
                     axes[1].plot([best], [100 * h["val_f1"]], "o", color=line.get_color())
+        axes[1].xaxis.get_major_locator().set_params(integer=True)
         axes[1].set_xlabel("epoch (dot: the kept epoch)")
         axes[1].set_ylabel("validation macro-F1 %")
-        axes[1].set_title("early stopping: validation macro-F1 per epoch")
+        axes[1].set_title(f"early stopping, {by} {fold} held out")
     else:
-        for name, hist in runs.items():
+        for key, hist in histories.items():
             if "loss" in hist[0]:
-                axes[1].plot(_smooth([h["loss"] for h in hist]), label=name)
+                axes[1].plot(_smooth([h["loss"] for h in hist]), label=key)
         axes[1].set_yscale("log")
         axes[1].set_xlabel("step (moving mean of 10)")
         axes[1].set_title("classifier training loss")
@@ -688,6 +953,77 @@ def _learning_curves(plt: Any, r: dict[str, Any], img: Path) -> str | None:
     fig.savefig(img / "learning_curves.png", dpi=110)
     plt.close(fig)
     return "learning_curves.png"
+
+
+def _by_key(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` ordered by run key."""
+    return {k: d[k] for k in run_keys(d)}
+
+
+def _label_fractions(
+    plt: Any, metrics: dict[str, Any], results: dict[str, Any], img: Path
+) -> str | None:
+    f1, std = metrics["macro_f1"], metrics["macro_f1_std"]
+    fracs = fractions(f1)
+    if not fracs:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in ARMS:
+        keys = [(f, run_key(arm, f)) for f in fracs if run_key(arm, f) in f1]
+        if keys:
+            ax.errorbar(
+                [f for f, _ in keys],
+                [100 * (f1[k] or 0.0) for _, k in keys],
+                yerr=[100 * (std[k] or 0.0) for _, k in keys],
+                marker="o",
+                capsize=3,
+                label=TITLES[arm],
+            )
+    if len(fracs) > 1 and fracs[-1] / fracs[0] >= 10:
+        ax.set_xscale("log")
+    ax.set_xticks(fracs, [_labels(f) for f in fracs])
+    ax.set_xlabel("fraction of labelled training windows")
+    by = results.get("by", "subject")
+    ax.set_ylabel(f"macro-F1 % (mean ± std over {len(metrics['folds'])} {by}s)")
+    ax.set_title(f"{metrics['dataset']}: leave-one-{by}-out")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(img / "label_fractions.png", dpi=110)
+    plt.close(fig)
+    return "label_fractions.png"
+
+
+def _missing_modality(
+    plt: Any, metrics: dict[str, Any], modalities: list[str], img: Path
+) -> str | None:
+    """Runs with every label (else the largest fraction that has any): every modality, and
+    each alone."""
+    alone, f1 = metrics["alone"], metrics["macro_f1"]
+    keys = [k for k in f1 if k in alone]
+    if len(modalities) < 2 or not keys:
+        return None
+    top = max(split_key(k)[1] or 0.0 for k in keys)
+    keys = [k for k in keys if split_key(k)[1] == top]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sets = ["all"] + [f"{m} only" for m in modalities]
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        vals = [f1[k]] + [alone[k].get(m) for m in modalities]
+        ax.bar(
+            np.arange(len(sets)) + i * width,
+            [100 * (v or 0.0) for v in vals],
+            width,
+            label=k,
+        )
+    ax.set_xticks(np.arange(len(sets)) + width * (len(keys) - 1) / 2, sets)
+    ax.set_ylabel("macro-F1 % (mean over held-out groups)")
+    ax.set_title(f"modalities given at inference ({_labels(top)} labels)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "missing_modality.png", dpi=110)
+    plt.close(fig)
+    return "missing_modality.png"
 
 
 def _confusion(plt: Any, cm: np.ndarray, classes: list[str], name: str, img: Path) -> str:
@@ -710,13 +1046,41 @@ def _confusion(plt: Any, cm: np.ndarray, classes: list[str], name: str, img: Pat
             )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{name}, every fold pooled (row-normalised)")
+    ax.set_title(f"{name}, every fold and seed pooled (row-normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     file = f"confusion_{name.replace('@', '_').replace('+', '_')}.png"
     fig.savefig(img / file, dpi=110)
     plt.close(fig)
     return file
+
+
+def _ablation_curve(plt: Any, ablation: dict[str, Any], by: str, img: Path) -> str | None:
+    curve = ablation.get("curve") or {}
+    points = curve.get("curve") or []
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(
+        [p["step"] for p in points],
+        [100 * p["probe_f1"] for p in points],
+        "o-",
+        label="probe macro-F1 (validation)",
+    )
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel(f"linear-probe macro-F1 % on the validation {by}")
+    ax.set_title(f"pretraining curve: {curve.get('variant', 'base')}, fold {curve.get('group')}")
+    loss = curve.get("loss") or []
+    if loss:
+        twin = ax.twinx()
+        smooth = _smooth(loss)
+        twin.plot(np.arange(len(smooth)) + (len(loss) - len(smooth)) + 1, smooth, color="grey")
+        twin.set_ylabel("VICReg loss (grey, moving mean of 10)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(img / "ablation_curve.png", dpi=110)
+    plt.close(fig)
+    return "ablation_curve.png"
 
 
 # -- model cards --------------------------------------------------------------------------
@@ -1025,13 +1389,23 @@ def _data_lines(v: dict[str, Any], name: str) -> list[str]:
 
 
 def _metrics_lines(metrics: dict[str, Any], name: str) -> list[str]:
-    f1 = metrics.get("macro_f1", {})
+    """The card's section from an evaluation's metrics.json (also the older one, which had
+    ``crossl_minus_supervised`` and ``missing_modality_macro_f1``)."""
+    f1 = metrics.get("macro_f1") or {}
     folds = metrics.get("folds") or metrics.get("subjects") or []
     protocol = metrics.get("protocol", "held-out evaluation")
     by = protocol.removeprefix("leave-one-").removesuffix("-out") if folds else ""
     held = f"each of {len(folds)} {by}s held out in turn" if folds else "groups held out in turn"
-    diffs = metrics.get("crossl_minus_supervised", {})
-    fracs = sorted({f for k in f1 for _, f, _ in [split_variant(k)] if f is not None})
+    seeds = metrics.get("seeds") or []
+    if len(seeds) > 1:
+        held += f" ({len(seeds)} seeds)"
+    paired = metrics.get("paired") or {}
+    old_diffs = metrics.get("crossl_minus_supervised") or {}
+    shown = [
+        a for a in ("crossl", "supervised", "crossl-all") if any(split_key(k)[0] == a for k in f1)
+    ]
+    pairs = [a for a in ("crossl", "crossl-all") if a in shown]
+    head = [TITLES[a] for a in shown] + [f"{TITLES[a]} − supervised (paired)" for a in pairs]
     lines = [
         f"## How well it does ({protocol}, macro-F1 %)",
         "",
@@ -1039,24 +1413,46 @@ def _metrics_lines(metrics: dict[str, Any], name: str) -> list[str]:
         f"on {metrics.get('dataset', name)} (the evaluation's `report.md` has every table): "
         "not a score of these exact weights.",
         "",
-        "| labels | CroSSL | supervised, same architecture | CroSSL − supervised (paired) |",
-        "|---|---|---|---|",
+        "| labels | " + " | ".join(head) + " |",
+        "|---" * (len(head) + 1) + "|",
     ]
-    for f in fracs:
-        k = _key(f)
-        d = diffs.get(k)
-        lines.append(
-            f"| {_labels(f)} | {_pct(f1.get(f'crossl@{k}'))} | "
-            f"{_pct(f1.get(f'supervised@{k}'))} | {'—' if d is None else _points(d)} |"
-        )
+    for f in fractions(k for k in f1 if split_key(k)[0] in shown):
+        cells = [_pct(f1.get(run_key(a, f))) for a in shown]
+        for a in pairs:
+            d = paired.get(f"{run_key(a, f)} - {run_key('supervised', f)}")
+            if d:
+                cells.append(f"{_points(d['mean'])} ({d['wins']}/{d['n']} wins, p={_p(d['p'])})")
+            elif a == "crossl" and str(float(f)) in old_diffs:
+                cells.append(_points(old_diffs[str(float(f))]))
+            else:
+                cells.append("—")
+        lines.append(f"| {_labels(f)} | " + " | ".join(cells) + " |")
     if metrics.get("dataset") and metrics["dataset"] != name:
         lines += ["", f"(The evaluation ran on {metrics['dataset']}, not on {name}.)"]
-    missing = metrics.get("missing_modality_macro_f1") or {}
-    if missing:
+    alone = metrics.get("alone") or {}
+    kept = metrics.get("kept") or {}
+    full = [k for k in run_keys(alone) if split_key(k)[1] == 1.0]
+    old_missing = metrics.get("missing_modality_macro_f1") or {}
+    if full or old_missing:
         lines += ["", "With one modality only at inference (models trained with every label):", ""]
-        for model, vals in missing.items():
-            shown = ", ".join(f"{m} only {_pct(x)}" for m, x in vals.items())
-            lines.append(f"- {TITLES.get(model, model)}: {shown}")
+    for k in full:
+        shown_alone = ", ".join(
+            f"{m} only {_pct(x)}" + (f" (kept {kept[k][m]:.0%})" if m in kept.get(k, {}) else "")
+            for m, x in alone[k].items()
+        )
+        lines.append(f"- {TITLES.get(split_key(k)[0], k)}: {shown_alone}")
+    if not full:
+        for model, vals in old_missing.items():
+            shown_alone = ", ".join(f"{m} only {_pct(x)}" for m, x in vals.items())
+            lines.append(f"- {TITLES.get(model, model)}: {shown_alone}")
+    goals = metrics.get("targets") or []
+    if goals:
+        lines += ["", "Targets:", ""]
+        for t in goals:
+            lines.append(
+                f"- {t['name']}: {'met' if t['met'] else 'missed'} "
+                f"({_points(t.get('margin'))} points)"
+            )
     return lines
 
 

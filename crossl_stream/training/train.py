@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from crossl_stream.config import FinetuneConfig, LossConfig, PretrainConfig
+from crossl_stream.config import AugmentConfig, FinetuneConfig, LossConfig, PretrainConfig
 from crossl_stream.errors import CheckpointError, InputError
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.model.loss import vicreg_loss
 from crossl_stream.model.masking import NO_MASKING, LatentMasker
+from crossl_stream.training.augment import Augmenter
 from crossl_stream.training.datasets import Windows
 from crossl_stream.training.metrics import macro_f1
 
@@ -326,6 +327,33 @@ class _Checkpoint:
 # -- pretraining ----------------------------------------------------------------------------
 
 
+def expander(embed_dim: int, widths: Sequence[int]) -> torch.nn.Module:
+    """VICReg's expander: Linear-BatchNorm-ReLU blocks, then a last Linear; identity if
+    ``widths`` is empty.
+
+    >>> expander(32, [128, 128])(torch.zeros(4, 32)).shape
+    torch.Size([4, 128])
+    """
+    if not widths:
+        return torch.nn.Identity()
+    layers: list[torch.nn.Module] = []
+    width_in = embed_dim
+    for i, width in enumerate(widths):
+        layers.append(torch.nn.Linear(width_in, width))
+        if i < len(widths) - 1:
+            layers += [torch.nn.BatchNorm1d(width), torch.nn.ReLU()]
+        width_in = width
+    return torch.nn.Sequential(*layers)
+
+
+def augmenter(model: CroSSL, cfg: AugmentConfig | None) -> Augmenter | None:
+    """An Augmenter sized by ``model``'s normalisation, or None when ``cfg`` does nothing."""
+    if cfg is None or not cfg.active:
+        return None
+    spread = {n: getattr(model, f"norm_std_{n}").detach().cpu() for n in model.modality_names}
+    return Augmenter(cfg, spread)
+
+
 def pretrain(
     model: CroSSL,
     windows: Windows,
@@ -338,7 +366,9 @@ def pretrain(
     every: int = 50,
     on_step: StepHook | None = None,
 ) -> list[dict[str, float]]:
-    """VICReg on two independently masked views of each batch; labels are not used.
+    """VICReg on two independently masked (and, per ``cfg.augment``, augmented) views of
+    each batch, seen through ``cfg.expander``; labels are not used. The expander is dropped
+    afterwards: ``model`` keeps what it learned.
 
     With ``checkpoint``, the training state is written there every ``every`` steps and at the
     end (marked complete); a run that finds the file resumes from it, or, if it is complete,
@@ -363,18 +393,23 @@ def pretrain(
         }
         ckpt = _Checkpoint(checkpoint, "pretrain", {"model": _model_identity(model), "run": run})
     batch = min(cfg.batch_size, len(windows))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head = expander(model.config.embed_dim, cfg.expander).to(model.mask_token.device)
+    aug = augmenter(model, cfg.augment)
+    params = [*model.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.steps, 1))
     stream = _BatchStream(len(windows), batch, generator)
     history: list[dict[str, float]] = []
     step = 0
     model.train()
+    head.train()
     state = ckpt.load() if ckpt else None
     if state is not None:
         ckpt.restore_model(model, state["model"])
         history = json.loads(state["history"])
         if state["complete"]:
             return history
+        head.load_state_dict(state["expander"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["batches"])
@@ -387,15 +422,20 @@ def pretrain(
         if not complete:
             out["optimizer"], out["scheduler"] = opt.state_dict(), sched.state_dict()
             out["batches"], out["rng"] = stream.state_dict(), _rng_state(generator)
+            out["expander"] = head.state_dict()
         return out
+
+    def view(x: dict[str, torch.Tensor], avail: torch.Tensor) -> torch.Tensor:
+        if aug is not None:
+            x = aug(x, avail, generator)
+        return head(model(x, avail, masker=masker, generator=generator).embedding)
 
     with tqdm(
         total=cfg.steps, initial=step, desc="pretrain", disable=not progress, leave=False
     ) as bar:
         while step < cfg.steps:
             x, avail = _tensors(windows, stream.next(), available)
-            a = model(x, avail, masker=masker, generator=generator).embedding
-            b = model(x, avail, masker=masker, generator=generator).embedding
+            a, b = view(x, avail), view(x, avail)
             loss, parts = vicreg_loss(
                 a, b, loss_cfg.invariance, loss_cfg.variance, loss_cfg.covariance
             )
@@ -500,12 +540,14 @@ def fit_classifier(
     val: Windows | None = None,
     checkpoint: str | Path | None = None,
     on_step: StepHook | None = None,
+    augment: AugmentConfig | None = None,
 ) -> FitResult:
     """Train the class head (``probe``) or the whole model (``finetune``, ``supervised``).
 
     ``probe`` freezes the pretrained model and trains the head on its fixed embeddings.
     ``finetune`` and ``supervised`` train everything with cross-entropy; ``masker`` applies
-    latent masking as augmentation. Only labelled windows (``y >= 0``) are used.
+    modality dropout or other latent masking; ``augment`` adds signal augmentations to
+    their inputs. Only labelled windows (``y >= 0``) are used.
 
     Without ``val``: ``supervised_steps`` steps under a one-cycle schedule. With ``val``:
     epochs of ``epoch_steps`` steps, each followed by scoring the labelled ``val`` windows;
@@ -538,6 +580,7 @@ def fit_classifier(
         run = {
             "finetune": cfg.model_dump(mode="json"),
             "masker": [masker.strategy, masker.keep],
+            "augment": augment.model_dump(mode="json") if augment else None,
             "seed": seed,
             "data": _windows_digest(windows),
             "validation": _windows_digest(val),
@@ -550,6 +593,7 @@ def fit_classifier(
     per_epoch = epoch_steps(n, cfg)
     y_all = torch.from_numpy(np.asarray(windows.y)).long()
     features = val_features = None
+    aug = augmenter(model, augment) if mode != "probe" else None
     try:
         if mode == "probe":
             for p in model.parameters():
@@ -629,6 +673,8 @@ def fit_classifier(
                     logits = model.head(features[index])
                 else:
                     x, avail = _tensors(windows, index, available)
+                    if aug is not None:
+                        x = aug(x, avail, generator)
                     logits = model(x, avail, masker=masker, generator=generator).logits
                 loss = torch.nn.functional.cross_entropy(logits, y)
                 opt.zero_grad(set_to_none=True)

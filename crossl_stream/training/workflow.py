@@ -23,7 +23,7 @@ from crossl_stream.config import TrainConfig
 from crossl_stream.errors import CheckpointError, DatasetError
 from crossl_stream.model.checkpoint import read_meta, save_model
 from crossl_stream.model.crossl import CroSSL
-from crossl_stream.training.experiments import finetune, masker_of, new_model
+from crossl_stream.training.experiments import finetune, masker_of, new_model, supervised
 from crossl_stream.training.spec import LoadedData
 from crossl_stream.training.train import pretrain
 
@@ -174,6 +174,41 @@ def run_finetune(
     curves = _load_curves(out)
     curves["finetune"] = result.history
     _save_curves(out, curves)
+    return model
+
+
+def run_supervised(
+    cfg: TrainConfig,
+    data: LoadedData,
+    out: Path,
+    fraction: float = 1.0,
+    progress: bool = True,
+) -> CroSSL:
+    """The ``supervised`` recipe: the architecture from scratch on ``fraction`` of the
+    training subjects' labelled windows (modality dropout and early stopping as in
+    fine-tuning), saved to ``out``. Resumes from ``out/finetune.state``."""
+    data.require_classes(cfg.data.name or data.name)
+    index = training_windows(cfg, data)
+    finished = _finished(out / FINETUNE_STATE, out, "supervised")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    windows = data.windows.take(index)
+    model, result = supervised(
+        data, windows, cfg, fraction, progress=progress, checkpoint=out / FINETUNE_STATE
+    )
+    if finished:
+        return model
+    info = provenance(cfg, data, index)
+    info.update(
+        stage="supervised",
+        labels_fraction=fraction,
+        finetune_seconds=round(time.perf_counter() - start, 1),
+        stopped=result.stopped,
+        best_epoch=result.best_epoch,
+        epochs=result.epochs,
+    )
+    save_model(model, out, info)
+    _save_curves(out, {"finetune": result.history})
     return model
 
 
