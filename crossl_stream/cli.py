@@ -42,10 +42,11 @@ def _git_sha() -> str:
 def _spec(args: argparse.Namespace):
     """The training spec named on the command line and its recordings, read into windows."""
     from crossl_stream.config import TrainConfig, load_config
-    from crossl_stream.training.experiments import set_threads
+    from crossl_stream.training.experiments import set_device, set_threads
     from crossl_stream.training.spec import load_data
 
     set_threads(args.threads)
+    set_device(getattr(args, "device", None) or "cpu")
     cfg = load_config(args.spec, TrainConfig)
     data = load_data(cfg.data, Path(args.spec).parent, _shown(args.spec), not args.quiet)
     print(data.describe())
@@ -117,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         FINETUNE_STATE,
         PRETRAIN_STATE,
         pretrained_info,
+        run_best,
         run_finetune,
         run_pretrain,
         run_supervised,
@@ -126,6 +128,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, data = _spec(args)
     data.require_classes(_shown(args.spec))
     start = time.perf_counter()
+    if cfg.recipe == "best":
+        for recipe in ("crossl", "supervised"):
+            _resume(args, out / "candidates" / recipe / FINETUNE_STATE)
+        _resume(args, out / "pretrained" / PRETRAIN_STATE)
+        _, chosen = run_best(cfg, data, out, args.labels_fraction, not args.quiet)
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in chosen["validation_macro_f1"].items())
+        print(f"recipe {chosen['recipe']} kept (validation macro-F1: {scores})")
+        print(f"trained in {time.perf_counter() - start:.0f} s")
+        _finish(out)
+        return 0
     if cfg.recipe == "supervised":
         _resume(args, out / FINETUNE_STATE)
         run_supervised(cfg, data, out, args.labels_fraction, not args.quiet)
@@ -157,6 +169,16 @@ def _export(model_dir: Path) -> list[Path]:
     model, digest = load_model(model_dir), weights_digest(model_dir / WEIGHTS)
     whole = export_onnx(model, model_dir / ONNX_FILE, digest)
     return [whole, export_stream(model, model_dir / STREAM_FILE, digest)]
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from crossl_stream.training.report import write_card
+
+    folder = Path(args.model)
+    if not (folder / "model.json").is_file():
+        raise CrosslError(f"{folder}: no model.json (not a model folder)")
+    print(f"wrote {_shown(write_card(folder))}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -671,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
         p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.set_defaults(func=func)
         return p
@@ -689,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="training spec YAML")
     p.add_argument("--out", default=None, help="report folder (default: eval/<spec name>)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument(
         "--jobs",
         type=int,
@@ -735,6 +759,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write model.onnx next to a checkpoint (onnxruntime)")
     p.add_argument("--model", default=str(default_model_dir()), help="model directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "card", help="rewrite a model folder's README.md from its model.json and metrics.json"
+    )
+    p.add_argument("model", nargs="?", default=str(default_model_dir()), help="model directory")
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("play", help="play a recording as live sources (LSL outlets)")
     p.add_argument("recording", nargs="?", default=None, help="XDF (default: shipped session)")

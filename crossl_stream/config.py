@@ -362,11 +362,11 @@ class TrainConfig(_Strict):
         "group); all: it also sees theirs, without labels (a lab has a new subject's "
         "unlabelled recording before their labels)",
     )
-    recipe: Literal["crossl", "supervised"] = Field(
+    recipe: Literal["crossl", "supervised", "best"] = Field(
         "crossl",
-        description="what `crossl-stream train` makes: crossl (pretrain, then fine-tune) or "
+        description="what `crossl-stream train` makes: crossl (pretrain, then fine-tune), "
         "supervised (the same architecture from scratch on the labels, with the finetune "
-        "settings); choose the arm the evaluation found best on validation",
+        "settings), or best (both, keeping the one with the better validation macro-F1)",
     )
     seed: int = 0
     model: ModelConfig = ModelConfig()

@@ -51,7 +51,7 @@ def test_watch_config_holds_out_the_demo_subject():
         ("pretrain: {augment: {rotate: 5}}\n", "pretrain.augment.rotate: unknown key"),
         ("pretrain: {expander: [0]}\n", "pretrain.expander.0: Input should be greater"),
         ("finetune: {modality_dropout: 1}\n", "finetune.modality_dropout: Input should be less"),
-        ("recipe: ssl\n", "recipe: Input should be 'crossl' or 'supervised'"),
+        ("recipe: ssl\n", "recipe: Input should be 'crossl', 'supervised' or 'best'"),
     ],
 )
 def test_bad_config_names_file_key_and_reason(tmp_path, text, message):

@@ -95,3 +95,28 @@ def load_cuda(model):
     import copy
 
     return copy.deepcopy(model).to("cuda")
+
+
+@cuda
+def test_training_on_cuda_follows_the_cpu():
+    """Pretraining (expander, augmentations, masking) and fine-tuning on the GPU take the same
+    batches and masks as on the CPU (every draw stays on the CPU): the losses agree."""
+    from crossl_stream.config import AugmentConfig, LossConfig
+    from crossl_stream.model.masking import LatentMasker
+    from crossl_stream.training.train import fit_classifier, pretrain
+    from tests.test_training import FINE, PRE, small_model, synthetic
+
+    pre = PRE.model_copy(
+        update={"expander": (32, 32), "augment": AugmentConfig(scale=0.1, rotate_deg=10)}
+    )
+    w, masker = synthetic(), LatentMasker("spatial", 0.5)
+    histories = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = small_model().to(device)
+        ssl = pretrain(model, w, masker, pre, LossConfig(), seed=1, progress=False)
+        fit = fit_classifier(model, w, "finetune", FINE, masker, 1, False, val=synthetic(30, 1))
+        histories[device] = ([h["loss"] for h in ssl], [h["loss"] for h in fit.history])
+    for cpu, gpu in zip(histories["cpu"], histories["cuda"], strict=True):
+        assert len(cpu) == len(gpu) or cpu[:5]
+        np.testing.assert_allclose(gpu[:5], cpu[:5], rtol=2e-2, atol=2e-3)

@@ -213,6 +213,25 @@ def test_pretrain_finetune_run_and_score_through_the_cli(sessions, tmp_path):
     assert result.returncode == 2 and "pretrained only" in result.stderr
 
 
+def test_train_best_keeps_the_recipe_validation_prefers(sessions, tmp_path):
+    spec = sessions / "spec-best.yaml"
+    spec.write_text(SPEC.replace("evaluation:", "recipe: best\nevaluation:"))
+    out = tmp_path / "m"
+    result = cli("train", str(spec), "--out", str(out), "--quiet", cwd=sessions)
+    assert result.returncode == 0, result.stderr
+    info = json.loads((out / "model.json").read_text())["info"]
+    chosen = info["selection"]["recipe"]
+    scores = info["selection"]["validation_macro_f1"]
+    assert f"recipe {chosen} kept" in result.stdout
+    assert scores[chosen] == max(scores.values()) and info["best_val_f1"] == scores[chosen]
+    assert info["stage"] == {"crossl": "finetuned", "supervised": "supervised"}[chosen]
+    loser = next(k for k in scores if k != chosen)
+    kept = (out / "model.safetensors").read_bytes()
+    assert kept == (out / "candidates" / chosen / "model.safetensors").read_bytes()
+    assert kept != (out / "candidates" / loser / "model.safetensors").read_bytes()
+    assert "validation" in (out / "README.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -388,14 +388,197 @@ def test_card_of_a_finetuned_model_with_metrics():
     assert "epoch cap (200 epochs)" in text and "epoch 190" in text
     assert "Held out (never trained on): rr" in text
     assert "aeon" in text and "BSD 3-Clause" in text
+    # a model.json from before modality dropout: fine-tuning used the pretraining masker
+    assert "on 10% of the labelled training windows, with the same masking (batch 64" in text
     assert (
-        "| 10% | 75.5 | 71.0 | 81.0 | +4.5 (3/4 wins, p=0.25) | +10.0 (4/4 wins, p=0.12) |" in text
+        "| labels | CroSSL (this recipe) | CroSSL (all) | supervised | CroSSL − supervised "
+        "(paired) | CroSSL (all) − supervised (paired) |" in text
     )
-    assert "| 100% | 85.0 | 84.0 | — | +1.0 (3/4 wins" in text
+    assert (
+        "| 10% | 75.5 | 81.0 | 71.0 | +4.5 (3/4 wins, p=0.25) | +10.0 (4/4 wins, p=0.12) |" in text
+    )
+    assert "| 100% | 85.0 | — | 84.0 | +1.0 (3/4 wins" in text
+    assert (
+        "This model's recipe (CroSSL, 100% of labels) keeps 50% of its macro-F1 with its "
+        "weakest modality alone (gyro only): it misses the goal of keeping 90%" in text
+    )
     assert "each of 4 subjects held out in turn (2 seeds) on emg-gestures" in text
     assert "- CroSSL: acc only 76.5 (kept 90%), gyro only 42.5 (kept 50%)" in text
     assert "- supervised@1.0 >= 0.83: met (+1.0 points)" in text
     assert "crossl-stream replay RECORDING.xdf --model DIR" in text
+
+
+def _new_meta(stage: str, **info: object) -> dict:
+    """A classifier's model.json with the current settings (expander, augmentations,
+    modality dropout); ``info`` overrides its info block."""
+    meta = json.loads(json.dumps(PRETRAINED_META))
+    meta["classes"] = ["rock", "paper"]
+    cfg = meta["info"]["config"]
+    cfg["pretrain"].update(
+        expander=[64, 64],
+        augment={"scale": 0.1, "jitter": 0.05, "rotate_deg": 30.0, "time_warp": 0.0},
+    )
+    cfg["finetune"].update(modality_dropout=0.2, augment=False)
+    meta["info"].update(
+        stage=stage,
+        labels_fraction=1.0,
+        stopped="patience",
+        best_epoch=12,
+        epochs=22,
+        finetune_seconds=30.0,
+        holdout=["rr"],
+    )
+    if stage == "supervised":
+        del meta["info"]["pretrain_seconds"]
+    meta["info"].update(info)
+    return meta
+
+
+def _training_section(text: str) -> list[str]:
+    return text.split("## Training\n\n")[1].split("\n\n")[0].splitlines()
+
+
+def test_card_settings_show_expander_augmentations_and_modality_dropout():
+    text = render_card(_new_meta("finetuned", labels_fraction=0.1), None)
+    assert _training_section(text) == [
+        "- Self-supervised pretraining (VICReg): 300 steps, batch 256, lr 0.002, VICReg "
+        "weights invariance 10 / variance 10 / covariance 100; `temporal` latent masking, "
+        "keep 0.7; expander of widths 64, 64 (dropped after pretraining); augmentations: "
+        "gain std 0.1, noise std 0.05 × each channel's std, 3-D rotation up to 30°; 42 s.",
+        "- Fine-tuning of every weight with a class head on 10% of the labelled training "
+        "windows, with modality dropout 0.2 (each modality of a training window hidden with "
+        "probability 0.2, never all of them) (batch 64, lr 0.001, early stopping with "
+        "patience 10 epochs, at most 200 epochs); 30 s.",
+        "- Fine-tuning stopped on patience after 22 epochs: the validation macro-F1 had not "
+        "improved for 10 epochs; the weights are those of epoch 12.",
+        "- Seed 0.",
+    ]
+    assert "with the same masking" not in text  # fine-tuning no longer uses the masker
+    assert "fine-tuned with a class head, with modality dropout" in text
+    # every switch off, augmentation on for the classifier too, no validation group
+    meta = _new_meta("finetuned", stopped="steps")
+    cfg = meta["info"]["config"]
+    cfg["pretrain"].update(expander=[], augment={"scale": 0.0, "time_warp": 0.1})
+    cfg["finetune"].update(modality_dropout=0.0, augment=True)
+    pre, ft, stop, _ = _training_section(render_card(meta, None))
+    assert "; no expander (the loss acts on the embedding)" in pre
+    assert "; augmentations: time warp up to 10% of the window;" in pre
+    assert ft == (
+        "- Fine-tuning of every weight with a class head on 100% of the labelled training "
+        "windows, without modality dropout and signal augmentations (time warp up to 10% of "
+        "the window) (batch 64, lr 0.001); 30 s."
+    )
+    assert stop == (
+        "- Fine-tuning ran a fixed step budget: there was no validation group to stop on."
+    )
+    cfg["pretrain"]["augment"] = {}
+    assert "; no signal augmentation;" in _training_section(render_card(meta, None))[0]
+
+
+def test_card_of_a_supervised_model_claims_no_pretraining():
+    meta = _new_meta("supervised", pretrain_on="all")
+    meta["info"]["config"]["finetune"]["augment"] = True
+    text = render_card(meta, eval_metrics(_results()))
+    assert text.startswith(
+        "# Supervised classifier (CroSSL architecture): emg-gestures, 2 classes\n"
+    )
+    assert (
+        "The CroSSL architecture (one encoder per modality and a latent aggregator across "
+        "modalities) trained from scratch on labelled windows, with a class head: no "
+        "self-supervised pretraining. Modality dropout (each modality of a training window "
+        "hidden with probability 0.2, never all of them) trains it to work with a sensor "
+        "missing." in text
+    )
+    assert "Self-supervised pretraining" not in text and "VICReg" not in text
+    assert "latent masking" not in text and "expander" not in text
+    assert _training_section(text) == [
+        "- Supervised training of every weight from scratch with a class head on 100% of the "
+        "labelled training windows, with modality dropout 0.2 (each modality of a training "
+        "window hidden with probability 0.2, never all of them) and signal augmentations "
+        "(gain std 0.1, noise std 0.05 × each channel's std, 3-D rotation up to 30°) "
+        "(batch 64, lr 0.001, early stopping with patience 10 epochs, at most 200 epochs); "
+        "30 s.",
+        "- Training stopped on patience after 22 epochs: the validation macro-F1 had not "
+        "improved for 10 epochs; the weights are those of epoch 12.",
+        "- Seed 0.",
+    ]
+    # pretrain_on: all does not apply: nothing was pretrained
+    assert "- Held out (never trained on): rr." in text and "in pretraining" not in text
+    assert "Why this recipe" not in text  # trained as `recipe: supervised`, no selection
+    # the evaluation: its own column and its kept share against the goal
+    assert "| 10% | 75.5 | 81.0 | 71.0 |" in text
+    assert "| CroSSL | CroSSL (all) | supervised (this recipe) |" in text
+    assert (
+        "This model's recipe (supervised, 100% of labels) keeps 93% of its macro-F1 with its "
+        "weakest modality alone (gyro only): it meets the goal of keeping 90% with one "
+        "modality missing." in text
+    )
+    # without modality dropout the card does not claim it copes with a missing sensor
+    meta["info"]["config"]["finetune"]["modality_dropout"] = 0.0
+    text = render_card(meta, None)
+    assert "Its training had no modality dropout" in text and "without modality dropout" in text
+
+
+VALIDATION = "a group drawn from the training data (seed 0), the same for both"
+
+
+def test_card_of_a_best_recipe_says_why_crossl_was_kept():
+    selection = {
+        "recipe": "crossl",
+        "validation_macro_f1": {"crossl": 0.85, "supervised": 0.8},
+        "validation": VALIDATION,
+    }
+    text = render_card(_new_meta("finetuned", selection=selection), eval_metrics(_results()))
+    assert text.startswith("# CroSSL classifier: emg-gestures, 2 classes")
+    why = text.split("## Why this recipe\n\n")[1].split("\n\n## ")[0]
+    assert why.startswith(
+        "`recipe: best` trained both recipes on the same labelled windows and kept the one "
+        "with the better validation macro-F1 (CroSSL on a tie): this folder holds **CroSSL "
+        "(VICReg pretraining, then fine-tuning)**."
+    )
+    assert "- Validation macro-F1 (%): CroSSL 85.0, supervised 80.0; kept: CroSSL." in why
+    assert "- Pretraining won on validation by 5.0 points." in why
+    assert (
+        "drawn from the training data; no test fold of the evaluation took part in the "
+        f"choice. model.json records it as {VALIDATION}." in why
+    )
+    assert (
+        "- Supporting evidence from the evaluation (leave-one-subject-out, test folds): mean "
+        "macro-F1 with 100% of labels CroSSL 85.0, supervised 84.0, which agrees with the "
+        "choice; CroSSL − supervised, paired by subject: +4.5 points at 10% of labels "
+        "(CroSSL higher for 3 of 4 subjects, p=0.25)." in why
+    )
+    # the section sits with the training, before the data and the evaluation
+    assert text.index("## Training") < text.index("## Why this recipe") < text.index("## Data")
+
+
+def test_card_of_a_best_recipe_says_plainly_when_pretraining_lost():
+    selection = {
+        "recipe": "supervised",
+        "validation_macro_f1": {"crossl": 0.812, "supervised": 0.834},
+        "validation": VALIDATION,
+    }
+    meta = _new_meta("supervised", selection=selection)
+    text = render_card(meta, eval_metrics(_results()))
+    assert text.startswith("# Supervised classifier (CroSSL architecture)")
+    assert "It was kept over the pretrained CroSSL recipe on validation (below)." in text
+    assert "this folder holds **supervised (the same architecture trained from scratch" in text
+    assert "- Validation macro-F1 (%): CroSSL 81.2, supervised 83.4; kept: supervised." in text
+    assert (
+        "- Pretraining did not win: training from scratch scored 2.2 points higher on "
+        "validation, so the pretrained CroSSL model was not kept." in text
+    )
+    # the evaluation at 100% labels favours CroSSL (85.0 vs 84.0): said, not hidden
+    assert (
+        "CroSSL 85.0, supervised 84.0, which favours CroSSL: validation and evaluation "
+        "disagree;" in text
+    )
+    assert "Self-supervised pretraining" not in text
+    # a tie goes to CroSSL, and is no win for pretraining; no metrics: nothing to back it
+    selection.update(recipe="crossl", validation_macro_f1={"crossl": 0.8, "supervised": 0.8})
+    text = render_card(_new_meta("finetuned", selection=selection), None)
+    assert "- Pretraining did not win outright: the two tied on validation" in text
+    assert "- No evaluation metrics.json came with this folder to back the choice." in text
 
 
 OLD_META = {  # model.json as written before the spec workflow (no stage, data, holdout)

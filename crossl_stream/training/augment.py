@@ -43,7 +43,7 @@ def warp_positions(n: int, knots: int, strength: float, generator: torch.Generat
 def _warp(x: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
     """Resample [B, C, T] at positions t + d(t), d linear between ``knots`` [B, K]."""
     b, _, t = x.shape
-    grid = torch.linspace(0, 1, t)
+    grid = torch.linspace(0, 1, t, device=x.device)
     k = knots.shape[1] - 1
     seg = (grid * k).clamp(max=k - 1e-6)
     i = seg.floor().long()
@@ -89,20 +89,25 @@ class Augmenter:
         out = dict(x)
         if not cfg.active or not out:
             return out
-        b = next(iter(out.values())).shape[0]
+        first = next(iter(out.values()))
+        b, device = first.shape[0], first.device
+        # every draw on the CPU from ``generator`` (the same views on any device), then moved
         rotation = random_rotations(b, cfg.rotate_deg, generator) if cfg.rotate_deg else None
         knots = warp_positions(b, self.KNOTS, cfg.time_warp, generator) if cfg.time_warp else None
+        rotation = rotation.to(device) if rotation is not None else None
+        knots = knots.to(device) if knots is not None else None
         order = list(self.spread)
         for name, v in x.items():
             j, c = order.index(name), v.shape[1]
             if rotation is not None and c == 3:
                 v = rotation @ v
             if cfg.scale:
-                v = v * (1 + cfg.scale * torch.randn(b, c, 1, generator=generator))
+                v = v * (1 + cfg.scale * torch.randn(b, c, 1, generator=generator).to(device))
             if knots is not None:
                 v = _warp(v, knots)
             if cfg.jitter:
-                spread = self.spread[name].view(1, c, 1)
-                v = v + cfg.jitter * spread * torch.randn(v.shape, generator=generator)
+                spread = self.spread[name].view(1, c, 1).to(device)
+                noise = torch.randn(v.shape, generator=generator).to(device)
+                v = v + cfg.jitter * spread * noise
             out[name] = torch.where(available[:, j].view(b, 1, 1), v, x[name])
         return out

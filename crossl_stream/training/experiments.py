@@ -44,6 +44,20 @@ from crossl_stream.training.train import (
 )
 
 Log = Callable[[str], None]
+_DEVICE: dict[str, torch.device] = {"device": torch.device("cpu")}
+
+
+def set_device(name: str = "cpu") -> torch.device:
+    """Train and evaluate every model made here on ``name`` (``cpu``, ``cuda``, ``cuda:1``,
+    or ``auto``: CUDA when there is one). Random draws stay on the CPU, so a seed gives the
+    same masks and batches on either."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DatasetError(f"--device {name}: torch sees no CUDA device here")
+    _DEVICE["device"] = device
+    return device
 
 
 def masker_of(cfg: MaskingConfig) -> LatentMasker:
@@ -66,7 +80,7 @@ def new_model(
     torch.manual_seed(cfg.seed)
     model = CroSSL(specs, classes, cfg.model)
     model.set_normalisation(fit_normalisation(windows))
-    return model
+    return model.to(_DEVICE["device"])
 
 
 def fraction_key(fraction: float) -> str:
@@ -171,7 +185,7 @@ def with_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
 
 def _state(model: CroSSL) -> bytes:
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)
     return buffer.getvalue()
 
 
@@ -287,8 +301,9 @@ def run_fold(
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(data: LoadedData, threads: int) -> None:
+def _init_worker(data: LoadedData, threads: int, device: str) -> None:
     torch.set_num_threads(threads)
+    set_device(device)
     _WORKER["data"] = data
 
 
@@ -311,7 +326,8 @@ def _run_jobs(
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     results: list[Any] = [None] * len(calls)
-    with ProcessPoolExecutor(jobs, context, _init_worker, (data, threads)) as pool:
+    device = str(_DEVICE["device"])
+    with ProcessPoolExecutor(jobs, context, _init_worker, (data, threads, device)) as pool:
         futures = {pool.submit(_call, fn, *args): i for i, (fn, args) in enumerate(calls)}
         for future in tqdm(
             as_completed(futures), total=len(calls), desc=desc, disable=not progress

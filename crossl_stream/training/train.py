@@ -116,12 +116,18 @@ def _tensors(
     index: np.ndarray,
     available: np.ndarray,
     names: Sequence[str] | None = None,
+    device: torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The batch at ``index``: per-modality [B, C, T] inputs (``names``, default all) and its
-    [B, M] availability, ``available`` being already in the model's modality order."""
+    """The batch at ``index`` on ``device``: per-modality [B, C, T] inputs (``names``,
+    default all) and its [B, M] availability, ``available`` being already in the model's
+    modality order."""
     names = list(windows.x) if names is None else names
-    x = {k: torch.from_numpy(windows.x[k][index]) for k in names}
-    return x, torch.from_numpy(available[index])
+    x = {k: torch.from_numpy(windows.x[k][index]).to(device) for k in names}
+    return x, torch.from_numpy(available[index]).to(device)
+
+
+def _device(model: CroSSL) -> torch.device:
+    return model.mask_token.device
 
 
 def usable(windows: Windows, modalities: Sequence[str]) -> np.ndarray:
@@ -434,7 +440,7 @@ def pretrain(
         total=cfg.steps, initial=step, desc="pretrain", disable=not progress, leave=False
     ) as bar:
         while step < cfg.steps:
-            x, avail = _tensors(windows, stream.next(), available)
+            x, avail = _tensors(windows, stream.next(), available, device=_device(model))
             a, b = view(x, avail), view(x, avail)
             loss, parts = vicreg_loss(
                 a, b, loss_cfg.invariance, loss_cfg.variance, loss_cfg.covariance
@@ -518,14 +524,22 @@ def _validate(
         model.eval()
         logits = torch.cat(
             [
-                model(*_tensors(val, np.arange(i, min(i + batch_size, len(val))), available)).logits
+                model(
+                    *_tensors(
+                        val,
+                        np.arange(i, min(i + batch_size, len(val))),
+                        available,
+                        None,
+                        _device(model),
+                    )
+                ).logits
                 for i in range(0, len(val), batch_size)
             ]
         )
         model.train(was_training)
-    y = torch.from_numpy(np.asarray(val.y)).long()
+    y = torch.from_numpy(np.asarray(val.y)).long().to(logits.device)
     loss = float(torch.nn.functional.cross_entropy(logits, y))
-    f1 = macro_f1(val.y, logits.argmax(dim=1).numpy(), len(model.classes))
+    f1 = macro_f1(val.y, logits.argmax(dim=1).cpu().numpy(), len(model.classes))
     return f1, loss
 
 
@@ -591,7 +605,7 @@ def fit_classifier(
     n = len(windows)
     batch = min(cfg.batch_size, n)
     per_epoch = epoch_steps(n, cfg)
-    y_all = torch.from_numpy(np.asarray(windows.y)).long()
+    y_all = torch.from_numpy(np.asarray(windows.y)).long().to(_device(model))
     features = val_features = None
     aug = augmenter(model, augment) if mode != "probe" else None
     try:
@@ -672,7 +686,7 @@ def fit_classifier(
                 if features is not None:
                     logits = model.head(features[index])
                 else:
-                    x, avail = _tensors(windows, index, available)
+                    x, avail = _tensors(windows, index, available, device=_device(model))
                     if aug is not None:
                         x = aug(x, avail, generator)
                     logits = model(x, avail, masker=masker, generator=generator).logits
@@ -732,12 +746,17 @@ def embed(model: CroSSL, windows: Windows, batch_size: int = 1024) -> torch.Tens
     _require_usable(available, "embed")
     out = [
         model(
-            *_tensors(windows, np.arange(i, min(i + batch_size, len(windows))), available)
+            *_tensors(
+                windows,
+                np.arange(i, min(i + batch_size, len(windows))),
+                available,
+                device=_device(model),
+            )
         ).embedding
         for i in range(0, len(windows), batch_size)
     ]
     if not out:
-        return torch.zeros(0, model.config.embed_dim)
+        return torch.zeros(0, model.config.embed_dim, device=_device(model))
     return torch.cat(out).clone()
 
 
@@ -765,7 +784,15 @@ def predict(
         names = [n for n in names if n in modalities]
     _require_usable(available, f"predict with modalities {list(modalities or names)}")
     out = [
-        model(*_tensors(windows, np.arange(i, min(i + batch_size, len(windows))), available, names))
+        model(
+            *_tensors(
+                windows,
+                np.arange(i, min(i + batch_size, len(windows))),
+                available,
+                names,
+                _device(model),
+            )
+        )
         .probs.cpu()
         .numpy()
         for i in range(0, len(windows), batch_size)

@@ -167,6 +167,7 @@ def run_finetune(
         stopped=result.stopped,
         best_epoch=result.best_epoch,
         epochs=result.epochs,
+        best_val_f1=result.best_val_f1,
     )
     if base_info:
         info["pretrain_seconds"] = base_info.get("pretrain_seconds")
@@ -206,10 +207,51 @@ def run_supervised(
         stopped=result.stopped,
         best_epoch=result.best_epoch,
         epochs=result.epochs,
+        best_val_f1=result.best_val_f1,
     )
     save_model(model, out, info)
     _save_curves(out, {"finetune": result.history})
     return model
+
+
+CANDIDATES = "candidates"
+
+
+def run_best(
+    cfg: TrainConfig,
+    data: LoadedData,
+    out: Path,
+    fraction: float = 1.0,
+    progress: bool = True,
+) -> tuple[CroSSL, dict[str, Any]]:
+    """The ``best`` recipe: CroSSL (``out/pretrained``, then ``out/candidates/crossl``) and
+    supervised (``out/candidates/supervised``) on the same labelled windows and validation
+    group; the one with the better validation macro-F1 (CroSSL on a tie) is saved to
+    ``out`` with the choice recorded in its model.json (``info.selection``)."""
+    base = run_pretrain(cfg, data, out / "pretrained", progress)
+    info = pretrained_info(out / "pretrained")
+    candidates = out / CANDIDATES
+    models = {
+        "crossl": run_finetune(cfg, data, base, candidates / "crossl", fraction, progress, info),
+        "supervised": run_supervised(cfg, data, candidates / "supervised", fraction, progress),
+    }
+    scores = {k: read_meta(candidates / k)["info"].get("best_val_f1") for k in models}
+    if any(v is None for v in scores.values()):
+        raise DatasetError(
+            "recipe best: no validation group to compare the recipes on (one subject, "
+            "session and recording only?); choose recipe crossl or supervised"
+        )
+    chosen = max(models, key=lambda k: (scores[k], k == "crossl"))
+    meta = read_meta(candidates / chosen)["info"]
+    meta["selection"] = {
+        "recipe": chosen,
+        "validation_macro_f1": scores,
+        "validation": "a group drawn from the training data (seed "
+        f"{cfg.seed}), the same for both; the test groups of `eval` are not involved",
+    }
+    save_model(models[chosen], out, meta)
+    _save_curves(out, _load_curves(candidates / chosen))
+    return models[chosen], meta["selection"]
 
 
 def pretrained_info(directory: Path) -> dict[str, Any]:
