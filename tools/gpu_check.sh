@@ -3,7 +3,8 @@
 # mosquitto with tools/gpu_prepare.sh and carry .whl/ and .mosq/):
 #   the CUDA tests and the streaming tests on the GPU machine's torch; bf16 against fp32;
 #   whole-window throughput through Predictor; the worker alone at 1 to 10,000 subjects;
-#   windowers and worker together; latency over LSL and MQTT with the model on CUDA.
+#   windowers and worker together; a training step on the CPU and CUDA; latency over LSL
+#   and MQTT with the model on CUDA.
 # Figures go to stdout and to the folder given (default $OUT) for docs/benchmarks.md.
 set -u
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ step() { echo; echo "== $1 ($(date -u +%T))"; shift; "$@"; echo "(exit $?)"; }
     --subjects 1 100 1000 10000 --hops 12 --json "$out/worker.json"
   step "windowers + worker" timeout 50 python3 tools/bench_scale.py --device cuda \
     --subjects 100 200 400 --hops 15 --precision bf16 --json "$out/scale.json"
+  step "training steps" timeout 60 python3 tools/bench_train.py --seconds 3 --json "$out/train.json"
   step "latency" timeout 130 python3 tools/bench_latency.py --seconds 10 --device cuda \
     --json "$out/latency.json"
 } 2>&1 | tee "$out/gpu-check.log"
