@@ -25,7 +25,7 @@ from crossl_stream.model.checkpoint import read_meta, save_model
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.training.experiments import finetune, masker_of, new_model, supervised
 from crossl_stream.training.spec import LoadedData
-from crossl_stream.training.train import pretrain
+from crossl_stream.training.train import FitResult, pretrain
 
 log = logging.getLogger(__name__)
 PRETRAIN_STATE = "pretrain.state"
@@ -164,10 +164,7 @@ def run_finetune(
             k: ((base_info or {}).get("data") or {}).get(k) for k in ("name", "windows")
         },
         finetune_seconds=round(time.perf_counter() - start, 1),
-        stopped=result.stopped,
-        best_epoch=result.best_epoch,
-        epochs=result.epochs,
-        best_val_f1=result.best_val_f1,
+        **_stop_info(result),
     )
     if base_info:
         info["pretrain_seconds"] = base_info.get("pretrain_seconds")
@@ -204,10 +201,7 @@ def run_supervised(
         stage="supervised",
         labels_fraction=fraction,
         finetune_seconds=round(time.perf_counter() - start, 1),
-        stopped=result.stopped,
-        best_epoch=result.best_epoch,
-        epochs=result.epochs,
-        best_val_f1=result.best_val_f1,
+        **_stop_info(result),
     )
     save_model(model, out, info)
     _save_curves(out, {"finetune": result.history})
@@ -257,6 +251,16 @@ def run_best(
 def pretrained_info(directory: Path) -> dict[str, Any]:
     """The info block of a pretrained model folder."""
     return read_meta(directory).get("info", {})
+
+
+def _stop_info(result: FitResult) -> dict[str, Any]:
+    """How a classifier's training ended, for model.json."""
+    return {
+        "stopped": result.stopped,
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs,
+        "best_val_f1": result.best_val_f1,
+    }
 
 
 def _check_same_inputs(model: CroSSL, data: LoadedData) -> None:
