@@ -59,15 +59,21 @@ class AugmentConfig(_Strict):
 
     ``scale``: std of a per-window, per-channel gain around 1. ``jitter``: std of added
     Gaussian noise, in units of each channel's standard deviation. ``rotate_deg``: the
-    largest angle of a random 3-D rotation applied to every 3-channel modality of a window
+    largest angle of a random 3-D rotation applied to the ``vectors`` modalities of a window
     (the same rotation for all of them: sensors on one device turn together). ``time_warp``:
-    how far a smooth random warp may move a sample, as a fraction of the window.
+    how far a smooth random warp may move a sample, as a fraction of the window (below 1/6,
+    so time never runs backwards).
     """
 
-    scale: float = Field(0.0, ge=0.0, le=1.0)
+    scale: float = Field(0.0, ge=0.0, le=0.5)
     jitter: float = Field(0.0, ge=0.0)
     rotate_deg: float = Field(0.0, ge=0.0, le=180.0)
-    time_warp: float = Field(0.0, ge=0.0, le=0.25)
+    vectors: tuple[str, ...] | None = Field(
+        None,
+        description="modalities that are 3-axis vectors (accelerometer, gyroscope, "
+        "magnetometer) for rotate_deg; default: every 3-channel modality",
+    )
+    time_warp: float = Field(0.0, ge=0.0, lt=1 / 6)
 
     @property
     def active(self) -> bool:
@@ -128,8 +134,8 @@ class FinetuneConfig(_Strict):
         return self
 
 
-ARMS = ("supervised", "supervised-plain", "crossl", "crossl-all", "probe")
-Arm = Literal["supervised", "supervised-plain", "crossl", "crossl-all", "probe"]
+ARMS = ("supervised", "supervised-aug", "supervised-plain", "crossl", "crossl-all", "probe")
+Arm = Literal["supervised", "supervised-aug", "supervised-plain", "crossl", "crossl-all", "probe"]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
@@ -139,7 +145,9 @@ class EvaluationConfig(_Strict):
 
     ``arms`` names each arm and the label fractions it runs at:
     ``supervised`` (from scratch, with ``finetune.modality_dropout`` and augmentation as
-    configured), ``supervised-plain`` (from scratch, neither), ``crossl`` (pretrained on the
+    configured), ``supervised-aug`` (the same, always with ``pretrain.augment``: the
+    augmentations pretraining sees), ``supervised-plain`` (from scratch, neither),
+    ``crossl`` (pretrained on the
     training groups, fine-tuned), ``crossl-all`` (pretrained on every window, the test
     group's too, without labels; fine-tuned on the training groups' labels), ``probe`` (a
     linear head on the ``crossl`` encoder). Each arm runs once per seed in ``seeds``, except

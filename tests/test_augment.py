@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from crossl_stream.config import AugmentConfig
+from crossl_stream.errors import ConfigError
 from crossl_stream.training.augment import Augmenter, random_rotations
 
 
@@ -83,3 +84,15 @@ def test_nothing_configured_is_the_identity():
     x = real_windows(4)
     out = augment(AugmentConfig(), x)
     assert all(out[k] is x[k] for k in x)
+
+
+def test_rotation_turns_only_the_vector_sensors_it_is_given():
+    x = real_windows(4)
+    out = augment(AugmentConfig(rotate_deg=30, vectors=("acc",)), x)
+    assert not torch.equal(out["acc"], x["acc"]) and torch.equal(out["gyro"], x["gyro"])
+    with pytest.raises(ConfigError, match=r"augment.vectors: \['ppg'\] are not 3-channel"):
+        augment(AugmentConfig(rotate_deg=30, vectors=("ppg",)), x)
+    single = {"emg": torch.randn(4, 8, 100)}
+    with pytest.raises(ConfigError, match="no modality to rotate"):
+        augment(AugmentConfig(rotate_deg=30), single)
+    assert augment(AugmentConfig(scale=0.1), single)["emg"].shape == (4, 8, 100)

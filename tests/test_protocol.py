@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from crossl_stream.config import EvaluationConfig, TrainConfig, load_config
-from crossl_stream.errors import ConfigError
+from crossl_stream.errors import ConfigError, DatasetError
 from crossl_stream.training.experiments import (
     merged,
     run_ablation,
@@ -43,6 +43,7 @@ TINY = {
 }
 ARMS = {
     "supervised": [0.1, 1.0],
+    "supervised-aug": [0.1],
     "supervised-plain": [1.0],
     "crossl": [0.1, 1.0],
     "crossl-all": [0.1],
@@ -87,6 +88,40 @@ def test_no_arm_sees_the_test_subjects_labels():
         np.testing.assert_array_equal(a.predictions[key], b.predictions[key], err_msg=key)
         assert set(a.missing[key]) == {"acc", "gyro"}
     assert (a.y_true != b.y_true).any()  # the labels differed; the models did not
+
+
+def test_the_strict_arm_never_sees_the_test_subjects_windows():
+    torch.set_num_threads(1)
+    cfg, data = watch()
+    cfg = cfg.model_copy(
+        update={"evaluation": cfg.evaluation.model_copy(update={"arms": {"crossl": (0.1,)}})}
+    )
+    a = run_fold(data, cfg, "2", progress=False, curves=True)
+    w = data.windows.take(np.arange(len(data.windows)))
+    mine = w.subject == "2"
+    for x in w.x.values():
+        x[mine] = x[mine][::-1] * 3.0  # other signals entirely
+    changed = LoadedData(data.name, w, data.modalities, data.classes, data.files)
+    b = run_fold(changed, cfg, "2", progress=False, curves=True)
+    assert a.curves["pretrain"] == b.curves["pretrain"]
+    assert a.curves["crossl@0.1"] == b.curves["crossl@0.1"]
+
+
+def test_folds_that_cannot_run_are_refused_before_training():
+    cfg, data = watch()
+    only = data.windows.take(np.flatnonzero(data.windows.subject == "1"))
+    one = LoadedData(data.name, only, data.modalities, data.classes, data.files)
+    every = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"folds": None})})
+    with pytest.raises(DatasetError, match="1 subject with labels"):
+        run_folds(one, every, progress=False)
+    w = data.windows.take(np.arange(len(data.windows)))
+    w.available[w.subject == "2", 1] = False  # subject 2 never has its gyroscope
+    gappy = LoadedData(data.name, w, data.modalities, data.classes, data.files)
+    with pytest.raises(DatasetError, match=r"subject \['2'\]: no labelled window with every"):
+        run_folds(gappy, cfg, progress=False)
+    bad = merged(cfg, {"evaluation": {"ablation_folds": ["9"]}})
+    with pytest.raises(DatasetError, match=r"ablation_folds: no labelled subject \['9'\]"):
+        run_ablation(data, bad, progress=False)
 
 
 def test_validation_subject_comes_from_the_training_subjects():
@@ -135,6 +170,8 @@ def test_ablation_scores_variants_on_validation_and_chooses_one():
     out = run_ablation(data, cfg, progress=False, log=lambda _: None)
     assert set(out["scores"]) == {"base", "no-expander"} and out["chosen"] in out["scores"]
     assert [r["group"] for r in out["rows"]] == ["1", "1"]
+    for row in out["rows"]:  # a training subject of fold 1, never the fold's test subject
+        assert len(row["validation"]) == 1 and row["validation"] != ["1"]
     assert [c["step"] for c in out["curve"]["curve"]] == list(range(1, 11))
     assert len(out["curve"]["loss"]) == 10
     chosen = merged(cfg, out["variants"]["no-expander"])

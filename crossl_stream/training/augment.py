@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from crossl_stream.config import AugmentConfig
+from crossl_stream.errors import ConfigError
 
 
 def random_rotations(n: int, max_deg: float, generator: torch.Generator) -> torch.Tensor:
@@ -77,6 +78,20 @@ class Augmenter:
     def __init__(self, cfg: AugmentConfig, spread: Mapping[str, torch.Tensor]) -> None:
         self.cfg = cfg
         self.spread = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in spread.items()}
+        named = cfg.vectors
+        if named is None:
+            named = tuple(k for k, v in self.spread.items() if v.numel() == 3)
+        wrong = [k for k in named if k not in self.spread or self.spread[k].numel() != 3]
+        if wrong:
+            raise ConfigError(
+                f"augment.vectors: {wrong} are not 3-channel modalities of this model "
+                f"({ {k: v.numel() for k, v in self.spread.items()} } channels)"
+            )
+        if cfg.rotate_deg and not named:
+            raise ConfigError(
+                "augment.rotate_deg: no modality to rotate (none has 3 channels); set it to 0"
+            )
+        self.vectors = set(named)
 
     def __call__(
         self,
@@ -99,7 +114,7 @@ class Augmenter:
         order = list(self.spread)
         for name, v in x.items():
             j, c = order.index(name), v.shape[1]
-            if rotation is not None and c == 3:
+            if rotation is not None and name in self.vectors:
                 v = rotation @ v
             if cfg.scale:
                 v = v * (1 + cfg.scale * torch.randn(b, c, 1, generator=generator).to(device))

@@ -121,6 +121,7 @@ def finetune(
     train, val = labelled_split(windows, fraction, cfg.evaluation.by, cfg.seed)
     torch.manual_seed(cfg.seed)  # the new head: the same whether pretraining ran just now or not
     model = base.with_classes(classes) if base.classes != classes else copy.deepcopy(base)
+    model = model.to(_DEVICE["device"])
     probe = mode == "probe"
     result = fit_classifier(
         model,
@@ -145,14 +146,17 @@ def supervised(
     plain: bool = False,
     progress: bool = True,
     checkpoint=None,
+    augment: bool | None = None,
 ):
     """The supervised baseline: the same architecture from scratch, trained to convergence
     (early stopping) on the same labelled windows as fine-tuning, with the same modality
-    dropout and augmentation; ``plain``: with neither."""
+    dropout and augmentation (``augment``: with or without ``pretrain.augment``, whatever
+    ``finetune.augment`` says); ``plain``: with neither."""
     train, val = labelled_split(windows, fraction, cfg.evaluation.by, cfg.seed)
     model = new_model(data.modalities, data.classes, cfg, windows)
     masker = NO_MASKING if plain else dropout_masker(cfg.finetune)
-    augment = cfg.pretrain.augment if cfg.finetune.augment and not plain else None
+    augmented = cfg.finetune.augment if augment is None else augment
+    augment_cfg = cfg.pretrain.augment if augmented and not plain else None
     result = fit_classifier(
         model,
         train,
@@ -163,7 +167,7 @@ def supervised(
         progress,
         val=val,
         checkpoint=checkpoint,
-        augment=augment,
+        augment=augment_cfg,
     )
     return model, result
 
@@ -277,9 +281,12 @@ def run_fold(
         for fraction in fractions:
             key = run_key(arm, fraction)
             began = time.perf_counter()
-            if arm in ("supervised", "supervised-plain"):
+            if arm.startswith("supervised"):
                 plain = arm == "supervised-plain"
-                model, result = supervised(data, train, cfg, fraction, plain, progress)
+                augment = True if arm == "supervised-aug" else None
+                model, result = supervised(
+                    data, train, cfg, fraction, plain, progress, augment=augment
+                )
             elif arm == "probe":
                 assert strict is not None
                 model, result = finetune(
@@ -311,6 +318,11 @@ def _call(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(_WORKER["data"], *args)
 
 
+def worker_threads(jobs: int) -> int:
+    """Torch threads of each of ``jobs`` worker processes: the cores shared out."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def _run_jobs(
     data: LoadedData,
     calls: Iterable[tuple[Callable[..., Any], tuple]],
@@ -323,7 +335,7 @@ def _run_jobs(
     calls = list(calls)
     if jobs <= 1 or len(calls) <= 1:
         return [fn(data, *args) for fn, args in tqdm(calls, desc=desc, disable=not progress)]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = worker_threads(jobs)
     context = multiprocessing.get_context("spawn")
     results: list[Any] = [None] * len(calls)
     device = str(_DEVICE["device"])
@@ -369,6 +381,25 @@ def fold_groups(data: LoadedData, cfg: TrainConfig) -> list[str]:
     return list(cfg.evaluation.folds)
 
 
+def check_folds(data: LoadedData, cfg: TrainConfig, groups: list[str]) -> None:
+    """DatasetError, before any training, when a fold cannot run: fewer than two groups with
+    labels, or a held-out group with no labelled window that has every modality."""
+    by = cfg.evaluation.by
+    w = data.windows
+    labelled = sorted(set((w.subject if by == "subject" else w.session)[w.y >= 0].tolist()))
+    if len(labelled) < 2:
+        raise DatasetError(
+            f"evaluation.by: {by}: {len(labelled)} {by} with labels ({labelled}); holding one "
+            "out needs at least two"
+        )
+    empty = [g for g in groups if not len(split_fold(data, cfg, g)[1])]
+    if empty:
+        raise DatasetError(
+            f"evaluation: {by} {empty}: no labelled window with every modality to test on; "
+            "leave them out with evaluation.folds"
+        )
+
+
 def run_folds(
     data: LoadedData,
     cfg: TrainConfig,
@@ -379,9 +410,7 @@ def run_folds(
     """Every fold of every seed; a dict ready for the report (and saved as JSON)."""
     ev = cfg.evaluation
     groups = fold_groups(data, cfg)
-    w = data.windows
-    if len(set((w.subject if ev.by == "subject" else w.session).tolist())) < 2:
-        raise DatasetError(f"evaluation.by: {ev.by}: the data has one only; nothing to hold out")
+    check_folds(data, cfg, groups)
     start = time.perf_counter()
     transductive: dict[int, bytes | None] = dict.fromkeys(ev.seeds)
     if ev.arms.get("crossl-all"):
@@ -418,6 +447,7 @@ def run_folds(
         "curves": first.curves,
         "curves_fold": first.group,
         "jobs": jobs,
+        "threads": worker_threads(jobs) if jobs > 1 else torch.get_num_threads(),
         "seconds": time.perf_counter() - start,
         "fold_seconds": float(sum(f.seconds for f in folds)),
     }
@@ -494,7 +524,9 @@ def ablation_job(
 
     def probe_now(step: int, _: dict[str, float]) -> None:
         if step in marks:
+            state = torch.get_rng_state()  # the probe reseeds; pretraining's dropout must not
             curve.append({"step": step, "probe_f1": probe_val(base)})
+            torch.set_rng_state(state)
             base.train()
 
     def probe_val(model: CroSSL) -> float:
@@ -515,6 +547,8 @@ def ablation_job(
         on_step=probe_now if curve_steps else None,
     )
     row: dict[str, Any] = {"variant": name, "group": group, "seed": cfg.seed}
+    column = val.subject if cfg.evaluation.by == "subject" else val.session
+    row["validation"] = sorted({str(v) for v in column})
     if curve_steps:
         row["curve"] = curve
         row["loss"] = [h["loss"] for h in history]
@@ -555,6 +589,14 @@ def run_ablation(
     plus the long pretraining curve; the scores, and the variant chosen (best mean of the
     probe and the 1%-label fine-tune on validation)."""
     ev = cfg.evaluation
+    present = fold_groups(
+        data, cfg.model_copy(update={"evaluation": ev.model_copy(update={"folds": None})})
+    )
+    unknown = sorted({str(g) for g in ev.ablation_folds} - set(present))
+    if unknown:
+        raise DatasetError(
+            f"evaluation.ablation_folds: no labelled {ev.by} {unknown}; there are {present}"
+        )
     variants = {"base": {}, **ev.ablation}
     configs = {name: merged(cfg, o) for name, o in variants.items()}
     calls = [

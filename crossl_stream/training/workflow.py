@@ -91,7 +91,7 @@ def _finished(state: Path, folder: Path, stage: str) -> bool:
     if not (state.is_file() and (folder / "model.json").is_file()):
         return False
     try:
-        done = bool(torch.load(state, weights_only=True).get("complete"))
+        done = bool(torch.load(state, map_location="cpu", weights_only=True).get("complete"))
     except Exception:  # unreadable: the training loop says why
         return False
     return done and read_meta(folder).get("info", {}).get("stage") == stage
