@@ -12,6 +12,7 @@ import pytest
 from crossl_stream.training.experiments import FoldOutcome, runs_table
 from crossl_stream.training.report import (
     eval_metrics,
+    holm,
     min_wins,
     paired,
     render_card,
@@ -110,9 +111,23 @@ def _results(modalities: bool = True) -> dict:
 ABLATION = {
     "variants": {"base": {}, "no-expander": {"pretrain": {"expander": []}}},
     "folds": ["s1"],
-    "rows": [
-        {"variant": "base", "group": "s1", "seed": 0, "probe_f1": 0.5, "finetune_f1": 0.4},
-        {"variant": "no-expander", "group": "s1", "seed": 0, "probe_f1": 0.6, "finetune_f1": 0.5},
+    "rows": [  # fold s1's validation subject is s3 (a test subject of its own fold)
+        {
+            "variant": "base",
+            "group": "s1",
+            "seed": 0,
+            "validation": ["s3"],
+            "probe_f1": 0.5,
+            "finetune_f1": 0.4,
+        },
+        {
+            "variant": "no-expander",
+            "group": "s1",
+            "seed": 0,
+            "validation": ["s3"],
+            "probe_f1": 0.6,
+            "finetune_f1": 0.5,
+        },
     ],
     "scores": {
         "base": {"probe_f1": 0.5, "finetune_f1": 0.4, "score": 0.45},
@@ -123,6 +138,7 @@ ABLATION = {
         "variant": "base",
         "group": "s1",
         "seed": 0,
+        "validation": ["s3"],
         "curve": [{"step": 10, "probe_f1": 0.42}, {"step": 20, "probe_f1": 0.47}],
         "loss": [30.0 - i for i in range(20)],
     },
@@ -262,9 +278,9 @@ def test_write_eval_writes_every_file_and_the_report(tmp_path):
     assert "## Targets" in text
     assert (
         "| crossl@0.1 >= supervised@0.1 + 0.05 | 75.5 | 76.0 | **missed** | -0.5 | "
-        "paired mean +4.5, Wilcoxon p=0.25 |" in text
+        "paired mean +4.5, Wilcoxon p=0.25 | 0.25 |" in text
     )
-    assert "| supervised@1.0 >= 0.83 | 84.0 | 83.0 | met | +1.0 |" in text
+    assert "| supervised@1.0 >= 0.83 | 84.0 | 83.0 | met | +1.0 |  | — |" in text
     assert "Not measured (no such run): crossl@0.01, crossl-all@0.01." in text
     assert "which arm is shipped is decided elsewhere" in text
     # one modality missing: each alone with what it keeps, and the worst
@@ -277,7 +293,8 @@ def test_write_eval_writes_every_file_and_the_report(tmp_path):
     assert "| **no-expander** (chosen) | `pretrain.expander: []` | 60.0 | 50.0 | 55.0 |" in text
     assert "| base | `(the spec as written)` | 50.0 | 40.0 | 45.0 |" in text
     assert "the folds ran `no-expander`" in text
-    assert "| 20 | 47.0 |" in text and "never a test subject" in text
+    assert "| 20 | 47.0 |" in text and "never a test subject" not in text
+    assert "never the test subject of the same fold" in text
     # the capped run is flagged
     assert "| supervised@0.1 | 8 | 7 | **1** (capped) | 0 | 4 |" in text
     assert "**Stopped at max_epochs:** supervised@0.1 (1 of 8)" in text
@@ -324,6 +341,184 @@ def test_metrics_of_runs_table_from_fold_outcomes():
     assert m["per_subject"]["crossl@0.1"]["a"] == pytest.approx((11 / 15 + 1) / 2)
     assert m["per_subject"]["crossl@0.1"]["b"] == pytest.approx(1.0)
     assert m["stops"]["crossl@0.1"]["patience"] == 4
+
+
+# supervised + augmentation at 10%: each subject's score (the same for both seeds)
+AUG = (0.74, 0.76, 0.70, 0.80)
+
+
+def _with_aug(scores: tuple = AUG) -> dict:
+    """``_results`` with a ``supervised-aug`` arm at 10% of labels."""
+    results = _results()
+    results["arms"]["supervised-aug"] = [0.1]
+    results["runs"]["supervised-aug@0.1"] = {
+        seed: {g: _entry(f1) for g, f1 in zip(GROUPS, scores, strict=True)} for seed in "01"
+    }
+    return results
+
+
+def test_supervised_aug_arm_is_paired_with_both_crossl_arms(tmp_path):
+    results = _with_aug()
+    m = eval_metrics(results)
+    assert m["macro_f1"]["supervised-aug@0.1"] == pytest.approx(0.75)
+    d = m["paired"]["crossl@0.1 - supervised-aug@0.1"]
+    diffs = [0.05, -0.06, -0.01, 0.04]  # crossl (0.79, 0.70, 0.69, 0.84) - AUG
+    assert list(d["per_subject"].values()) == pytest.approx(diffs)
+    assert d["mean"] == pytest.approx(0.005) and (d["wins"], d["losses"]) == (2, 2)
+    assert d["p"] == pytest.approx(_exact_p(diffs)) and d["p"] == pytest.approx(1.0)
+    every = m["paired"]["crossl-all@0.1 - supervised-aug@0.1"]
+    assert every["mean"] == pytest.approx(0.06) and every["p"] == pytest.approx(2 / 16)
+    # the plain supervised pairs are unchanged, and nothing at 100% (no supervised-aug there)
+    assert m["paired"]["crossl@0.1 - supervised@0.1"]["mean"] == pytest.approx(0.045)
+    assert "crossl@1.0 - supervised-aug@1.0" not in m["paired"]
+    assert m["summary"][0].endswith(
+        "; CroSSL - (supervised + augmentation) +0.5, p=1.00; "
+        "CroSSL (all) - (supervised + augmentation) +6.0, p=0.12)"
+    )
+    assert "supervised + augmentation 75.0" in m["summary"][0]
+    write_eval(results, tmp_path, None)
+    text = (tmp_path / "report.md").read_text()
+    assert (
+        "- **supervised + augmentation** (`supervised-aug`): the same architecture trained "
+        "from scratch with the same modality dropout and, always, the signal augmentations "
+        "pretraining uses (`pretrain.augment`: scale, jitter, rotation, time warp)." in text
+    )
+    assert (
+        "| 10% | 75.5 ± 6.3 | 81.0 ± 6.0 | 71.0 ± 6.0 | 75.0 ± 3.6 | +4.5, 3/4, p=0.25 | "
+        "+10.0, 4/4, p=0.12 | +0.5, 2/4, p=1.00 | +6.0, 4/4, p=0.12 |" in text
+    )
+    assert "| CroSSL (all) − (supervised + augmentation) (paired: mean, wins" in text
+    # per subject: both baselines, both arms, and the four differences
+    assert (
+        "| subject | supervised | supervised + augmentation | CroSSL | CroSSL (all) | "
+        "CroSSL − supervised | CroSSL (all) − supervised | CroSSL − (supervised + "
+        "augmentation) | CroSSL (all) − (supervised + augmentation) |" in text
+    )
+    assert "| s2 | 72.0 | 76.0 | 70.0 | 82.0 | -2.0 | +10.0 | -6.0 | +6.0 |" in text
+    assert "| mean | 71.0 | 75.0 | 75.5 | 81.0 | +4.5 (3/4 wins) | +10.0 (4/4 wins) | " in text
+
+
+def test_holm_step_down_adjustment():
+    # sorted 0.01, 0.03, 0.04, 0.2: times 4, 3, 2, 1 = 0.04, 0.09, 0.08 -> 0.09, 0.2
+    assert holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([0.3]) == pytest.approx([0.3]) and holm([]) == []
+
+
+def test_gain_targets_use_the_stronger_supervised_baseline():
+    # supervised + augmentation (75.0) beats supervised (71.0) at 10%: the target uses it
+    targets = {t["name"]: t for t in eval_metrics(_with_aug())["targets"]}
+    assert "crossl@0.1 >= supervised@0.1 + 0.05" not in targets
+    gain = targets["crossl@0.1 >= supervised-aug@0.1 + 0.05"]
+    assert gain["baseline"] == "supervised-aug@0.1"
+    assert gain["goal"] == pytest.approx(0.80) and gain["margin"] == pytest.approx(-0.045)
+    assert gain["diff"] == pytest.approx(0.005) and gain["p"] == pytest.approx(1.0)
+    every = targets["crossl-all@0.1 >= supervised-aug@0.1 + 0.05"]
+    assert every["met"] and every["margin"] == pytest.approx(0.01)
+    assert every["diff"] == pytest.approx(0.06) and every["p"] == pytest.approx(0.125)
+    # Holm over the two tests: 0.125 x 2 = 0.25, then max(0.25, 1.0 x 1) = 1.0
+    assert (every["p_holm"], gain["p_holm"]) == (pytest.approx(0.25), pytest.approx(1.0))
+    # a weaker supervised + augmentation: the plain baseline stays, as before
+    weak = {t["name"]: t for t in eval_metrics(_with_aug((0.6, 0.6, 0.6, 0.6)))["targets"]}
+    gain = weak["crossl@0.1 >= supervised@0.1 + 0.05"]
+    assert gain["baseline"] == "supervised@0.1" and gain["goal"] == pytest.approx(0.76)
+    assert gain["diff"] == pytest.approx(0.045) and gain["p"] == pytest.approx(0.25)
+    # without supervised-aug: the old targets, with Holm over p 0.25 and 0.125 -> 0.25 both
+    old = {t["name"]: t for t in eval_metrics(_results())["targets"]}
+    assert old["crossl@0.1 >= supervised@0.1 + 0.05"]["baseline"] == "supervised@0.1"
+    assert old["crossl@0.1 >= supervised@0.1 + 0.05"]["p_holm"] == pytest.approx(0.25)
+    assert old["crossl-all@0.1 >= supervised@0.1 + 0.05"]["p_holm"] == pytest.approx(0.25)
+    assert "p_holm" not in old["supervised@1.0 >= 0.83"]
+    # only supervised-aug ran: it is the baseline
+    results = _with_aug()
+    del results["runs"]["supervised@0.1"]
+    only = {t["name"]: t for t in eval_metrics(results)["targets"]}
+    assert only["crossl@0.1 >= supervised-aug@0.1 + 0.05"]["baseline"] == "supervised-aug@0.1"
+
+
+def test_targets_table_names_the_baseline_and_holm(tmp_path):
+    write_eval(_with_aug(), tmp_path, None)
+    text = (tmp_path / "report.md").read_text()
+    assert "| target | value | goal | result | margin (points) | notes | Holm-adjusted p |" in text
+    assert (
+        "| crossl@0.1 >= supervised-aug@0.1 + 0.05 | 75.5 | 80.0 | **missed** | -4.5 | "
+        "against supervised + augmentation, the stronger baseline (75.0 vs 71.0 for "
+        "supervised); paired mean +0.5, Wilcoxon p=1.00 | 1.00 |" in text
+    )
+    assert (
+        "| crossl-all@0.1 >= supervised-aug@0.1 + 0.05 | 81.0 | 80.0 | met | +1.0 | "
+        "against supervised + augmentation, the stronger baseline (75.0 vs 71.0 for "
+        "supervised); paired mean +6.0, Wilcoxon p=0.12 | 0.25 |" in text
+    )
+    reading = text.split("## How to read these numbers")[1]
+    assert "covers the 2 paired tests of CroSSL's targets" in reading
+    assert "Holm's step-down adjustment controls the family-wise error over those tests." in reading
+
+
+def test_ablation_chosen_on_test_subjects_repeats_the_comparisons_without_them(tmp_path):
+    results = _with_aug()
+    m = write_eval(results, tmp_path, ABLATION)
+    assert m["ablation"]["validation"] == ["s3"]
+    assert m["ablation"]["validation_by_fold"] == {"s1": ["s3"]}
+    assert m["ablation"]["applied"] is True
+    without = m["paired_without_validation"]
+    d = without["crossl@0.1 - supervised@0.1"]
+    diffs = [0.08, -0.02, 0.05]  # s1, s2, s4: s3 (the validation subject) left out
+    assert list(d["per_subject"]) == ["s1", "s2", "s4"]
+    assert list(d["per_subject"].values()) == pytest.approx(diffs)
+    assert d["mean"] == pytest.approx(0.11 / 3, abs=1e-6) and (d["wins"], d["n"]) == (2, 3)
+    assert d["p"] == pytest.approx(_exact_p(diffs)) and d["p"] == pytest.approx(0.5)
+    aug = without["crossl-all@0.1 - supervised-aug@0.1"]
+    assert aug["mean"] == pytest.approx(0.22 / 3, abs=1e-6) and aug["p"] == pytest.approx(0.25)
+    assert without["crossl@1.0 - supervised@1.0"]["mean"] == pytest.approx(0.01)
+    assert set(without) == set(m["paired"])
+    text = (tmp_path / "report.md").read_text()
+    section = text.split("## Ablation (validation only)")[1].split("\n## ")[0]
+    assert "never a test subject" not in text
+    assert (
+        "**Validation subjects used:** s3 (fold s1). It is also a test subject in the main "
+        "folds (every subject is one in leave-one-subject-out). The choice of `no-expander` "
+        "was made on those subjects' labels, and only CroSSL's settings were tuned on them"
+        in section
+    )
+    assert "| 10% | CroSSL − supervised | +4.5, 3/4, p=0.25 | +3.7, 2/3, p=0.50 |" in section
+    assert (
+        "| 10% | CroSSL (all) − (supervised + augmentation) | +6.0, 4/4, p=0.12 | "
+        "+7.3, 3/3, p=0.25 |" in section
+    )
+    assert "| 100% | CroSSL − supervised | +1.0, 3/4, p=0.62 | +1.0, 2/3, p=0.75 |" in section
+
+
+def test_ablation_that_kept_the_spec_says_no_test_fold_influenced_it(tmp_path):
+    ablation = {**ABLATION, "chosen": "base"}
+    m = write_eval(_results(), tmp_path, ablation)
+    assert m["ablation"]["applied"] is False and m["ablation"]["validation"] == ["s3"]
+    assert m["paired_without_validation"] is None
+    section = (tmp_path / "report.md").read_text().split("## Ablation")[1].split("\n## ")[0]
+    assert (
+        "**Validation subjects used:** s3 (fold s1). It is also a test subject in the main "
+        "folds (every subject is one in leave-one-subject-out); the folds ran the spec as "
+        "written: selection changed nothing, so no test fold influenced the settings." in section
+    )
+    assert "again without the validation subjects" not in section
+    # selection off: the chosen variant was not run either
+    results = _results()
+    results["config"]["evaluation"]["select"] = False
+    m = eval_metrics(results, ABLATION)
+    assert m["ablation"]["applied"] is False and m["paired_without_validation"] is None
+
+
+def test_ablation_from_an_older_run_without_validation_ids(tmp_path):
+    ablation = json.loads(json.dumps(ABLATION))
+    for row in [*ablation["rows"], ablation["curve"]]:
+        del row["validation"]
+    m = write_eval(_results(), tmp_path, ablation)
+    assert m["ablation"]["validation"] is None and m["ablation"]["applied"] is True
+    assert m["paired_without_validation"] is None
+    section = (tmp_path / "report.md").read_text().split("## Ablation")[1].split("\n## ")[0]
+    assert "**Validation subjects used:** not recorded" in section
+    assert "so it is a test subject of its own fold in leave-one-subject-out" in section
+    assert "the comparisons cannot be repeated without them" in section
 
 
 PRETRAINED_META = {

@@ -23,16 +23,24 @@ import numpy as np
 
 from crossl_stream.training.metrics import wilcoxon_signed_rank
 
-ARMS = ("crossl", "crossl-all", "probe", "supervised", "supervised-plain")
+ARMS = ("crossl", "crossl-all", "probe", "supervised", "supervised-aug", "supervised-plain")
 TITLES = {
     "crossl": "CroSSL",
     "crossl-all": "CroSSL (all)",
     "probe": "CroSSL probe",
     "supervised": "supervised",
+    "supervised-aug": "supervised + augmentation",
     "supervised-plain": "supervised (plain)",
 }
+# the supervised baselines CroSSL's targets are judged against (the stronger at each fraction)
+BASELINES = ("supervised", "supervised-aug")
 # the paired comparisons: (arm, baseline) at each label fraction both ran
-PAIRS = (("crossl", "supervised"), ("crossl-all", "supervised"))
+PAIRS = (
+    ("crossl", "supervised"),
+    ("crossl-all", "supervised"),
+    ("crossl", "supervised-aug"),
+    ("crossl-all", "supervised-aug"),
+)
 STOPS = ("patience", "max_epochs", "steps")
 # the issue's targets
 GOAL_FULL = 0.83  # supervised@1.0 macro-F1
@@ -96,6 +104,12 @@ def _points(d: float | None) -> str:
 
 def _p(p: float | None) -> str:
     return "—" if p is None else (f"{p:.2f}" if p >= 0.01 else f"{p:.3f}")
+
+
+def _minus(a: str, b: str, sign: str = "−") -> str:
+    """The title of ``a`` minus ``b`` (arms): "CroSSL − (supervised + augmentation)"."""
+    title = TITLES.get(b, b)
+    return f"{TITLES.get(a, a)} {sign} " + (f"({title})" if " + " in title else title)
 
 
 def _seed(s: str) -> int | str:
@@ -222,6 +236,29 @@ def min_wins(n: int, alpha: float = 0.05) -> int | None:
     return None
 
 
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment of the p-values ``ps`` (in their order): the i-th smallest
+    times (m - i + 1), made non-decreasing in that order and capped at 1; rejecting where the
+    adjusted p < alpha controls the family-wise error rate at alpha."""
+    out = [1.0] * len(ps)
+    running = 0.0
+    for i, j in enumerate(np.argsort(ps, kind="stable")):
+        running = max(running, min(1.0, (len(ps) - i) * float(ps[j])))
+        out[j] = running
+    return out
+
+
+def stronger_baseline(summaries: dict[str, dict], fraction: float) -> str | None:
+    """The run key of the supervised baseline with the higher mean macro-F1 at ``fraction``
+    (``supervised`` on a tie), of those that ran; None when neither did."""
+    ran = [
+        run_key(b, fraction)
+        for b in BASELINES
+        if (summaries.get(run_key(b, fraction)) or {}).get("macro_f1") is not None
+    ]
+    return max(ran, key=lambda k: summaries[k]["macro_f1"]) if ran else None
+
+
 def _target(name: str, value: float, goal: float, **extra: Any) -> dict[str, Any]:
     return {
         "name": name,
@@ -235,30 +272,40 @@ def _target(name: str, value: float, goal: float, **extra: Any) -> dict[str, Any
 
 def targets(summaries: dict[str, dict], pairs: dict[str, dict]) -> list[dict[str, Any]]:
     """The issue's targets that this evaluation measured: supervised with every label; CroSSL
-    (and CroSSL trained on all windows) over supervised at 10% and 1% of labels; the share
-    of macro-F1 each arm keeps with one modality only, at every label."""
+    (and CroSSL trained on all windows) over the stronger supervised baseline (``baseline``:
+    ``supervised`` or ``supervised-aug``, whichever has the higher mean) at 10% and 1% of
+    labels, with the paired mean and Wilcoxon p against it and ``p_holm``, Holm's adjustment
+    over every such paired test; the share of macro-F1 each arm keeps with one modality only,
+    at every label."""
     out = []
     full = summaries.get(run_key("supervised", 1.0))
     if full and full["macro_f1"] is not None:
         out.append(_target(f"supervised@1.0 >= {GOAL_FULL:g}", full["macro_f1"], GOAL_FULL))
+    gains = []
     for f in GAIN_FRACTIONS:
-        base = run_key("supervised", f)
+        base = stronger_baseline(summaries, f)
+        if base is None:
+            continue
         for arm in ("crossl", "crossl-all"):
             key = run_key(arm, f)
             if summaries.get(key, {}).get("macro_f1") is None:
                 continue
-            if summaries.get(base, {}).get("macro_f1") is None:
-                continue
             d = pairs.get(f"{key} - {base}") or {}
-            out.append(
+            gains.append(
                 _target(
                     f"{key} >= {base} + {GOAL_GAIN:g}",
                     summaries[key]["macro_f1"],
                     summaries[base]["macro_f1"] + GOAL_GAIN,
+                    baseline=base,
                     diff=d.get("mean"),
                     p=d.get("p"),
+                    p_holm=None,
                 )
             )
+    tested = [t for t in gains if t["p"] is not None]
+    for t, p in zip(tested, holm([t["p"] for t in tested]), strict=True):
+        t["p_holm"] = _round(p)
+    out += gains
     for key, s in summaries.items():
         if split_key(key)[1] == 1.0 and s["worst"]:
             out.append(
@@ -272,9 +319,31 @@ def targets(summaries: dict[str, dict], pairs: dict[str, dict]) -> list[dict[str
     return out
 
 
-def _ablation_summary(ablation: dict[str, Any] | None) -> dict[str, Any] | None:
+def ablation_validation(ablation: dict[str, Any]) -> dict[str, list[str]] | None:
+    """Each ablation fold's validation groups (the ids its rows were scored on); None when
+    no row records them (runs from before ``validation`` was recorded)."""
+    rows = list(ablation.get("rows") or [])
+    if ablation.get("curve"):
+        rows.append(ablation["curve"])
+    by_fold: dict[str, set[str]] = {}
+    for row in rows:
+        if row.get("validation") is not None:
+            by_fold.setdefault(str(row.get("group")), set()).update(map(str, row["validation"]))
+    return {g: sorted(v) for g, v in by_fold.items()} if by_fold else None
+
+
+def selection_applied(ablation: dict[str, Any] | None, results: dict[str, Any]) -> bool:
+    """Whether the folds ran an ablation variant other than the spec as written: selection
+    (``evaluation.select``) was on and chose something other than ``base``."""
+    select = ((results.get("config") or {}).get("evaluation") or {}).get("select")
+    chosen = (ablation or {}).get("chosen")
+    return bool(select) and chosen is not None and chosen != "base"
+
+
+def _ablation_summary(ablation: dict[str, Any] | None, applied: bool) -> dict[str, Any] | None:
     if not ablation:
         return None
+    by_fold = ablation_validation(ablation)
     return {
         "folds": ablation.get("folds"),
         "variants": ablation.get("variants"),
@@ -283,6 +352,9 @@ def _ablation_summary(ablation: dict[str, Any] | None) -> dict[str, Any] | None:
             for name, s in (ablation.get("scores") or {}).items()
         },
         "chosen": ablation.get("chosen"),
+        "applied": applied,
+        "validation": sorted({v for vs in by_fold.values() for v in vs}) if by_fold else None,
+        "validation_by_fold": by_fold,
     }
 
 
@@ -300,7 +372,7 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
         for arm, base in PAIRS:
             d = metrics["paired"].get(f"{run_key(arm, f)} - {run_key(base, f)}")
             if d:
-                diffs.append(f"{TITLES[arm]} - {TITLES[base]} {_points(d['mean'])}, p={_p(d['p'])}")
+                diffs.append(f"{_minus(arm, base, '-')} {_points(d['mean'])}, p={_p(d['p'])}")
         line = f"labels {_labels(f)}: " + ", ".join(cells)
         lines.append(line + (f" ({'; '.join(diffs)})" if diffs else ""))
     for t in metrics["targets"]:
@@ -316,6 +388,28 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _pairs(runs: dict[str, Any], keys: list[str], groups: list[str]) -> dict[str, dict]:
+    """Every comparison of ``PAIRS`` at each label fraction, over ``groups``."""
+    pairs = {}
+    for f in fractions(keys):
+        for arm, base in PAIRS:
+            a, b = run_key(arm, f), run_key(base, f)
+            d = paired(runs, a, b, groups)
+            if d:
+                pairs[f"{a} - {b}"] = d
+    return pairs
+
+
+def _pairs_json(pairs: dict[str, dict]) -> dict[str, dict]:
+    return {
+        name: {
+            **{k: (_round(v) if k in ("mean", "p") else v) for k, v in d.items()},
+            "per_subject": {g: _round(x) for g, x in d["per_subject"].items()},
+        }
+        for name, d in pairs.items()
+    }
+
+
 def eval_metrics(
     results: dict[str, Any],
     ablation: dict[str, Any] | None = None,
@@ -327,13 +421,15 @@ def eval_metrics(
     keys = run_keys(runs)
     modalities = list(results.get("modalities") or [])
     summaries = {k: run_summary(runs, k, groups, modalities) for k in keys}
-    pairs = {}
-    for f in fractions(keys):
-        for arm, base in PAIRS:
-            a, b = run_key(arm, f), run_key(base, f)
-            d = paired(runs, a, b, groups)
-            if d:
-                pairs[f"{a} - {b}"] = d
+    pairs = _pairs(runs, keys, groups)
+    applied = selection_applied(ablation, results)
+    ablation_summary = _ablation_summary(ablation, applied)
+    # the choice was made on the validation groups' labels, and they are test groups too:
+    # the comparisons again without them (None: no choice applied, or none recorded)
+    held = (ablation_summary or {}).get("validation")
+    without = None
+    if applied and held is not None:
+        without = _pairs(runs, keys, [g for g in groups if g not in held])
 
     def each(field: str) -> dict[str, float | None]:
         return {k: _round(s[field]) for k, s in summaries.items()}
@@ -361,17 +457,12 @@ def eval_metrics(
             for k, s in summaries.items()
             if s["kept"]
         },
-        "paired": {
-            name: {
-                **{k: (_round(v) if k in ("mean", "p") else v) for k, v in d.items()},
-                "per_subject": {g: _round(x) for g, x in d["per_subject"].items()},
-            }
-            for name, d in pairs.items()
-        },
+        "paired": _pairs_json(pairs),
         "targets": targets(summaries, pairs),
         "stops": {k: s["stops"] for k, s in summaries.items()},
         "best_epoch": each("best_epoch"),
-        "ablation": _ablation_summary(ablation),
+        "ablation": ablation_summary,
+        "paired_without_validation": None if without is None else _pairs_json(without),
         "machine": machine,
         "seconds": _round(results.get("total_seconds", results.get("seconds"))),
     }
@@ -490,6 +581,9 @@ def _protocol(results: dict[str, Any]) -> list[str]:
     what = {
         "supervised": "the same architecture trained from scratch, with modality dropout "
         "(and augmentation when configured)",
+        "supervised-aug": "the same architecture trained from scratch with the same modality "
+        "dropout and, always, the signal augmentations pretraining uses (`pretrain.augment`: "
+        "scale, jitter, rotation, time warp)",
         "supervised-plain": "from scratch with neither modality dropout nor augmentation",
         "crossl": f"pretrained on the training {by}s' windows only, then fine-tuned",
         "crossl-all": f"pretrained on every window, the held-out {by}'s too but without its "
@@ -538,7 +632,7 @@ def _main_table(metrics: dict[str, Any], runs: dict[str, Any]) -> list[str]:
     arms = [a for a in ARMS if any(split_key(k)[0] == a for k in f1)]
     pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
     head = [TITLES[a] for a in arms] + [
-        f"{TITLES[a]} − {TITLES[b]} (paired: mean, wins, Wilcoxon p)" for a, b in pairs
+        f"{_minus(a, b)} (paired: mean, wins, Wilcoxon p)" for a, b in pairs
     ]
     lines = [
         "",
@@ -582,18 +676,31 @@ def _targets_section(metrics: dict[str, Any]) -> list[str]:
         "",
         "## Targets",
         "",
-        "| target | value | goal | result | margin (points) | notes |",
-        "|---|---|---|---|---|---|",
+        "| target | value | goal | result | margin (points) | notes | Holm-adjusted p |",
+        "|---|---|---|---|---|---|---|",
     ]
+    f1 = metrics["macro_f1"]
     for t in metrics["targets"]:
         notes = ""
         if "p" in t:
+            base = t.get("baseline")
             notes = f"paired mean {_points(t.get('diff'))}, Wilcoxon p={_p(t.get('p'))}"
+            if base:  # the name says which; say why when there was a choice
+                arm, f = split_key(base)
+                others = [run_key(b, f) for b in BASELINES if run_key(b, f) in f1]
+                others = [o for o in others if o != base]
+                if others:
+                    vs = ", ".join(f"{_pct(f1[o])} for {TITLES[split_key(o)[0]]}" for o in others)
+                    notes = (
+                        f"against {TITLES.get(arm, arm)}, the stronger baseline "
+                        f"({_pct(f1.get(base))} vs {vs}); {notes}"
+                    )
         elif "modality" in t:
             notes = f"worst: {t['modality']} only"
         lines.append(
             f"| {t['name']} | {_pct(t['value'])} | {_pct(t['goal'])} | "
-            f"{'met' if t['met'] else '**missed**'} | {_points(t['margin'])} | {notes} |"
+            f"{'met' if t['met'] else '**missed**'} | {_points(t['margin'])} | {notes} | "
+            f"{_p(t['p_holm']) if t.get('p_holm') is not None else '—'} |"
         )
     names = {t["name"] for t in metrics["targets"]}
     absent = []
@@ -607,6 +714,14 @@ def _targets_section(metrics: dict[str, Any]) -> list[str]:
     ]
     if absent:
         lines += ["", f"Not measured (no such run): {', '.join(absent)}."]
+    if any("p" in t for t in metrics["targets"]):
+        lines += [
+            "",
+            "CroSSL's targets are judged against the stronger supervised baseline at each "
+            "label fraction: whichever of supervised and supervised + augmentation has the "
+            "higher mean macro-F1 (of those that ran); the paired mean and Wilcoxon p are "
+            "against that baseline.",
+        ]
     if any("modality" in t for t in metrics["targets"]):
         lines += [
             "",
@@ -657,15 +772,15 @@ def _missing_section(metrics: dict[str, Any], modalities: list[str]) -> list[str
 def _per_subject_section(metrics: dict[str, Any], by: str) -> list[str]:
     ps, lines = metrics["per_subject"], []
     for f in fractions(metrics["macro_f1"]):
-        base = run_key("supervised", f)
         pairs = [
-            (a, metrics["paired"][f"{run_key(a, f)} - {base}"])
-            for a, _ in PAIRS
-            if f"{run_key(a, f)} - {base}" in metrics["paired"]
+            (a, b, metrics["paired"][f"{run_key(a, f)} - {run_key(b, f)}"])
+            for a, b in PAIRS
+            if f"{run_key(a, f)} - {run_key(b, f)}" in metrics["paired"]
         ]
         if not pairs:
             continue
-        shown = [base] + [run_key(a, f) for a, _ in pairs]
+        shown = [run_key(b, f) for b in BASELINES if any(b == pb for _, pb, _ in pairs)]
+        shown += list(dict.fromkeys(run_key(a, f) for a, _, _ in pairs))
         lines += [
             "",
             f"### Per {by}, {_labels(f)} of labels",
@@ -673,16 +788,16 @@ def _per_subject_section(metrics: dict[str, Any], by: str) -> list[str]:
             f"| {by} | "
             + " | ".join(TITLES[split_key(k)[0]] for k in shown)
             + " | "
-            + " | ".join(f"{TITLES[a]} − supervised" for a, _ in pairs)
+            + " | ".join(_minus(a, b) for a, b, _ in pairs)
             + " |",
             "|---" * (1 + len(shown) + len(pairs)) + "|",
         ]
         for g in metrics["folds"]:
             cells = [_pct(ps.get(k, {}).get(g)) for k in shown]
-            cells += [_points(d["per_subject"].get(g)) for _, d in pairs]
+            cells += [_points(d["per_subject"].get(g)) for _, _, d in pairs]
             lines.append(f"| {g} | " + " | ".join(cells) + " |")
         cells = [_pct(metrics["macro_f1"][k]) for k in shown]
-        cells += [f"{_points(d['mean'])} ({d['wins']}/{d['n']} wins)" for _, d in pairs]
+        cells += [f"{_points(d['mean'])} ({d['wins']}/{d['n']} wins)" for _, _, d in pairs]
         lines.append("| mean | " + " | ".join(cells) + " |")
     if lines:
         lines = [
@@ -695,7 +810,9 @@ def _per_subject_section(metrics: dict[str, Any], by: str) -> list[str]:
     return lines
 
 
-def _ablation_section(ablation: dict[str, Any], results: dict[str, Any]) -> list[str]:
+def _ablation_section(
+    ablation: dict[str, Any], results: dict[str, Any], metrics: dict[str, Any]
+) -> list[str]:
     by = results.get("by", "subject")
     scores = ablation.get("scores") or {}
     chosen = ablation.get("chosen")
@@ -707,8 +824,9 @@ def _ablation_section(ablation: dict[str, Any], results: dict[str, Any]) -> list
         "",
         f"Each variant is pretrained on the training {by}s of fold(s) {folds or '—'} less one "
         f"validation {by} drawn from them, and scored on that validation {by} only: a linear "
-        "probe on every label and fine-tuning on 1% of them. These are validation "
-        f"{by}s only, never a test {by}; score = the mean of the two.",
+        f"probe on every label and fine-tuning on 1% of them; score = the mean of the two. "
+        f"A validation {by} is never the test {by} of the same fold, but it is a test {by} "
+        "of the main folds (below).",
         "",
         "| variant | overrides | probe F1 | fine-tune@1% F1 | score |",
         "|---|---|---|---|---|",
@@ -728,6 +846,7 @@ def _ablation_section(ablation: dict[str, Any], results: dict[str, Any]) -> list
         else:
             ran = "selection was off (`evaluation.select`), so the folds ran the spec as written"
         lines += ["", f"Best on validation: `{chosen}`; {ran}."]
+    lines += _ablation_disclosure(ablation, metrics, by)
     curve = ablation.get("curve") or {}
     points = curve.get("curve") or []
     if points:
@@ -743,6 +862,94 @@ def _ablation_section(ablation: dict[str, Any], results: dict[str, Any]) -> list
             "|---|---|",
         ]
         lines += [f"| {p['step']} | {_pct(p['probe_f1'])} |" for p in points]
+    return lines
+
+
+def _ablation_disclosure(ablation: dict[str, Any], metrics: dict[str, Any], by: str) -> list[str]:
+    """Which validation groups the ablation used, that they are test groups of the main folds,
+    and what that means: nothing when the folds ran the spec as written; else the choice was
+    made on their labels, and the paired comparisons are shown again without them."""
+    summary = metrics.get("ablation") or {}
+    by_fold = summary.get("validation_by_fold")
+    if by_fold is None:
+        by_fold = ablation_validation(ablation)
+    applied = summary.get("applied", False)
+    chosen = ablation.get("chosen")
+    lines = [""]
+    if by_fold:
+        held = sorted({v for vs in by_fold.values() for v in vs})
+        used = "; ".join(f"{', '.join(vs)} (fold {g})" for g, vs in by_fold.items())
+        tested = [v for v in held if v in metrics["folds"]]
+        line = f"**Validation {by}s used:** {used}. "
+        if len(tested) == len(held):
+            line += (
+                f"{'They are' if len(held) > 1 else 'It is'} also "
+                f"{f'test {by}s' if len(held) > 1 else f'a test {by}'} in the main folds "
+                f"(every {by} is one in leave-one-{by}-out)"
+            )
+        elif tested:
+            line += (
+                f"{', '.join(tested)} {'are' if len(tested) > 1 else 'is'} also test {by}s in "
+                f"the main folds; {', '.join(v for v in held if v not in tested)} not (not among "
+                "the folds evaluated)"
+            )
+        else:
+            line += f"None of them is a test {by} of the folds evaluated here"
+    else:
+        held = None
+        line = (
+            f"**Validation {by}s used:** not recorded (the ablation predates that record); "
+            f"each was drawn from the training {by}s of fold(s) "
+            f"{', '.join(map(str, ablation.get('folds') or [])) or '—'}, so it is a test "
+            f"{by} of its own fold in leave-one-{by}-out"
+        )
+    if not applied:
+        if chosen == "base":
+            line += (
+                "; the folds ran the spec as written: selection changed nothing, so no test "
+                "fold influenced the settings."
+            )
+        else:
+            line += (
+                "; the folds ran the spec as written (selection off): the choice changed "
+                "nothing, so no test fold influenced the settings."
+            )
+        return lines + [line]
+    line += (
+        f". The choice of `{chosen}` was made on those {by}s' labels, and only CroSSL's "
+        "settings were tuned on them (by CroSSL's validation scores; the supervised baselines "
+        f"had no say), so the comparisons could favour CroSSL on those {by}s."
+    )
+    lines.append(line)
+    without = metrics.get("paired_without_validation")
+    if held is None or without is None:
+        return lines + [
+            "",
+            f"Without a record of the validation {by}s, the comparisons cannot be repeated "
+            "without them.",
+        ]
+    rows = [
+        (f, a, b, d, without.get(name))
+        for f in fractions(metrics["macro_f1"])
+        for a, b in PAIRS
+        if (d := metrics["paired"].get(name := f"{run_key(a, f)} - {run_key(b, f)}"))
+    ]
+    if not rows:
+        return lines
+    lines += [
+        "",
+        f"The paired comparisons again without the validation {by}s ({', '.join(held)}):",
+        "",
+        f"| labels | comparison | every {by} (mean, wins, Wilcoxon p) | without the "
+        f"validation {by}s (mean, wins, Wilcoxon p) |",
+        "|---|---|---|---|",
+    ]
+    for f, a, b, d, w in rows:
+        cells = [
+            f"{_points(x['mean'])}, {x['wins']}/{x['n']}, p={_p(x['p'])}" if x else "—"
+            for x in (d, w)
+        ]
+        lines.append(f"| {_labels(f)} | {_minus(a, b)} | {cells[0]} | {cells[1]} |")
     return lines
 
 
@@ -797,6 +1004,27 @@ def _reading(metrics: dict[str, Any], by: str) -> list[str]:
         if k is not None
         else f"with {n} {by}s it cannot reach p < 0.05 at all"
     )
+    family = [t for t in metrics["targets"] if t.get("p_holm") is not None]
+    holm_line = (
+        f" The targets table's Holm-adjusted p covers the {len(family)} paired test"
+        f"{'s' if len(family) != 1 else ''} of CroSSL's targets (CroSSL and CroSSL (all) "
+        "against the stronger supervised baseline at each label fraction measured): Holm's "
+        "step-down adjustment controls the family-wise error over those tests."
+        if family
+        else ""
+    )
+    ablation = metrics.get("ablation")
+    validation = (
+        f"- **Validation.** Early stopping uses a validation {by} drawn from the training "
+        f"{by}s of each fold; no test {by}'s labels are used to train or stop a model (CroSSL "
+        f"(all) sees the test {by}'s windows, unlabelled, in pretraining)."
+    )
+    if ablation:
+        validation += (
+            f" The ablation's validation {by}s are never the test {by} of the same fold, but "
+            f"they are test {by}s of the main folds: the Ablation section says whether their "
+            "labels influenced the settings the folds ran."
+        )
     return [
         "",
         "## How to read these numbers",
@@ -805,13 +1033,11 @@ def _reading(metrics: dict[str, Any], by: str) -> list[str]:
         f"that run; means ± std are over the {n} held-out {by}s, so the std is the spread "
         f"between {by}s, not between runs. The spread over seeds (std of the per-seed "
         "means) is in the per-run table.",
-        f"- **Paired comparisons.** CroSSL − supervised compares the two on the same held-out "
-        f"{by}, over the seeds both ran; wins count the {by}s where CroSSL scored higher. The "
-        f"p-value is the exact two-sided Wilcoxon signed-rank test over {by}s: {wilcoxon}. "
-        "A target met on the means with a large p is not yet evidence.",
-        f"- **Validation.** Early stopping and the ablation use a validation {by} drawn from "
-        f"the training {by}s of each fold; no test {by}'s labels are ever used (CroSSL (all) "
-        f"sees the test {by}'s windows, unlabelled, in pretraining).",
+        f"- **Paired comparisons.** CroSSL − a supervised baseline compares the two on the "
+        f"same held-out {by}, over the seeds both ran; wins count the {by}s where CroSSL scored "
+        f"higher. The p-value is the exact two-sided Wilcoxon signed-rank test over {by}s: "
+        f"{wilcoxon}. A target met on the means with a large p is not yet evidence." + holm_line,
+        validation,
         "- **Label fractions count windows.** Overlapping windows share most of their "
         "samples, so a small fraction of windows can cover most recordings; every arm gets "
         "the same labelled windows.",
@@ -838,7 +1064,7 @@ def render_eval(
     lines += _missing_section(metrics, list(results.get("modalities") or []))
     lines += _per_subject_section(metrics, by)
     if ablation:
-        lines += _ablation_section(ablation, results)
+        lines += _ablation_section(ablation, results, metrics)
     lines += _stops_section(metrics)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}](img/{p})" for p in plots]
