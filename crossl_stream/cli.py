@@ -115,6 +115,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from crossl_stream.training.workflow import (
+        CANDIDATES,
         FINETUNE_STATE,
         PRETRAIN_STATE,
         pretrained_info,
@@ -130,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if cfg.recipe == "best":
         for recipe in ("crossl", "supervised"):
-            _resume(args, out / "candidates" / recipe / FINETUNE_STATE)
+            _resume(args, out / CANDIDATES / recipe / FINETUNE_STATE)
         _resume(args, out / "pretrained" / PRETRAIN_STATE)
         _, chosen = run_best(cfg, data, out, args.labels_fraction, not args.quiet)
         scores = ", ".join(f"{k} {v:.3f}" for k, v in chosen["validation_macro_f1"].items())
