@@ -214,12 +214,18 @@ def _short(text: str, limit: int = 200) -> str:
 @contextlib.asynccontextmanager
 async def session(client):
     """``async with client``, except that a connect cancelled midway also closes the
-    half-open socket (aiomqtt leaves it and its keepalive task running)."""
+    half-open socket (aiomqtt leaves it and its keepalive task running).
+
+    aiomqtt's disconnect callback asks its cancelled connect future for its exception,
+    which raises inside the event loop's socket callbacks (a logged traceback) when the
+    socket closes later; it is unhooked first, as nobody waits for that disconnect."""
     try:
         await client.__aenter__()
     except asyncio.CancelledError:
+        paho = client._client  # noqa: SLF001 - paho: close it, stop its tasks
         with contextlib.suppress(Exception):
-            client._client.disconnect()  # noqa: SLF001 - paho: close it, stop its tasks
+            paho.on_disconnect = None
+            paho.disconnect()
         raise
     try:
         yield client

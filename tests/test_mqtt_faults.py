@@ -763,6 +763,52 @@ def test_a_wrong_password_is_said_once_and_shown_in_health(edge, caplog, capfd):
     assert "Traceback" not in caplog.text + err
 
 
+def test_a_connect_cancelled_before_the_broker_answers_leaves_no_traceback(caplog, capfd):
+    """A broker that accepts the socket and never answers CONNECT: the reader is cancelled
+    and the publisher closed mid-connect, then the socket closes. aiomqtt's disconnect
+    callback would raise inside the event loop (its connect future is cancelled)."""
+
+    async def main():
+        sockets = []
+
+        async def silent(r, w):
+            sockets.append(w)
+            with contextlib.suppress(ConnectionError):
+                while await r.read(1024):  # swallow CONNECT, answer nothing
+                    pass
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        broker = Broker(port=server.sockets[0].getsockname()[1])
+        reader = MqttReader(broker, SENSORS, backoff_s=(0.05, 0.3))
+        pub = MqttPublisher(broker, "test@1", backoff_s=(0.05, 0.3))
+
+        async def read():
+            async for _ in reader.chunks():
+                pass
+
+        task = asyncio.create_task(read())
+        await pub.start()
+        pub.publish(prediction(0))
+        assert await until(lambda: len(sockets) == 2, 10)
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pub.aclose(0.3)
+        for w in sockets:
+            w.close()
+        await asyncio.sleep(0.3)  # the closed sockets reach paho's callbacks
+        server.close()
+        await server.wait_closed()
+        return reader.health()["broker"], pub.counters
+
+    with caplog.at_level(logging.INFO):
+        health, counters = asyncio.run(main())
+    err = capfd.readouterr().err
+    print(f"\nreader health {health}; publisher dropped {counters.dropped}")
+    assert health["state"] != "connected" and counters.dropped == 1
+    assert "Traceback" not in caplog.text + err
+
+
 def _certificates(folder: Path) -> dict[str, Path]:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_mqtt import make_certificates
