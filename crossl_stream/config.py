@@ -126,6 +126,12 @@ class FinetuneConfig(_Strict):
     augment: bool = Field(
         False, description="apply pretrain.augment to classifier training too (every arm)"
     )
+    validate_alone: bool = Field(
+        False,
+        description="early stopping scores each epoch by the mean of the validation macro-F1 "
+        "with every modality and with each alone, not the first only: keeps the epoch that "
+        "works best without a sensor too (every arm)",
+    )
 
     @model_validator(mode="after")
     def _steps_in_order(self) -> FinetuneConfig:

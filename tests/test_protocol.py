@@ -204,3 +204,24 @@ def test_wilcoxon_matches_the_reference_implementation():
     assert wilcoxon_signed_rank(np.full(10, 0.03)) == pytest.approx(2 / 1024)
     # ties share their mean rank and the exact null counts them so: {2, 2, 2} -> p = 1
     assert wilcoxon_signed_rank(np.array([-0.04, 0.04, 0.04])) == 1.0
+
+
+def test_validation_alone_stops_on_the_mean_of_every_modality_and_each_alone():
+    from crossl_stream.training.experiments import labelled_split, new_model
+    from crossl_stream.training.metrics import macro_f1
+    from crossl_stream.training.train import fit_classifier, predict
+
+    cfg, data = watch()
+    train, val = labelled_split(data.windows, 0.3, "subject", 0)
+    assert val is not None
+    ft = cfg.finetune.model_copy(update={"validate_alone": True, "max_epochs": 2})
+    model = new_model(data.modalities, data.classes, cfg, train)
+    result = fit_classifier(model, train, "supervised", ft, seed=0, progress=False, val=val)
+    n = len(data.classes)
+    scores = [macro_f1(val.y, predict(model, val).argmax(1), n)]
+    for j, name in enumerate(model.modality_names):
+        has = val.take(np.flatnonzero(val.available[:, j]))
+        scores.append(macro_f1(has.y, predict(model, has, [name]).argmax(1), n))
+    assert len(scores) == 3
+    assert result.best_val_f1 == pytest.approx(np.mean(scores), abs=1e-6)
+    assert result.best_val_f1 != pytest.approx(scores[0], abs=1e-6)  # not the full F1 alone

@@ -622,6 +622,10 @@ def _protocol(results: dict[str, Any]) -> list[str]:
             f"at most {ft['max_epochs']} epochs"
             + (f", patience {ft['patience']}" if ft.get("patience") is not None else "")
         )
+    if ft.get("validate_alone"):
+        bits.append(
+            "early stopping on the mean validation macro-F1 with every modality and each alone"
+        )
     if bits:
         lines += ["", "Settings: " + "; ".join(bits) + "."]
     return lines

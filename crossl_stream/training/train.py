@@ -515,8 +515,33 @@ def _validate(
     available: np.ndarray,
     features: torch.Tensor | None,
     batch_size: int = 1024,
+    alone: bool = False,
 ) -> tuple[float, float]:
-    """(macro-F1, mean cross-entropy) on ``val``; ``features``: fixed embeddings (probe)."""
+    """(macro-F1, mean cross-entropy) on ``val``; ``features``: fixed embeddings (probe).
+
+    ``alone``: the macro-F1 is the mean of the F1 with every available modality and the F1
+    with each modality alone (on the windows that have it); the loss stays the full one."""
+    f1, loss = _validate_with(model, val, available, features, batch_size)
+    names = model.modality_names
+    if not alone or features is not None or len(names) < 2:
+        return f1, loss
+    scores = [f1]
+    for j in range(len(names)):
+        rows = np.flatnonzero(available[:, j])
+        if len(rows):
+            only = np.zeros_like(available[rows])
+            only[:, j] = True
+            scores.append(_validate_with(model, val.take(rows), only, None, batch_size)[0])
+    return float(np.mean(scores)), loss
+
+
+def _validate_with(
+    model: CroSSL,
+    val: Windows,
+    available: np.ndarray,
+    features: torch.Tensor | None,
+    batch_size: int,
+) -> tuple[float, float]:
     if features is not None:
         logits = model.head(features)
     else:
@@ -707,7 +732,9 @@ def fit_classifier(
                     stopped = "steps" if t["step"] >= total else ""
                 elif epoch_end:
                     t["epoch"] += 1
-                    f1, val_loss = _validate(model, val, val_available, val_features)
+                    f1, val_loss = _validate(
+                        model, val, val_available, val_features, alone=cfg.validate_alone
+                    )
                     record.update(epoch=t["epoch"], val_f1=f1, val_loss=val_loss)
                     if (f1, -val_loss) > (t["best_f1"], -t["best_loss"]):
                         t.update(best_f1=f1, best_loss=val_loss, best_epoch=t["epoch"], bad=0)
