@@ -722,6 +722,7 @@ def test_card_of_a_best_recipe_says_why_crossl_was_kept():
         "recipe": "crossl",
         "validation_macro_f1": {"crossl": 0.85, "supervised": 0.8},
         "validation": VALIDATION,
+        "score": "the mean of the macro-F1 with every modality and with each alone",
     }
     text = render_card(_new_meta("finetuned", selection=selection), eval_metrics(_results()))
     assert text.startswith("# CroSSL classifier: emg-gestures, 2 classes")
@@ -733,6 +734,10 @@ def test_card_of_a_best_recipe_says_why_crossl_was_kept():
     )
     assert "- Validation macro-F1 (%): CroSSL 85.0, supervised 80.0; kept: CroSSL." in why
     assert "- Pretraining won on validation by 5.0 points." in why
+    assert (
+        "- The validation score is the mean of the macro-F1 with every modality and with each "
+        "alone (as early stopping uses)." in why
+    )
     assert (
         "drawn from the training data; no test fold of the evaluation took part in the "
         f"choice. model.json records it as {VALIDATION}." in why

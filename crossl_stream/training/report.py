@@ -1710,6 +1710,8 @@ def _selection_lines(selection: dict[str, Any], metrics: dict[str, Any] | None) 
         "",
         f"- Validation macro-F1 (%): CroSSL {_pct(c)}, supervised {_pct(s)}; kept: {TITLES[kept]}.",
     ]
+    if selection.get("score"):
+        lines.append(f"- The validation score is {selection['score']} (as early stopping uses).")
     if c is not None and s is not None:
         gap = abs(float(c) - float(s))
         if kept == "supervised":

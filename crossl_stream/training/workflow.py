@@ -242,6 +242,9 @@ def run_best(
         "validation_macro_f1": scores,
         "validation": "a group drawn from the training data (seed "
         f"{cfg.seed}), the same for both; the test groups of `eval` are not involved",
+        "score": "the mean of the macro-F1 with every modality and with each alone"
+        if cfg.finetune.validate_alone
+        else "the macro-F1 with every modality",
     }
     save_model(models[chosen], out, meta)
     _save_curves(out, _load_curves(candidates / chosen))
