@@ -186,6 +186,12 @@ class EvaluationConfig(_Strict):
         "scoring a probe on its validation group every tenth of it (0: skip)",
     )
     select: bool = False
+    tuned_on: tuple[Id, ...] = Field(
+        (),
+        description="groups whose labels informed this spec's settings by hand (e.g. the "
+        "validation groups of an earlier ablation): they are test groups too, so the report "
+        "repeats the paired comparisons without them",
+    )
 
     @model_validator(mode="after")
     def _arms_given(self) -> EvaluationConfig:

@@ -481,12 +481,37 @@ def test_ablation_chosen_on_test_subjects_repeats_the_comparisons_without_them(t
         "was made on those subjects' labels, and only CroSSL's settings were tuned on them"
         in section
     )
-    assert "| 10% | CroSSL − supervised | +4.5, 3/4, p=0.25 | +3.7, 2/3, p=0.50 |" in section
+    again = text.split("## Without the subjects the settings were chosen on")[1].split("\n## ")[0]
+    assert (
+        "Subjects s3 are test subjects of the main folds, and their labels chose settings "
+        "(the ablation's choice, on its validation groups)" in again
+    )
+    assert "| 10% | CroSSL − supervised | +4.5, 3/4, p=0.25 | +3.7, 2/3, p=0.50 |" in again
     assert (
         "| 10% | CroSSL (all) − (supervised + augmentation) | +6.0, 4/4, p=0.12 | "
-        "+7.3, 3/3, p=0.25 |" in section
+        "+7.3, 3/3, p=0.25 |" in again
     )
-    assert "| 100% | CroSSL − supervised | +1.0, 3/4, p=0.62 | +1.0, 2/3, p=0.75 |" in section
+    assert "| 100% | CroSSL − supervised | +1.0, 3/4, p=0.62 | +1.0, 2/3, p=0.75 |" in again
+
+
+def test_settings_tuned_by_hand_on_test_subjects_repeat_the_comparisons_without_them(tmp_path):
+    results = _with_aug()
+    results["config"]["evaluation"]["tuned_on"] = ["s3"]
+    m = write_eval(results, tmp_path, {**ABLATION, "chosen": "base"})
+    assert m["ablation"]["applied"] is False and m["tuned_on"] == ["s3"]
+    assert m["left_out_of_paired"] == ["s3"]
+    d = m["paired_without_validation"]["crossl@0.1 - supervised@0.1"]
+    assert list(d["per_subject"]) == ["s1", "s2", "s4"]
+    text = (tmp_path / "report.md").read_text()
+    ablation = text.split("## Ablation")[1].split("\n## ")[0]
+    assert (
+        "selection changed nothing, but the spec's settings were themselves chosen by hand on "
+        "the labels of subjects s3 (`evaluation.tuned_on`): see below." in ablation
+    )
+    assert "no test fold influenced" not in text
+    again = text.split("## Without the subjects the settings were chosen on")[1].split("\n## ")[0]
+    assert "(by hand on s3: `evaluation.tuned_on`)" in again
+    assert "| 10% | CroSSL − supervised | +4.5, 3/4, p=0.25 | +3.7, 2/3, p=0.50 |" in again
 
 
 def test_ablation_that_kept_the_spec_says_no_test_fold_influenced_it(tmp_path):

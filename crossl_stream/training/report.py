@@ -332,10 +332,15 @@ def ablation_validation(ablation: dict[str, Any]) -> dict[str, list[str]] | None
     return {g: sorted(v) for g, v in by_fold.items()} if by_fold else None
 
 
+def _evaluation(results: dict[str, Any]) -> dict[str, Any]:
+    """The ``evaluation`` block of the spec the results were made with."""
+    return (results.get("config") or {}).get("evaluation") or {}
+
+
 def selection_applied(ablation: dict[str, Any] | None, results: dict[str, Any]) -> bool:
     """Whether the folds ran an ablation variant other than the spec as written: selection
     (``evaluation.select``) was on and chose something other than ``base``."""
-    select = ((results.get("config") or {}).get("evaluation") or {}).get("select")
+    select = _evaluation(results).get("select")
     chosen = (ablation or {}).get("chosen")
     return bool(select) and chosen is not None and chosen != "base"
 
@@ -427,9 +432,11 @@ def eval_metrics(
     # the choice was made on the validation groups' labels, and they are test groups too:
     # the comparisons again without them (None: no choice applied, or none recorded)
     held = (ablation_summary or {}).get("validation")
+    tuned = [str(g) for g in _evaluation(results).get("tuned_on") or []]
+    left_out = sorted(set(held or [] if applied else []) | set(tuned))
     without = None
-    if applied and held is not None:
-        without = _pairs(runs, keys, [g for g in groups if g not in held])
+    if left_out:
+        without = _pairs(runs, keys, [g for g in groups if g not in left_out])
 
     def each(field: str) -> dict[str, float | None]:
         return {k: _round(s[field]) for k, s in summaries.items()}
@@ -463,6 +470,8 @@ def eval_metrics(
         "best_epoch": each("best_epoch"),
         "ablation": ablation_summary,
         "paired_without_validation": None if without is None else _pairs_json(without),
+        "tuned_on": tuned,
+        "left_out_of_paired": left_out or None,
         "machine": machine,
         "seconds": _round(results.get("total_seconds", results.get("seconds"))),
     }
@@ -907,17 +916,21 @@ def _ablation_disclosure(ablation: dict[str, Any], metrics: dict[str, Any], by: 
             f"{', '.join(map(str, ablation.get('folds') or [])) or '—'}, so it is a test "
             f"{by} of its own fold in leave-one-{by}-out"
         )
+    tuned = metrics.get("tuned_on") or []
     if not applied:
         if chosen == "base":
-            line += (
-                "; the folds ran the spec as written: selection changed nothing, so no test "
-                "fold influenced the settings."
-            )
+            line += "; the folds ran the spec as written: selection changed nothing"
         else:
             line += (
-                "; the folds ran the spec as written (selection off): the choice changed "
-                "nothing, so no test fold influenced the settings."
+                "; the folds ran the spec as written (selection off): the choice changed nothing"
             )
+        if tuned:
+            line += (
+                ", but the spec's settings were themselves chosen by hand on the labels of "
+                f"{by}s {', '.join(map(str, tuned))} (`evaluation.tuned_on`): see below."
+            )
+        else:
+            line += ", so no test fold influenced the settings."
         return lines + [line]
     line += (
         f". The choice of `{chosen}` was made on those {by}s' labels, and only CroSSL's "
@@ -925,13 +938,37 @@ def _ablation_disclosure(ablation: dict[str, Any], metrics: dict[str, Any], by: 
         f"had no say), so the comparisons could favour CroSSL on those {by}s."
     )
     lines.append(line)
-    without = metrics.get("paired_without_validation")
-    if held is None or without is None:
+    if held is None and not tuned:
         return lines + [
             "",
             f"Without a record of the validation {by}s, the comparisons cannot be repeated "
             "without them.",
         ]
+    return lines
+
+
+def _tuned_section(metrics: dict[str, Any], by: str) -> list[str]:
+    """The paired comparisons again without the groups whose labels chose settings (the
+    ablation's validation groups when its choice was applied; ``evaluation.tuned_on``)."""
+    without = metrics.get("paired_without_validation")
+    left_out = metrics.get("left_out_of_paired")
+    if not without or not left_out:
+        return []
+    tuned = metrics.get("tuned_on") or []
+    ways = []
+    if (metrics.get("ablation") or {}).get("applied"):
+        ways.append("the ablation's choice, on its validation groups")
+    if tuned:
+        ways.append(f"by hand on {', '.join(map(str, tuned))}: `evaluation.tuned_on`")
+    how = "; ".join(ways)
+    lines = [
+        "",
+        f"## Without the {by}s the settings were chosen on",
+        "",
+        f"{by.capitalize()}s {', '.join(left_out)} are test {by}s of the main folds, and "
+        f"their labels chose settings ({how}), so the comparisons could favour CroSSL on "
+        "them. The paired comparisons again without them:",
+    ]
     rows = [
         (f, a, b, d, without.get(name))
         for f in fractions(metrics["macro_f1"])
@@ -939,13 +976,11 @@ def _ablation_disclosure(ablation: dict[str, Any], metrics: dict[str, Any], by: 
         if (d := metrics["paired"].get(name := f"{run_key(a, f)} - {run_key(b, f)}"))
     ]
     if not rows:
-        return lines
+        return []
     lines += [
         "",
-        f"The paired comparisons again without the validation {by}s ({', '.join(held)}):",
-        "",
-        f"| labels | comparison | every {by} (mean, wins, Wilcoxon p) | without the "
-        f"validation {by}s (mean, wins, Wilcoxon p) |",
+        f"| labels | comparison | every {by} (mean, wins, Wilcoxon p) | without "
+        f"{', '.join(left_out)} (mean, wins, Wilcoxon p) |",
         "|---|---|---|---|",
     ]
     for f, a, b, d, w in rows:
@@ -1069,6 +1104,7 @@ def render_eval(
     lines += _per_subject_section(metrics, by)
     if ablation:
         lines += _ablation_section(ablation, results, metrics)
+    lines += _tuned_section(metrics, by)
     lines += _stops_section(metrics)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}](img/{p})" for p in plots]
