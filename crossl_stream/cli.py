@@ -204,7 +204,12 @@ def _machine() -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from crossl_stream.training.experiments import merged, run_ablation, run_folds
+    from crossl_stream.training.experiments import (
+        merged,
+        run_ablation,
+        run_folds,
+        without_idle_arms,
+    )
     from crossl_stream.training.report import write_eval
 
     cfg, data = _spec(args)
@@ -220,6 +225,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             chosen = ablation["chosen"]
             print(f"ablation: variant {chosen!r} scored best on validation; the folds run it")
             cfg = merged(cfg, ablation["variants"][ablation["chosen"]])
+            lean = without_idle_arms(cfg)
+            if lean is not cfg:
+                print("ablation: no augmentation left, so no supervised-aug arm (= supervised)")
+                cfg = lean
     results = run_folds(data, cfg, progress, log.info, args.jobs)
     results["config"] = cfg.model_dump(mode="json", exclude={"data"})
     results["total_seconds"] = time.perf_counter() - start

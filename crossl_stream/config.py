@@ -124,13 +124,16 @@ class FinetuneConfig(_Strict):
         "same for every arm (fine-tune, supervised)",
     )
     augment: bool = Field(
-        False, description="apply pretrain.augment to classifier training too (every arm)"
+        False,
+        description="apply pretrain.augment to classifier training too (every arm but the "
+        "probe, whose encoder is frozen)",
     )
     validate_alone: bool = Field(
         False,
         description="early stopping scores each epoch by the mean of the validation macro-F1 "
-        "with every modality and with each alone, not the first only: keeps the epoch that "
-        "works best without a sensor too (every arm)",
+        "with every modality and with each alone (on the validation windows that have it), "
+        "not the first only: keeps the epoch that works best without a sensor too (every arm "
+        "but the probe)",
     )
 
     @model_validator(mode="after")
@@ -378,9 +381,9 @@ class TrainConfig(_Strict):
     )
     pretrain_on: Literal["train", "all"] = Field(
         "train",
-        description="train: pretraining sees no held-out window (holdout, or eval's test "
-        "group); all: it also sees theirs, without labels (a lab has a new subject's "
-        "unlabelled recording before their labels)",
+        description="pretrain / train: train: pretraining sees no holdout window; all: it "
+        "also sees theirs, without labels (a lab has a new subject's unlabelled recording "
+        "before their labels). eval runs both as arms: crossl (strict) and crossl-all",
     )
     recipe: Literal["crossl", "supervised", "best"] = Field(
         "crossl",

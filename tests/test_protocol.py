@@ -225,3 +225,23 @@ def test_validation_alone_stops_on_the_mean_of_every_modality_and_each_alone():
     assert len(scores) == 3
     assert result.best_val_f1 == pytest.approx(np.mean(scores), abs=1e-6)
     assert result.best_val_f1 != pytest.approx(scores[0], abs=1e-6)  # not the full F1 alone
+
+
+def test_settings_that_cannot_run_are_refused_before_any_training():
+    from crossl_stream.training.experiments import check_augment, check_folds, without_idle_arms
+
+    cfg, data = watch()
+    # a rotation of a modality that is not a 3-axis sensor of this data
+    bad = cfg.pretrain.augment.model_copy(update={"vectors": ("ppg",)})
+    with pytest.raises(ConfigError, match=r"augment.vectors: \['ppg'\]"):
+        check_augment(data, bad)
+    # supervised + augmentation with nothing to augment would repeat supervised: refused in
+    # a spec, left out when an ablation variant chose no augmentation
+    nothing = {"scale": 0, "jitter": 0, "rotate_deg": 0, "time_warp": 0}
+    off = merged(cfg, {"pretrain": {"augment": nothing}})
+    with pytest.raises(ConfigError, match="supervised-aug trains with pretrain.augment"):
+        check_folds(data, off, ["1"])
+    lean = without_idle_arms(off)
+    assert "supervised-aug" not in lean.evaluation.arms
+    assert lean.evaluation.arms["supervised"] == off.evaluation.arms["supervised"]
+    assert without_idle_arms(cfg) is cfg

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import multiprocessing
 import os
 import time
@@ -28,11 +29,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from crossl_stream.config import FinetuneConfig, MaskingConfig, TrainConfig
-from crossl_stream.errors import DatasetError
+from crossl_stream.config import AugmentConfig, FinetuneConfig, MaskingConfig, TrainConfig
+from crossl_stream.errors import ConfigError, DatasetError
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.model.masking import NO_MASKING, LatentMasker
 from crossl_stream.model.specs import ModalitySpec
+from crossl_stream.training.augment import Augmenter
 from crossl_stream.training.datasets import Windows, fit_normalisation, labelled_subset
 from crossl_stream.training.metrics import accuracy, confusion_matrix, macro_f1
 from crossl_stream.training.spec import LoadedData
@@ -45,6 +47,8 @@ from crossl_stream.training.train import (
 
 Log = Callable[[str], None]
 _DEVICE: dict[str, torch.device] = {"device": torch.device("cpu")}
+
+_log = logging.getLogger(__name__)
 
 
 def set_device(name: str = "cpu") -> torch.device:
@@ -398,6 +402,37 @@ def check_folds(data: LoadedData, cfg: TrainConfig, groups: list[str]) -> None:
             f"evaluation: {by} {empty}: no labelled window with every modality to test on; "
             "leave them out with evaluation.folds"
         )
+    if cfg.evaluation.arms.get("supervised-aug") and not cfg.pretrain.augment.active:
+        raise ConfigError(
+            "evaluation.arms: supervised-aug trains with pretrain.augment, which does nothing "
+            "here: it would repeat supervised; set pretrain.augment or drop the arm"
+        )
+    check_augment(data, cfg.pretrain.augment)
+
+
+def without_idle_arms(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` less the supervised-aug arm when ``pretrain.augment`` does nothing (an
+    ablation variant chose no augmentation: the arm would repeat supervised)."""
+    arms = cfg.evaluation.arms
+    if "supervised-aug" not in arms or cfg.pretrain.augment.active:
+        return cfg
+    kept = {k: v for k, v in arms.items() if k != "supervised-aug"}
+    return cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"arms": kept})})
+
+
+def check_augment(data: LoadedData, cfg: AugmentConfig) -> None:
+    """ConfigError, before any training, when ``cfg`` does not fit the data's modalities
+    (a rotation with no 3-channel modality, ``vectors`` naming others); says which
+    modalities a rotation will turn when ``vectors`` leaves it to the channel count."""
+    if not cfg.active:
+        return
+    aug = Augmenter(cfg, {m.name: torch.ones(m.channels) for m in data.modalities})
+    if cfg.rotate_deg and cfg.vectors is None:
+        _log.info(
+            "augment.rotate_deg: rotating %s (every 3-channel modality; name the 3-axis "
+            "vector sensors in augment.vectors if some are not)",
+            ", ".join(sorted(aug.vectors)),
+        )
 
 
 def run_folds(
@@ -589,6 +624,8 @@ def run_ablation(
     plus the long pretraining curve; the scores, and the variant chosen (best mean of the
     probe and the 1%-label fine-tune on validation)."""
     ev = cfg.evaluation
+    for overrides in ({}, *ev.ablation.values()):
+        check_augment(data, merged(cfg, overrides).pretrain.augment)
     present = fold_groups(
         data, cfg.model_copy(update={"evaluation": ev.model_copy(update={"folds": None})})
     )

@@ -23,7 +23,13 @@ from crossl_stream.config import TrainConfig
 from crossl_stream.errors import CheckpointError, DatasetError
 from crossl_stream.model.checkpoint import read_meta, save_model
 from crossl_stream.model.crossl import CroSSL
-from crossl_stream.training.experiments import finetune, masker_of, new_model, supervised
+from crossl_stream.training.experiments import (
+    finetune,
+    labelled_split,
+    masker_of,
+    new_model,
+    supervised,
+)
 from crossl_stream.training.spec import LoadedData
 from crossl_stream.training.train import FitResult, pretrain
 
@@ -222,6 +228,13 @@ def run_best(
     supervised (``out/candidates/supervised``) on the same labelled windows and validation
     group; the one with the better validation macro-F1 (CroSSL on a tie) is saved to
     ``out`` with the choice recorded in its model.json (``info.selection``)."""
+    windows = data.windows.take(training_windows(cfg, data))
+    if labelled_split(windows, fraction, cfg.evaluation.by, cfg.seed)[1] is None:
+        raise DatasetError(
+            f"recipe best: no validation {cfg.evaluation.by} to compare the recipes on (the "
+            f"labelled training windows come from one {cfg.evaluation.by}); choose recipe "
+            "crossl or supervised"
+        )
     base = run_pretrain(cfg, data, out / "pretrained", progress)
     info = pretrained_info(out / "pretrained")
     candidates = out / CANDIDATES
