@@ -59,7 +59,7 @@ train: data
 	$(BIN)/crossl-stream train configs/train-watch.yaml --out models/default --fresh
 
 ## results: the watch protocol (ablation on validation subjects, then 10 folds x 3 seeds;
-## about 100 min on 2 CPU cores) -> docs/results/watch/report.md and the shipped model's
+## 102 min on 2 CPU cores) -> docs/results/watch/report.md and the shipped model's
 ## metrics.json and card; JOBS folds at once (one per core)
 JOBS ?= 2
 results: data

@@ -799,6 +799,14 @@ def test_card_of_a_best_recipe_says_plainly_when_pretraining_lost():
         "disagree;" in text
     )
     assert "Self-supervised pretraining" not in text
+    # within half a point the evaluation is called level, not evidence either way
+    metrics = eval_metrics(_results())
+    metrics["macro_f1"]["supervised@1.0"] = metrics["macro_f1"]["crossl@1.0"] - 0.001
+    text = render_card(meta, metrics)
+    assert (
+        "supervised 84.9, level (within half a point): the evaluation does not tell them "
+        "apart;" in text
+    )
     # a tie goes to CroSSL, and is no win for pretraining; no metrics: nothing to back it
     selection.update(recipe="crossl", validation_macro_f1={"crossl": 0.8, "supervised": 0.8})
     text = render_card(_new_meta("finetuned", selection=selection), None)

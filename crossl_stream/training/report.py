@@ -1730,6 +1730,9 @@ def _training_lines(info: dict[str, Any], cfg: dict[str, Any], stage: str) -> li
     return out
 
 
+LEVEL = 0.005  # macro-F1 means closer than half a point are called level
+
+
 def _selection_lines(selection: dict[str, Any], metrics: dict[str, Any] | None) -> list[str]:
     """The "Why this recipe" section: the validation scores ``recipe: best`` chose on and,
     when an evaluation's metrics.json is given, what its test folds say about the choice."""
@@ -1788,9 +1791,12 @@ def _selection_lines(selection: dict[str, Any], metrics: dict[str, Any] | None) 
                 f" mean macro-F1 with 100% of labels CroSSL {_pct(full['crossl'])}, "
                 f"supervised {_pct(full['supervised'])}"
             )
-            if full[kept] > full[other]:
+            gap = full[kept] - full[other]
+            if abs(gap) < LEVEL:
+                evidence += ", level (within half a point): the evaluation does not tell them apart"
+            elif gap > 0:
                 evidence += ", which agrees with the choice"
-            elif full[kept] < full[other]:
+            else:
                 evidence += f", which favours {TITLES[other]}: validation and evaluation disagree"
             evidence += ";" if diffs else "."
         if diffs:
