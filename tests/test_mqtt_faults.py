@@ -61,6 +61,12 @@ def prediction(seq: int, subject: str = "s01", label: str | None = "a") -> Predi
     )
 
 
+async def drain(reader: MqttReader) -> None:
+    """Read ``reader``'s chunks until cancelled, keeping none."""
+    async for _ in reader.chunks():
+        pass
+
+
 async def until(predicate, seconds: float, step: float = 0.01) -> bool:
     deadline = time.monotonic() + seconds
     while not predicate():
@@ -726,11 +732,7 @@ def test_a_wrong_password_is_said_once_and_shown_in_health(edge, caplog, capfd):
     pub = MqttPublisher(wrong, "test@1", backoff_s=(0.05, 0.3))
 
     async def main():
-        async def read():
-            async for _ in reader.chunks():
-                pass
-
-        task = asyncio.create_task(read())
+        task = asyncio.create_task(drain(reader))
         await pub.start()
         pub.publish(prediction(0))
         await asyncio.sleep(2.0)  # a dozen retries each
@@ -781,12 +783,7 @@ def test_a_connect_cancelled_before_the_broker_answers_leaves_no_traceback(caplo
         broker = Broker(port=server.sockets[0].getsockname()[1])
         reader = MqttReader(broker, SENSORS, backoff_s=(0.05, 0.3))
         pub = MqttPublisher(broker, "test@1", backoff_s=(0.05, 0.3))
-
-        async def read():
-            async for _ in reader.chunks():
-                pass
-
-        task = asyncio.create_task(read())
+        task = asyncio.create_task(drain(reader))
         await pub.start()
         pub.publish(prediction(0))
         assert await until(lambda: len(sockets) == 2, 10)
@@ -835,11 +832,7 @@ def test_a_wrong_ca_is_said_once_and_a_ca_that_is_not_pem_is_a_config_error(
         )
 
         async def main():
-            async def read():
-                async for _ in reader.chunks():
-                    pass
-
-            task = asyncio.create_task(read())
+            task = asyncio.create_task(drain(reader))
             await asyncio.sleep(1.5)
             t = time.monotonic()
             task.cancel()

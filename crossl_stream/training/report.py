@@ -829,7 +829,7 @@ def _ablation_section(
     by = results.get("by", "subject")
     scores = ablation.get("scores") or {}
     chosen = ablation.get("chosen")
-    select = ((results.get("config") or {}).get("evaluation") or {}).get("select")
+    select = _evaluation(results).get("select")
     folds = ", ".join(map(str, ablation.get("folds") or []))
     lines = [
         "",
