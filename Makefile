@@ -67,10 +67,13 @@ results: data
 	cp docs/results/watch/metrics.json models/default/metrics.json
 	$(BIN)/crossl-stream card models/default
 
-## results-more: the other data sets (BasicMotions: a check that saturates; EMG: ~40 min)
+## results-more: the other data sets (BasicMotions: a check that saturates; EMG across
+## sessions and across people)
 results-more: data
 	$(BIN)/crossl-stream eval configs/train-basicmotions.yaml --out docs/results/basicmotions
 	$(BIN)/crossl-stream eval configs/train-emg.yaml --out docs/results/emg --jobs $(JOBS)
+	$(BIN)/crossl-stream eval configs/train-emg.yaml --by subject \
+	    --out docs/results/emg-cross-person --jobs $(JOBS)
 
 ## emg: the own-recordings workflow on real sEMG, CLI only: pretrain on every session
 ## without labels, fine-tune on 10% of the labels, replay the held-out session (rr/2)

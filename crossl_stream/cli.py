@@ -214,7 +214,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg, data = _spec(args)
     data.require_classes(_shown(args.spec))
-    out = Path(args.out) if args.out else Path("eval") / Path(args.spec).stem
+    name = Path(args.spec).stem
+    if args.by and args.by != cfg.evaluation.by:
+        by = cfg.evaluation.model_copy(update={"by": args.by})
+        cfg = cfg.model_copy(update={"evaluation": by})
+        name = f"{name}-by-{args.by}"
+    out = Path(args.out) if args.out else Path("eval") / name
     progress = not args.quiet
     start = time.perf_counter()
     ablation = None
@@ -721,6 +726,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="the evaluation protocol on a spec; writes a report")
     p.add_argument("spec", help="training spec YAML")
     p.add_argument("--out", default=None, help="report folder (default: eval/<spec name>)")
+    p.add_argument(
+        "--by",
+        choices=["subject", "session"],
+        default=None,
+        help="hold out each subject (cross-person) or each session in turn "
+        "(default: the spec's evaluation.by)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument(

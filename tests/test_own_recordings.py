@@ -278,3 +278,27 @@ def test_a_stream_error_lists_what_the_file_has(sessions):
     spec = cfg.data.model_copy(update={"sensors": {"emg": emg}})
     with pytest.raises(DatasetError, match=r"'ACC' \(type 'Accelerometer', 3 ch @ 32 Hz\)"):
         load_data(spec, sessions, "spec.yaml", progress=False)
+
+
+def test_eval_holds_out_each_person_when_asked(tmp_path):
+    """Two people in two sessions each: the spec holds out sessions, `--by subject` holds
+    out people (cross-person), and a fold's only training person still gets a validation
+    recording (their other session) to stop on."""
+    for i, name in enumerate(["sub-p01_ses-1", "sub-p01_ses-2", "sub-p02_ses-1", "sub-p02_ses-2"]):
+        session(tmp_path / f"{name}.xdf", seed=10 + i, blocks=6)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        SPEC.replace("sub-*_ses-1.xdf", "sub-*_ses-*.xdf").replace(
+            "evaluation: {by: subject}", "evaluation: {by: session, arms: {supervised: [1.0]}}"
+        )
+    )
+    result = cli("eval", str(spec), "--by", "subject", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "4 recordings, 2 subjects" in result.stdout
+    report = (tmp_path / "eval" / "spec-by-subject" / "report.md").read_text()
+    assert "Leave-one-subject-out over 2 subjects (p01, p02)" in report
+    results = json.loads((tmp_path / "eval" / "spec-by-subject" / "results.json").read_text())
+    assert results["by"] == "subject"
+    assert results["folds"] == ["p01", "p02"]
+    for person, run in results["runs"]["supervised@1.0"]["0"].items():
+        assert run["val_f1"] is not None, person  # stopped on the other session
