@@ -235,6 +235,11 @@ def test_settings_that_cannot_run_are_refused_before_any_training():
     bad = cfg.pretrain.augment.model_copy(update={"vectors": ("ppg",)})
     with pytest.raises(ConfigError, match=r"augment.vectors: \['ppg'\]"):
         check_augment(data, bad)
+    # a rotation left to the channel count is said (once per spec: the ablation's variants
+    # all rotate the same modalities); named vectors need no word
+    assert check_augment(data, cfg.pretrain.augment, say=False)
+    named = cfg.pretrain.augment.model_copy(update={"vectors": ("acc",)})
+    assert not check_augment(data, named)
     # supervised + augmentation with nothing to augment would repeat supervised: refused in
     # a spec, left out when an ablation variant chose no augmentation
     nothing = {"scale": 0, "jitter": 0, "rotate_deg": 0, "time_warp": 0}

@@ -420,19 +420,22 @@ def without_idle_arms(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"arms": kept})})
 
 
-def check_augment(data: LoadedData, cfg: AugmentConfig) -> None:
+def check_augment(data: LoadedData, cfg: AugmentConfig, say: bool = True) -> bool:
     """ConfigError, before any training, when ``cfg`` does not fit the data's modalities
-    (a rotation with no 3-channel modality, ``vectors`` naming others); says which
-    modalities a rotation will turn when ``vectors`` leaves it to the channel count."""
+    (a rotation with no 3-channel modality, ``vectors`` naming others); with ``say``, logs
+    which modalities a rotation will turn when ``vectors`` leaves it to the channel count.
+    Whether there was that to say."""
     if not cfg.active:
-        return
+        return False
     aug = Augmenter(cfg, {m.name: torch.ones(m.channels) for m in data.modalities})
-    if cfg.rotate_deg and cfg.vectors is None:
+    guessed = bool(cfg.rotate_deg) and cfg.vectors is None
+    if guessed and say:
         _log.info(
             "augment.rotate_deg: rotating %s (every 3-channel modality; name the 3-axis "
             "vector sensors in augment.vectors if some are not)",
             ", ".join(sorted(aug.vectors)),
         )
+    return guessed
 
 
 def run_folds(
@@ -624,8 +627,9 @@ def run_ablation(
     plus the long pretraining curve; the scores, and the variant chosen (best mean of the
     probe and the 1%-label fine-tune on validation)."""
     ev = cfg.evaluation
+    said = False  # the variants rotate the same modalities: say so once
     for overrides in ({}, *ev.ablation.values()):
-        check_augment(data, merged(cfg, overrides).pretrain.augment)
+        said |= check_augment(data, merged(cfg, overrides).pretrain.augment, say=not said)
     present = fold_groups(
         data, cfg.model_copy(update={"evaluation": ev.model_copy(update={"folds": None})})
     )
