@@ -56,14 +56,18 @@ test: $(STAMP) data lint broker
 
 ## train: retrain the default model (models/default) from the watch sessions
 train: data
-	$(BIN)/crossl-stream train configs/train-watch.yaml --out models/default --fresh
+	$(BIN)/crossl-stream train configs/train-watch.yaml --out models/default --fresh \
+	    --device $(DEVICE)
 
 ## results: the watch protocol (ablation on validation subjects, then 10 folds x 3 seeds;
 ## 102 min on 2 CPU cores) -> docs/results/watch/report.md and the shipped model's
-## metrics.json and card; JOBS folds at once (one per core)
+## metrics.json and card; JOBS folds at once (one per core); on a GPU machine
+## `make results DEVICE=cuda` (every job on the one GPU)
 JOBS ?= 2
+DEVICE ?= cpu
 results: data
-	$(BIN)/crossl-stream eval configs/train-watch.yaml --out docs/results/watch --jobs $(JOBS)
+	$(BIN)/crossl-stream eval configs/train-watch.yaml --out docs/results/watch --jobs $(JOBS) \
+	    --device $(DEVICE)
 	cp docs/results/watch/metrics.json models/default/metrics.json
 	$(BIN)/crossl-stream card models/default
 
@@ -71,9 +75,10 @@ results: data
 ## sessions and across people)
 results-more: data
 	$(BIN)/crossl-stream eval configs/train-basicmotions.yaml --out docs/results/basicmotions
-	$(BIN)/crossl-stream eval configs/train-emg.yaml --out docs/results/emg --jobs $(JOBS)
+	$(BIN)/crossl-stream eval configs/train-emg.yaml --out docs/results/emg --jobs $(JOBS) \
+	    --device $(DEVICE)
 	$(BIN)/crossl-stream eval configs/train-emg.yaml --by subject \
-	    --out docs/results/emg-cross-person --jobs $(JOBS)
+	    --out docs/results/emg-cross-person --jobs $(JOBS) --device $(DEVICE)
 
 ## emg: the own-recordings workflow on real sEMG, CLI only: pretrain on every session
 ## without labels, fine-tune on 10% of the labels, replay the held-out session (rr/2)
