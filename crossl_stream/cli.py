@@ -189,8 +189,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _machine() -> str:
-    """What ran the command, for reports: cores, processor, torch build, GPU."""
+def _machine(device: str = "cpu") -> str:
+    """What ran the command, for reports: cores, processor, torch build, GPU, and the device
+    the models trained on."""
     import os
     import platform
 
@@ -199,7 +200,7 @@ def _machine() -> str:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     return (
         f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}"
-        f" with {torch.get_num_threads()} threads{gpu}"
+        f" with {torch.get_num_threads()} threads{gpu}; models trained on {device}"
     )
 
 
@@ -208,6 +209,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         merged,
         run_ablation,
         run_folds,
+        set_device,
         without_idle_arms,
     )
     from crossl_stream.training.report import write_eval
@@ -238,7 +240,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results["config"] = cfg.model_dump(mode="json", exclude={"data"})
     results["total_seconds"] = time.perf_counter() - start
     command = "crossl-stream " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
-    metrics = write_eval(results, out, ablation, _machine(), command)
+    device = str(set_device(args.device))  # as _spec set it: "auto" resolved
+    metrics = write_eval(results, out, ablation, _machine(device), command)
     for line in metrics.get("summary", []):
         print(line)
     print(f"report: {_shown(out / 'report.md')} ({results['total_seconds'] / 60:.0f} min)")

@@ -300,5 +300,7 @@ def test_eval_holds_out_each_person_when_asked(tmp_path):
     results = json.loads((tmp_path / "eval" / "spec-by-subject" / "results.json").read_text())
     assert results["by"] == "subject"
     assert results["folds"] == ["p01", "p02"]
+    metrics = json.loads((tmp_path / "eval" / "spec-by-subject" / "metrics.json").read_text())
+    assert metrics["machine"].endswith("models trained on cpu")  # results carry the machine
     for person, run in results["runs"]["supervised@1.0"]["0"].items():
         assert run["val_f1"] is not None, person  # stopped on the other session
