@@ -166,7 +166,8 @@ class EvaluationConfig(_Strict):
     []}}``); each is pretrained on the training groups of each of ``ablation_folds`` less a
     validation group, and scored on that validation group only (a linear probe on every
     label, fine-tuning on 1% of them). With ``select``, the variant with the best mean
-    validation score (the spec itself is the variant ``base``) is the one the folds run.
+    validation score is the one the folds run, if it beats the spec itself (the variant
+    ``base``) by ``select_margin``; otherwise the spec as written.
     """
 
     by: Literal["subject", "session"] = Field(
@@ -189,6 +190,13 @@ class EvaluationConfig(_Strict):
         "scoring a probe on its validation group every tenth of it (0: skip)",
     )
     select: bool = False
+    select_margin: float = Field(
+        0.01,
+        ge=0.0,
+        description="how much a variant's validation score (macro-F1, 0.01 = one point) "
+        "must beat the spec's to replace it: smaller differences on a few validation groups "
+        "are noise, and following them flips the spec from run to run",
+    )
     tuned_on: tuple[Id, ...] = Field(
         (),
         description="groups whose labels informed this spec's settings by hand (e.g. the "

@@ -164,11 +164,13 @@ def test_ablation_scores_variants_on_validation_and_chooses_one():
                 "ablation": {"no-expander": {"pretrain": {"expander": []}}},
                 "ablation_folds": ["1"],
                 "ablation_curve_steps": 10,
+                "select_margin": 1.0,  # no variant can gain a whole macro-F1 over the spec
             }
         },
     )
     out = run_ablation(data, cfg, progress=False, log=lambda _: None)
-    assert set(out["scores"]) == {"base", "no-expander"} and out["chosen"] in out["scores"]
+    assert set(out["scores"]) == {"base", "no-expander"} and out["best"] in out["scores"]
+    assert out["chosen"] == "base" and out["margin"] == 1.0
     assert [r["group"] for r in out["rows"]] == ["1", "1"]
     for row in out["rows"]:  # a training subject of fold 1, never the fold's test subject
         assert len(row["validation"]) == 1 and row["validation"] != ["1"]

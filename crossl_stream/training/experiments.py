@@ -625,7 +625,7 @@ def run_ablation(
 ) -> dict[str, Any]:
     """Every ablation variant (and ``base``) on every ablation fold's validation group,
     plus the long pretraining curve; the scores, and the variant chosen (best mean of the
-    probe and the 1%-label fine-tune on validation)."""
+    probe and the 1%-label fine-tune on validation, if by ``select_margin`` over ``base``)."""
     ev = cfg.evaluation
     said = False  # the variants rotate the same modalities: say so once
     for overrides in ({}, *ev.ablation.values()):
@@ -659,13 +659,17 @@ def run_ablation(
         tuned = float(np.mean([r["finetune_f1"] for r in mine]))
         scores[name] = {"probe_f1": probe, "finetune_f1": tuned, "score": (probe + tuned) / 2}
         log(f"ablation {name}: probe {probe:.3f}, finetune@1% {tuned:.3f} (validation)")
-    chosen = max(scores, key=lambda k: scores[k]["score"])
+    best = max(scores, key=lambda k: scores[k]["score"])
+    margin = scores[best]["score"] - scores["base"]["score"]
+    chosen = best if margin >= ev.select_margin else "base"
     return {
         "variants": variants,
         "folds": [str(g) for g in ev.ablation_folds],
         "rows": rows,
         "scores": scores,
         "chosen": chosen,
+        "best": best,
+        "margin": ev.select_margin,
         "curve": curve,
         "seconds": time.perf_counter() - start,
     }

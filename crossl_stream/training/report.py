@@ -858,7 +858,16 @@ def _ablation_section(
             ran = "the folds ran the spec as written"
         else:
             ran = "selection was off (`evaluation.select`), so the folds ran the spec as written"
-        lines += ["", f"Best on validation: `{chosen}`; {ran}."]
+        best = ablation.get("best", chosen)
+        if best != chosen:
+            lines += [
+                "",
+                f"Best on validation: `{best}`, but by less than the "
+                f"{_pct(ablation.get('margin'))} points a variant must gain over the spec "
+                f"(`evaluation.select_margin`); {ran}.",
+            ]
+        else:
+            lines += ["", f"Best on validation: `{chosen}`; {ran}."]
     lines += _ablation_disclosure(ablation, metrics, by)
     curve = ablation.get("curve") or {}
     points = curve.get("curve") or []
