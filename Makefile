@@ -60,7 +60,7 @@ train: data
 	    --device $(DEVICE)
 
 ## results: the watch protocol (ablation on validation subjects, then 10 folds x 3 seeds;
-## 102 min on 2 CPU cores) -> docs/results/watch/report.md and the shipped model's
+## 87 min on 2 CPU cores) -> docs/results/watch/report.md and the shipped model's
 ## metrics.json and card; JOBS folds at once (one per core); on a GPU machine
 ## `make results DEVICE=cuda` (every job on the one GPU)
 JOBS ?= 2
