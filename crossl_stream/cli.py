@@ -218,6 +218,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data.require_classes(_shown(args.spec))
     name = Path(args.spec).stem
     if args.by and args.by != cfg.evaluation.by:
+        named = [k for k in ("folds", "ablation_folds", "tuned_on") if getattr(cfg.evaluation, k)]
+        if named:
+            raise CrosslError(
+                f"--by {args.by}: the spec's evaluation.{', evaluation.'.join(named)} name "
+                f"{cfg.evaluation.by}s; write a spec that holds out {args.by}s instead"
+            )
         by = cfg.evaluation.model_copy(update={"by": args.by})
         cfg = cfg.model_copy(update={"evaluation": by})
         name = f"{name}-by-{args.by}"

@@ -304,3 +304,8 @@ def test_eval_holds_out_each_person_when_asked(tmp_path):
     assert metrics["machine"].endswith("models trained on cpu")  # results carry the machine
     for person, run in results["runs"]["supervised@1.0"]["0"].items():
         assert run["val_f1"] is not None, person  # stopped on the other session
+    # a spec that names sessions to hold out cannot hold out people instead
+    spec.write_text(spec.read_text().replace("by: session,", "by: session, folds: [p01/1],"))
+    result = cli("eval", str(spec), "--by", "subject", "--quiet", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--by subject: the spec's evaluation.folds name sessions" in result.stderr

@@ -170,7 +170,7 @@ def test_ablation_scores_variants_on_validation_and_chooses_one():
     )
     out = run_ablation(data, cfg, progress=False, log=lambda _: None)
     assert set(out["scores"]) == {"base", "no-expander"} and out["best"] in out["scores"]
-    assert out["chosen"] == "base" and out["margin"] == 1.0
+    assert out["chosen"] == "base" and out["select_margin"] == 1.0 and out["gain"] < 1.0
     assert [r["group"] for r in out["rows"]] == ["1", "1"]
     for row in out["rows"]:  # a training subject of fold 1, never the fold's test subject
         assert len(row["validation"]) == 1 and row["validation"] != ["1"]

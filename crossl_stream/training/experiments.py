@@ -660,8 +660,8 @@ def run_ablation(
         scores[name] = {"probe_f1": probe, "finetune_f1": tuned, "score": (probe + tuned) / 2}
         log(f"ablation {name}: probe {probe:.3f}, finetune@1% {tuned:.3f} (validation)")
     best = max(scores, key=lambda k: scores[k]["score"])
-    margin = scores[best]["score"] - scores["base"]["score"]
-    chosen = best if margin >= ev.select_margin else "base"
+    gain = scores[best]["score"] - scores["base"]["score"]
+    chosen = best if gain >= ev.select_margin else "base"
     return {
         "variants": variants,
         "folds": [str(g) for g in ev.ablation_folds],
@@ -669,7 +669,8 @@ def run_ablation(
         "scores": scores,
         "chosen": chosen,
         "best": best,
-        "margin": ev.select_margin,
+        "gain": gain,
+        "select_margin": ev.select_margin,
         "curve": curve,
         "seconds": time.perf_counter() - start,
     }

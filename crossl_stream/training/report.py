@@ -862,9 +862,9 @@ def _ablation_section(
         if best != chosen:
             lines += [
                 "",
-                f"Best on validation: `{best}`, but by less than the "
-                f"{_pct(ablation.get('margin'))} points a variant must gain over the spec "
-                f"(`evaluation.select_margin`); {ran}.",
+                f"Best on validation: `{best}`, but it gained {_pct(ablation.get('gain'))} "
+                f"of the {_pct(ablation.get('select_margin'))} points a variant must gain "
+                f"over the spec (`evaluation.select_margin`); {ran}.",
             ]
         else:
             lines += ["", f"Best on validation: `{chosen}`; {ran}."]
@@ -1761,7 +1761,7 @@ def _selection_lines(selection: dict[str, Any], metrics: dict[str, Any] | None) 
     if selection.get("score"):
         lines.append(f"- The validation score is {selection['score']} (as early stopping uses).")
     if c is not None and s is not None:
-        gap = abs(float(c) - float(s))
+        gap = abs(round(float(c), 3) - round(float(s), 3))  # as the scores are shown
         if kept == "supervised":
             lines.append(
                 f"- Pretraining did not win: training from scratch scored {100 * gap:.1f} "
