@@ -3,6 +3,8 @@ caller's generator, and leaves unavailable modalities alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,27 @@ def test_rotation_turns_only_the_vector_sensors_it_is_given():
     with pytest.raises(ConfigError, match="no modality to rotate"):
         augment(AugmentConfig(rotate_deg=30), single)
     assert augment(AugmentConfig(scale=0.1), single)["emg"].shape == (4, 8, 100)
+
+
+def test_gain_scales_the_signal_around_its_offset_not_the_offset():
+    """The armband's sEMG sits on an ADC mid-scale of about 127.5 with a spread of about 2.5:
+    a 10% gain applied to the raw values would move every window by about five spreads. The
+    gain is applied around each channel's training mean, so the offset stays put."""
+    from crossl_stream.config import TrainConfig, load_config
+    from crossl_stream.training.spec import load_data
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    cfg = load_config(configs / "train-emg.yaml", TrainConfig)
+    data = load_data(cfg.data, configs, "train-emg.yaml", progress=False)
+    x = {"emg": torch.from_numpy(np.asarray(data.windows.x["emg"][:64], dtype=np.float32))}
+    mean, std = x["emg"].mean(dim=(0, 2)), x["emg"].std(dim=(0, 2))
+    assert (mean > 20 * std).all()  # the offset dwarfs the signal
+    gain = Augmenter(AugmentConfig(scale=0.1), {"emg": std}, {"emg": mean})
+    out = gain(x, torch.ones(64, 1, dtype=torch.bool), torch.Generator().manual_seed(0))["emg"]
+    shift = (out.mean(dim=2) - x["emg"].mean(dim=2)).abs() / std.view(1, -1)
+    assert shift.max() < 0.5  # windows keep their level (to within their own spread's tenth)
+    ratio = (out - mean.view(1, -1, 1)).std(dim=2) / (x["emg"] - mean.view(1, -1, 1)).std(dim=2)
+    assert ratio.min() > 0.5 and ratio.max() < 1.5 and (ratio - 1).abs().mean() > 0.02
+    raw = Augmenter(AugmentConfig(scale=0.1), {"emg": std})  # no centre: the old behaviour
+    moved = raw(x, torch.ones(64, 1, dtype=torch.bool), torch.Generator().manual_seed(0))["emg"]
+    assert ((moved.mean(dim=2) - x["emg"].mean(dim=2)).abs() / std.view(1, -1)).max() > 2

@@ -63,8 +63,10 @@ class Augmenter:
     """Owns one ``AugmentConfig`` and the channel spreads that size the noise.
 
     ``spread``: per modality, in the model's modality order, the per-channel standard
-    deviation of the training data (the model's normalisation). ``available`` has its
-    columns in that order; a modality's unavailable rows are left as they are.
+    deviation of the training data (the model's normalisation); ``centre``: the per-channel
+    mean, around which the gain is applied, so that a sensor's offset (an ADC's mid-scale,
+    say) is not scaled with the signal (default: zero). ``available`` has its columns in
+    that order; a modality's unavailable rows are left as they are.
 
     >>> cfg = AugmentConfig(scale=0.1, jitter=0.05, rotate_deg=20, time_warp=0.05)
     >>> aug = Augmenter(cfg, {"acc": torch.ones(3)})
@@ -75,9 +77,19 @@ class Augmenter:
 
     KNOTS = 2
 
-    def __init__(self, cfg: AugmentConfig, spread: Mapping[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        spread: Mapping[str, torch.Tensor],
+        centre: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.spread = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in spread.items()}
+        centre = centre or {}
+        self.centre = {
+            k: torch.as_tensor(centre.get(k, torch.zeros_like(v)), dtype=torch.float32)
+            for k, v in self.spread.items()
+        }
         named = cfg.vectors
         if named is None:
             named = tuple(k for k, v in self.spread.items() if v.numel() == 3)
@@ -117,7 +129,9 @@ class Augmenter:
             if rotation is not None and name in self.vectors:
                 v = rotation @ v
             if cfg.scale:
-                v = v * (1 + cfg.scale * torch.randn(b, c, 1, generator=generator).to(device))
+                gain = 1 + cfg.scale * torch.randn(b, c, 1, generator=generator).to(device)
+                centre = self.centre[name].view(1, c, 1).to(device)
+                v = centre + (v - centre) * gain
             if knots is not None:
                 v = _warp(v, knots)
             if cfg.jitter:

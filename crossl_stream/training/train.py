@@ -356,8 +356,10 @@ def augmenter(model: CroSSL, cfg: AugmentConfig | None) -> Augmenter | None:
     """An Augmenter sized by ``model``'s normalisation, or None when ``cfg`` does nothing."""
     if cfg is None or not cfg.active:
         return None
-    spread = {n: getattr(model, f"norm_std_{n}").detach().cpu() for n in model.modality_names}
-    return Augmenter(cfg, spread)
+    names = model.modality_names
+    spread = {n: getattr(model, f"norm_std_{n}").detach().cpu() for n in names}
+    centre = {n: getattr(model, f"norm_mean_{n}").detach().cpu() for n in names}
+    return Augmenter(cfg, spread, centre)
 
 
 def pretrain(
