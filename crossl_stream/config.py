@@ -197,6 +197,14 @@ class EvaluationConfig(_Strict):
         "must beat the spec's to replace it: smaller differences on a few validation groups "
         "are noise, and following them flips the spec from run to run",
     )
+    supervised_goal: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="the macro-F1 supervised with every label should reach for the baseline "
+        "to be worth beating (the watch protocol: 0.83); reported as a target (None: no such "
+        "target; such a goal belongs to one data set)",
+    )
     tuned_on: tuple[Id, ...] = Field(
         (),
         description="groups whose labels informed this spec's settings by hand (e.g. the "

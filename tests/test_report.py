@@ -102,7 +102,7 @@ def _results(modalities: bool = True) -> dict:
             "masking": {"strategy": "spatial", "keep": 0.5},
             "pretrain": {"steps": 300, "expander": [64, 64], "augment": {"jitter": 0.05}},
             "finetune": {"modality_dropout": 0.2, "augment": False, "max_epochs": 30},
-            "evaluation": {"select": True},
+            "evaluation": {"select": True, "supervised_goal": 0.83},
         },
         "total_seconds": 150.0,
     }
@@ -213,6 +213,12 @@ def test_targets_met_and_missed_with_their_margins():
     assert full["met"] and full["margin"] == pytest.approx(0.01)
     gain = targets["crossl@0.1 >= supervised@0.1 + 0.05"]
     assert gain["value"] == pytest.approx(0.755) and gain["goal"] == pytest.approx(0.76)
+    # an absolute goal belongs to one data set: a spec without one gets none
+    results = _results()
+    del results["config"]["evaluation"]["supervised_goal"]
+    names = [t["name"] for t in eval_metrics(results)["targets"]]
+    assert not any(n.startswith("supervised@1.0 >=") for n in names)
+    assert "crossl@0.1 >= supervised@0.1 + 0.05" in names
     assert not gain["met"] and gain["margin"] == pytest.approx(-0.005)
     assert gain["diff"] == pytest.approx(0.045) and gain["p"] == pytest.approx(0.25)
     every = targets["crossl-all@0.1 >= supervised@0.1 + 0.05"]
