@@ -328,6 +328,19 @@ def test_report_without_plots_says_why():
     assert "matplotlib is not installed" in text and "## Plots" not in text
 
 
+def test_report_says_where_validation_came_from():
+    """Four subjects: another training subject validates; two: the one training subject's
+    own held-out windows (``validation_split``'s fallback), and the report must not claim a
+    validation subject there is none."""
+    results = _results()
+    text = render_eval(eval_metrics(results), results, None, [], None, None)
+    assert "stops early on a validation subject drawn from the training subjects" in text
+    results["groups"] = 2
+    text = render_eval(eval_metrics(results), results, None, [], None, None)
+    assert "validation subject drawn" not in text
+    assert text.count("windows of the one training subject held out of its training") == 2
+
+
 def test_metrics_of_runs_table_from_fold_outcomes():
     """The protocol's own table (``runs_table``) is what the report reads."""
     y = np.array([0, 0, 1, 1])

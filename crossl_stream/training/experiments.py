@@ -476,6 +476,7 @@ def run_folds(
         "modalities": [m.name for m in data.modalities],
         "window_s": data.modalities[0].window_s,
         "folds": groups,
+        "groups": len(np.unique(np.asarray(getattr(data.windows, ev.by))[data.windows.labelled])),
         "seeds": list(ev.seeds),
         "arms": {a: list(f) for a, f in ev.arms.items()},
         "windows": len(data.windows),

@@ -580,6 +580,18 @@ def _header(
     return lines
 
 
+def _validation_group(by: str, results: dict[str, Any]) -> str:
+    """Where early stopping's validation windows come from, as ``validation_split`` draws
+    them: another training group or, when a fold trains on one group (two labelled groups
+    in all), part of that group's own windows."""
+    if results.get("groups") == 2:
+        return (
+            f"windows of the one training {by} held out of its training windows (whole "
+            "recordings of it or, with one recording, its last 15%)"
+        )
+    return f"a validation {by} drawn from the training {by}s"
+
+
 def _protocol(results: dict[str, Any]) -> list[str]:
     by = results.get("by", "subject")
     cfg = results.get("config") or {}
@@ -605,7 +617,8 @@ def _protocol(results: dict[str, Any]) -> list[str]:
     lines.append(
         f"Each fold holds out one {by}; every arm learns from the other {by}s' labels only, "
         "on a class-stratified fraction of the labelled windows (the same windows for every "
-        f"arm), stops early on a validation {by} drawn from the training {by}s, and is scored "
+        f"arm), stops early on {_validation_group(by, results)}, and "
+        "is scored "
         f"on the held-out {by}'s labelled windows in which every modality is present, with "
         "every modality and with each alone."
     )
@@ -1042,7 +1055,7 @@ def _stops_section(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _reading(metrics: dict[str, Any], by: str) -> list[str]:
+def _reading(metrics: dict[str, Any], by: str, results: dict[str, Any]) -> list[str]:
     n = len(metrics["folds"])
     k = min_wins(n)
     wilcoxon = (
@@ -1062,9 +1075,9 @@ def _reading(metrics: dict[str, Any], by: str) -> list[str]:
     )
     ablation = metrics.get("ablation")
     validation = (
-        f"- **Validation.** Early stopping uses a validation {by} drawn from the training "
-        f"{by}s of each fold; no test {by}'s labels are used to train or stop a model (CroSSL "
-        f"(all) sees the test {by}'s windows, unlabelled, in pretraining)."
+        f"- **Validation.** Early stopping uses {_validation_group(by, results)} in each "
+        f"fold; no test {by}'s labels are used to train or stop a model (CroSSL (all) sees "
+        f"the test {by}'s windows, unlabelled, in pretraining)."
     )
     if ablation:
         validation += (
@@ -1121,7 +1134,7 @@ def render_eval(
             "",
             "(No plots: matplotlib is not installed; `pip install crossl-stream[report]`.)",
         ]
-    lines += _reading(metrics, by)
+    lines += _reading(metrics, by, results)
     return "\n".join(lines) + "\n"
 
 
