@@ -617,10 +617,9 @@ def _protocol(results: dict[str, Any]) -> list[str]:
     lines.append(
         f"Each fold holds out one {by}; every arm learns from the other {by}s' labels only, "
         "on a class-stratified fraction of the labelled windows (the same windows for every "
-        f"arm), stops early on {_validation_group(by, results)}, and "
-        "is scored "
-        f"on the held-out {by}'s labelled windows in which every modality is present, with "
-        "every modality and with each alone."
+        f"arm), stops early on {_validation_group(by, results)}, and is scored on the "
+        f"held-out {by}'s labelled windows in which every modality is present, with every "
+        "modality and with each alone."
     )
     lines.append("")
     for arm in arms:
@@ -634,7 +633,9 @@ def _protocol(results: dict[str, Any]) -> list[str]:
         bits.append(f"`{mask.get('strategy')}` latent masking keep {mask.get('keep')}")
     if pre.get("augment"):
         shown = ", ".join(
-            f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in pre["augment"].items()
+            f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in pre["augment"].items()
+            if v is not None  # unset (e.g. rotation's vectors: found from the sensors)
         )
         bits.append(f"augmentation ({shown})")
     if ft.get("modality_dropout") is not None:
