@@ -80,8 +80,8 @@ results-more: data
 	$(BIN)/crossl-stream eval configs/train-emg.yaml --by subject \
 	    --out docs/results/emg-cross-person --jobs $(JOBS) --device $(DEVICE)
 
-## emg: the own-recordings workflow on real sEMG, CLI only: pretrain on every session
-## without labels, fine-tune on 10% of the labels, replay the held-out session (rr/2)
+## emg: the own-recordings workflow on real sEMG, CLI only: pretrain on the other sessions
+## without labels, fine-tune on 10% of their labels, replay the held-out session (rr/2)
 emg: data
 	$(BIN)/crossl-stream pretrain configs/train-emg.yaml --out models/emg-pretrained
 	$(BIN)/crossl-stream finetune configs/train-emg.yaml --from models/emg-pretrained \
