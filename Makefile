@@ -81,11 +81,12 @@ results-more: data
 	    --out docs/results/emg-cross-person --jobs $(JOBS) --device $(DEVICE)
 
 ## emg: the own-recordings workflow on real sEMG, CLI only: pretrain on the other sessions
-## without labels, fine-tune on 10% of their labels, replay the held-out session (rr/2)
+## without labels, fine-tune on 10% of their labels, replay the held-out session (rr/2);
+## --fresh: a rerun after the spec changed starts over instead of refusing the old checkpoint
 emg: data
-	$(BIN)/crossl-stream pretrain configs/train-emg.yaml --out models/emg-pretrained
+	$(BIN)/crossl-stream pretrain configs/train-emg.yaml --out models/emg-pretrained --fresh
 	$(BIN)/crossl-stream finetune configs/train-emg.yaml --from models/emg-pretrained \
-	    --out models/emg --labels-fraction 0.1
+	    --out models/emg --labels-fraction 0.1 --fresh
 	$(BIN)/crossl-stream run configs/replay-emg.yaml
 
 clean:
