@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # LSL discovery stays on this machine in everything make runs.
 export LSLAPICFG := $(CURDIR)/tools/lsl_api.cfg
 
-.PHONY: demo replay predict broker test install data lint train results results-more emg clean
+.PHONY: demo replay predict broker test install data lint train results results-more one-sensor emg clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -79,6 +79,12 @@ results-more: data
 	    --device $(DEVICE)
 	$(BIN)/crossl-stream eval configs/train-emg.yaml --by subject \
 	    --out docs/results/emg-cross-person --jobs $(JOBS) --device $(DEVICE)
+
+## one-sensor: the ceiling for "keep 90% with a sensor missing": supervised trained on each
+## watch sensor alone, leave-one-subject-out (28 min on 2 CPU cores)
+one-sensor: data
+	$(BIN)/python tools/one_sensor_bound.py configs/train-watch.yaml --against docs/results/watch \
+	    --out docs/results/watch-one-sensor --jobs $(JOBS)
 
 ## emg: the own-recordings workflow on real sEMG, CLI only: pretrain on the other sessions
 ## without labels, fine-tune on 10% of their labels, replay the held-out session (rr/2);

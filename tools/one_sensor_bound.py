@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", type=Path, required=True, help="the spec's eval folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--reuse", action="store_true", help="keep a sensor's finished evaluation")
     args = p.parse_args(argv)
 
     spec = yaml.safe_load(args.spec.read_text())
@@ -52,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.out / sensor
         cut = args.out / f"{args.spec.stem}-{sensor}.yaml"
         cut.write_text(yaml.safe_dump(one_sensor_spec(spec, sensor), sort_keys=False))
-        if not (folder / "metrics.json").exists():
-            cmd = ["crossl-stream", "eval", str(cut), "--out", str(folder), "--quiet"]
+        if not (args.reuse and (folder / "metrics.json").exists()):
+            cmd = [sys.executable, "-m", "crossl_stream.cli", "eval", str(cut), "--out"]
+            cmd += [str(folder), "--quiet"]
             subprocess.run([*cmd, "--jobs", str(args.jobs)], check=True)
         alone = json.loads((folder / "metrics.json").read_text())["macro_f1"][ARM]
         rows.append((sensor, alone))
