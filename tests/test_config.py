@@ -66,3 +66,28 @@ def test_bad_config_names_file_key_and_reason(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_one_sensor_bound_cuts_the_watch_spec_to_one_sensor_and_one_arm():
+    """tools/one_sensor_bound.py: what it evaluates is a valid spec with that sensor only, no
+    modality dropout (nothing to drop) and only supervised on every label."""
+    import importlib.util
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / "tools" / "one_sensor_bound.py"
+    spec = importlib.util.spec_from_file_location("one_sensor_bound", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    watch = yaml.safe_load((root / "configs" / "train-watch.yaml").read_text())
+    for sensor in ("acc", "gyro"):
+        cfg = TrainConfig.model_validate(tool.one_sensor_spec(watch, sensor))
+        assert list(cfg.data.sensors) == [sensor]
+        assert cfg.finetune.modality_dropout == 0.0
+        assert cfg.evaluation.arms == {"supervised": (1.0,)}
+        assert not cfg.evaluation.ablation and cfg.evaluation.seeds == (0,)
+        # everything else is the watch protocol's
+        assert cfg.finetune.patience == watch["finetune"]["patience"]
+        assert cfg.evaluation.by == "subject"
+    assert list(watch["data"]["sensors"]) == ["acc", "gyro"]  # the input is left alone
