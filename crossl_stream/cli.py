@@ -157,9 +157,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _export(model_dir: Path) -> list[Path]:
-    """Write model.onnx (whole windows) and stream.onnx (a live hop) next to a checkpoint."""
+    """Write model.onnx (whole windows) and stream.onnx (a live hop) next to a checkpoint,
+    and remove the per-modality graphs earlier versions exported there (stale beside new
+    weights, and read by nothing)."""
     from crossl_stream.model.checkpoint import WEIGHTS, load_model
     from crossl_stream.model.export import (
+        LEGACY_FILES,
         ONNX_FILE,
         STREAM_FILE,
         export_onnx,
@@ -169,7 +172,11 @@ def _export(model_dir: Path) -> list[Path]:
 
     model, digest = load_model(model_dir), weights_digest(model_dir / WEIGHTS)
     whole = export_onnx(model, model_dir / ONNX_FILE, digest)
-    return [whole, export_stream(model, model_dir / STREAM_FILE, digest)]
+    paths = [whole, export_stream(model, model_dir / STREAM_FILE, digest)]
+    for stale in sorted(p for pattern in LEGACY_FILES for p in model_dir.glob(pattern)):
+        stale.unlink()
+        log.info("removed %s (an earlier version's export)", _shown(stale))
+    return paths
 
 
 def cmd_card(args: argparse.Namespace) -> int:
@@ -787,7 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-every", type=int, default=10, help="print every n-th prediction")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("export", help="write model.onnx next to a checkpoint (onnxruntime)")
+    p = sub.add_parser(
+        "export", help="write model.onnx and stream.onnx next to a checkpoint (onnxruntime)"
+    )
     p.add_argument("--model", default=str(default_model_dir()), help="model directory")
     p.set_defaults(func=cmd_export)
 

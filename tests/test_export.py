@@ -80,3 +80,31 @@ def test_a_retrained_checkpoint_without_a_new_export_is_refused(tmp_path):
     save_model(model, directory, {})  # new weights, the old model.onnx left behind
     with pytest.raises(CheckpointError, match="exported from other weights"):
         OnnxModel(directory / ONNX_FILE, weights_digest(directory / "model.safetensors"))
+
+
+def test_export_replaces_an_earlier_versions_per_modality_graphs(tmp_path):
+    """`crossl-stream export` writes model.onnx and stream.onnx and removes encoder-*.onnx and
+    head.onnx that an earlier version left in the folder (nothing reads them; they would sit
+    beside weights they were not exported from)."""
+    import subprocess
+    import sys
+
+    directory = tmp_path / "m"
+    shutil.copytree(default_model_dir(), directory)
+    legacy = [directory / "encoder-acc.onnx", directory / "encoder-gyro.onnx"]
+    legacy.append(directory / "head.onnx")
+    for path in legacy:
+        path.write_bytes(b"old graph")
+    (directory / ONNX_FILE).unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "crossl_stream.cli", "export", "--model", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not any(p.exists() for p in legacy)
+    assert "an earlier version's export" in done.stderr
+    digest = weights_digest(directory / "model.safetensors")
+    OnnxModel(directory / ONNX_FILE, digest)  # rewritten, and current
+    assert (directory / STREAM_FILE).is_file()

@@ -23,6 +23,8 @@ from crossl_stream.model.crossl import CroSSL
 
 ONNX_FILE = "model.onnx"
 STREAM_FILE = "stream.onnx"
+# what earlier versions exported instead of stream.onnx: nothing reads them any more
+LEGACY_FILES = ("encoder-*.onnx", "head.onnx")
 WEIGHTS_KEY = "crossl_stream.weights_sha256"
 
 
