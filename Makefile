@@ -84,7 +84,7 @@ results-more: data
 ## watch sensor alone, leave-one-subject-out (28 min on 2 CPU cores)
 one-sensor: data
 	$(BIN)/python tools/one_sensor_bound.py configs/train-watch.yaml --against docs/results/watch \
-	    --out docs/results/watch-one-sensor --jobs $(JOBS)
+	    --out docs/results/watch-one-sensor --jobs $(JOBS) --device $(DEVICE)
 
 ## emg: the own-recordings workflow on real sEMG, CLI only: pretrain on the other sessions
 ## without labels, fine-tune on 10% of their labels, replay the held-out session (rr/2);

@@ -87,6 +87,7 @@ def test_one_sensor_bound_cuts_the_watch_spec_to_one_sensor_and_one_arm():
         assert cfg.finetune.modality_dropout == 0.0
         assert cfg.evaluation.arms == {"supervised": (1.0,)}
         assert not cfg.evaluation.ablation and cfg.evaluation.seeds == (0,)
+        assert cfg.evaluation.supervised_goal is None  # the goal is the two-sensor model's
         # everything else is the watch protocol's
         assert cfg.finetune.patience == watch["finetune"]["patience"]
         assert cfg.evaluation.by == "subject"

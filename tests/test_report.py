@@ -219,6 +219,14 @@ def test_targets_met_and_missed_with_their_margins():
     names = [t["name"] for t in eval_metrics(results)["targets"]]
     assert not any(n.startswith("supervised@1.0 >=") for n in names)
     assert "crossl@0.1 >= supervised@0.1 + 0.05" in names
+    # supervised alone, one modality and no goal: no targets, and no empty Targets table
+    results = _results(modalities=False)
+    del results["config"]["evaluation"]["supervised_goal"]
+    results["arms"] = {"supervised": [1.0]}
+    results["runs"] = {"supervised@1.0": results["runs"]["supervised@1.0"]}
+    metrics = eval_metrics(results)
+    assert metrics["targets"] == []
+    assert "## Targets" not in render_eval(metrics, results, None, [], None, None)
     assert not gain["met"] and gain["margin"] == pytest.approx(-0.005)
     assert gain["diff"] == pytest.approx(0.045) and gain["p"] == pytest.approx(0.25)
     every = targets["crossl-all@0.1 >= supervised@0.1 + 0.05"]

@@ -30,7 +30,15 @@ def one_sensor_spec(spec: dict, sensor: str) -> dict:
     out["data"]["sensors"] = {sensor: spec["data"]["sensors"][sensor]}
     out["finetune"]["modality_dropout"] = 0.0
     ev = out["evaluation"]
-    for key in ("ablation", "ablation_folds", "ablation_curve_steps", "select", "select_margin"):
+    # no ablation, and no absolute goal: the spec's is for the model of every sensor
+    for key in (
+        "ablation",
+        "ablation_folds",
+        "ablation_curve_steps",
+        "select",
+        "select_margin",
+        "supervised_goal",
+    ):
         ev.pop(key, None)
     ev.update(arms={"supervised": [1.0]}, seeds=[0], seeds_at_full=1)
     return out
@@ -42,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", type=Path, required=True, help="the spec's eval folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--reuse", action="store_true", help="keep a sensor's finished evaluation")
     args = p.parse_args(argv)
 
@@ -55,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         cut.write_text(yaml.safe_dump(one_sensor_spec(spec, sensor), sort_keys=False))
         if not (args.reuse and (folder / "metrics.json").exists()):
             cmd = [sys.executable, "-m", "crossl_stream.cli", "eval", str(cut), "--out"]
-            cmd += [str(folder), "--quiet"]
+            cmd += [str(folder), "--quiet", "--device", args.device]
             subprocess.run([*cmd, "--jobs", str(args.jobs)], check=True)
         alone = json.loads((folder / "metrics.json").read_text())["macro_f1"][ARM]
         rows.append((sensor, alone))

@@ -701,6 +701,8 @@ def _main_table(metrics: dict[str, Any], runs: dict[str, Any]) -> list[str]:
 
 
 def _targets_section(metrics: dict[str, Any]) -> list[str]:
+    if not metrics["targets"]:  # no goal applies (e.g. supervised alone, no absolute goal)
+        return []
     lines = [
         "",
         "## Targets",
