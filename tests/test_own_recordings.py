@@ -300,6 +300,9 @@ def test_eval_holds_out_each_person_when_asked(tmp_path):
     results = json.loads((tmp_path / "eval" / "spec-by-subject" / "results.json").read_text())
     assert results["by"] == "subject"
     assert results["folds"] == ["p01", "p02"]
+    # one training person per fold: the report says the validation windows are theirs
+    assert results["groups"] == 2
+    assert "stops early on windows of the one training subject held out" in report
     metrics = json.loads((tmp_path / "eval" / "spec-by-subject" / "metrics.json").read_text())
     assert metrics["machine"].endswith("models trained on cpu")  # results carry the machine
     for person, run in results["runs"]["supervised@1.0"]["0"].items():

@@ -213,20 +213,6 @@ def test_targets_met_and_missed_with_their_margins():
     assert full["met"] and full["margin"] == pytest.approx(0.01)
     gain = targets["crossl@0.1 >= supervised@0.1 + 0.05"]
     assert gain["value"] == pytest.approx(0.755) and gain["goal"] == pytest.approx(0.76)
-    # an absolute goal belongs to one data set: a spec without one gets none
-    results = _results()
-    del results["config"]["evaluation"]["supervised_goal"]
-    names = [t["name"] for t in eval_metrics(results)["targets"]]
-    assert not any(n.startswith("supervised@1.0 >=") for n in names)
-    assert "crossl@0.1 >= supervised@0.1 + 0.05" in names
-    # supervised alone, one modality and no goal: no targets, and no empty Targets table
-    results = _results(modalities=False)
-    del results["config"]["evaluation"]["supervised_goal"]
-    results["arms"] = {"supervised": [1.0]}
-    results["runs"] = {"supervised@1.0": results["runs"]["supervised@1.0"]}
-    metrics = eval_metrics(results)
-    assert metrics["targets"] == []
-    assert "## Targets" not in render_eval(metrics, results, None, [], None, None)
     assert not gain["met"] and gain["margin"] == pytest.approx(-0.005)
     assert gain["diff"] == pytest.approx(0.045) and gain["p"] == pytest.approx(0.25)
     every = targets["crossl-all@0.1 >= supervised@0.1 + 0.05"]
@@ -328,6 +314,24 @@ def test_one_modality_data_has_no_missing_modality_table(tmp_path):
     assert not (tmp_path / "img" / "missing_modality.png").exists()
     assert not (tmp_path / "ablation.json").exists()
     assert "## Targets" in text and "## How the runs stopped" in text
+
+
+def test_targets_only_where_a_goal_applies():
+    """An absolute goal belongs to one data set: a spec without one gets none, and a report
+    with no target at all has no empty Targets table."""
+    results = _results()
+    del results["config"]["evaluation"]["supervised_goal"]
+    names = [t["name"] for t in eval_metrics(results)["targets"]]
+    assert not any(n.startswith("supervised@1.0 >=") for n in names)
+    assert "crossl@0.1 >= supervised@0.1 + 0.05" in names
+    # supervised alone, one modality and no goal: no targets, and no empty Targets table
+    results = _results(modalities=False)
+    del results["config"]["evaluation"]["supervised_goal"]
+    results["arms"] = {"supervised": [1.0]}
+    results["runs"] = {"supervised@1.0": results["runs"]["supervised@1.0"]}
+    metrics = eval_metrics(results)
+    assert metrics["targets"] == []
+    assert "## Targets" not in render_eval(metrics, results, None, [], None, None)
 
 
 def test_report_without_plots_says_why():
