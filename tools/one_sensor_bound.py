@@ -54,8 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="keep a sensor's finished evaluation")
     args = p.parse_args(argv)
 
+    against = args.against / "metrics.json"
+    if not against.is_file():
+        p.error(f"--against {args.against}: no metrics.json (run `crossl-stream eval` there first)")
     spec = yaml.safe_load(args.spec.read_text())
-    both = json.loads((args.against / "metrics.json").read_text())
+    both = json.loads(against.read_text())
+    if both.get("dataset") != spec["data"]["name"]:
+        p.error(f"{against} evaluates {both.get('dataset')!r}, the spec {spec['data']['name']!r}")
+    if "supervised@1.0" not in both["macro_f1"]:
+        p.error(f"{against}: no supervised@1.0 run to compare with (evaluation.arms)")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for sensor in spec["data"]["sensors"]:
