@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -70,9 +71,12 @@ def _resume(args: argparse.Namespace, state: Path) -> None:
 
 def _finish(out: Path) -> None:
     """Export the streaming graphs, write the model card, say how to run it."""
+    from crossl_stream.model.checkpoint import fallback_dirs
     from crossl_stream.training.report import write_card
 
     _export(out)
+    for folder in fallback_dirs(out).values():
+        _export(folder)
     write_card(out)
     shown = _shown(out)
     print(f"saved model to {shown}; try: crossl-stream replay RECORDING.xdf --model {shown}")
@@ -136,24 +140,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         _, chosen = run_best(cfg, data, out, args.labels_fraction, not args.quiet)
         scores = ", ".join(f"{k} {v:.3f}" for k, v in chosen["validation_macro_f1"].items())
         print(f"recipe {chosen['recipe']} kept (validation macro-F1: {scores})")
-        print(f"trained in {time.perf_counter() - start:.0f} s")
-        _finish(out)
-        return 0
-    if cfg.recipe == "supervised":
+    elif cfg.recipe == "supervised":
         _resume(args, out / FINETUNE_STATE)
         run_supervised(cfg, data, out, args.labels_fraction, not args.quiet)
-        print(f"trained (supervised, no pretraining) in {time.perf_counter() - start:.0f} s")
-        _finish(out)
-        return 0
-    _resume(args, out / "pretrained" / PRETRAIN_STATE)
-    _resume(args, out / FINETUNE_STATE)
-    base = run_pretrain(cfg, data, out / "pretrained", not args.quiet)
-    info = pretrained_info(out / "pretrained")
-    run_finetune(cfg, data, base, out, args.labels_fraction, not args.quiet, info)
-    seconds = time.perf_counter() - start
-    print(f"trained in {seconds:.0f} s (the pretrained model: {_shown(out / 'pretrained')})")
+        print("trained supervised (no pretraining)")
+    else:
+        _resume(args, out / "pretrained" / PRETRAIN_STATE)
+        _resume(args, out / FINETUNE_STATE)
+        base = run_pretrain(cfg, data, out / "pretrained", not args.quiet)
+        info = pretrained_info(out / "pretrained")
+        run_finetune(cfg, data, base, out, args.labels_fraction, not args.quiet, info)
+        print(f"trained (the pretrained model: {_shown(out / 'pretrained')})")
+    _train_fallbacks(args, cfg, data, out)
+    print(f"trained in {time.perf_counter() - start:.0f} s")
     _finish(out)
     return 0
+
+
+def _train_fallbacks(args: argparse.Namespace, cfg, data, out: Path) -> None:
+    """The fallback models ``finetune.fallbacks`` asks for; without it, none: fallbacks
+    that an earlier run left in ``out`` belong to other weights and are removed."""
+    from crossl_stream.model.checkpoint import FALLBACKS, fallback_dir
+    from crossl_stream.training.workflow import FINETUNE_STATE, run_fallbacks
+
+    if not cfg.finetune.fallbacks:
+        if (out / FALLBACKS).is_dir():
+            shutil.rmtree(out / FALLBACKS)
+            print(f"removed {_shown(out / FALLBACKS)} (finetune.fallbacks is off)")
+        return
+    for m in data.modalities:
+        _resume(args, fallback_dir(out, m.name) / FINETUNE_STATE)
+    stops = run_fallbacks(cfg, data, out, args.labels_fraction, not args.quiet)
+    scores = ", ".join(f"without {k} {v['best_val_f1']:.3f}" for k, v in stops.items())
+    print(f"fallback models trained (validation macro-F1: {scores})")
 
 
 def _export(model_dir: Path) -> list[Path]:
@@ -190,7 +209,11 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from crossl_stream.model.checkpoint import fallback_dirs
+
     paths = _export(Path(args.model))
+    for folder in fallback_dirs(args.model).values():
+        paths += _export(folder)
     shown = ", ".join(_shown(p) for p in paths)
     print(f"exported {shown} (each checked against the eager model)")
     return 0

@@ -128,6 +128,12 @@ class FinetuneConfig(_Strict):
         description="apply pretrain.augment to classifier training too (every arm but the "
         "probe, whose encoder is frozen)",
     )
+    fallbacks: bool = Field(
+        False,
+        description="`train` also trains, for each modality, a supervised model on the "
+        "others (model/fallback/without-<m>); a window missing exactly that modality is "
+        "served by it instead of the main model with a masked latent",
+    )
     validate_alone: bool = Field(
         False,
         description="early stopping scores each epoch by the mean of the validation macro-F1 "
@@ -445,6 +451,11 @@ class InferenceConfig(_Strict):
         ge=1,
         description="torch threads; default: 1 when streaming on the CPU (more pays only for "
         "many subjects per hop: tools/bench_scale.py), else torch's",
+    )
+    fallbacks: bool = Field(
+        True,
+        description="serve a window missing one modality with the model folder's fallback "
+        "trained without it (if the folder has one; `finetune.fallbacks` in training)",
     )
     streaming: bool = Field(
         True,

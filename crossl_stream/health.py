@@ -81,6 +81,7 @@ def assess(pipeline, cfg: HealthConfig) -> dict[str, Any]:
         "readers": readers,
         "queue_depth": pipeline.worker.depth(),
         "model": pipeline.worker.predictor.model_id,
+        "fallbacks": sorted(pipeline.worker.predictor.fallbacks),
     }
 
 
@@ -140,6 +141,12 @@ class PipelineCollector:
         )  # fmt: skip
         yield counter("windows_dropped", "Windows dropped by backpressure.", c.dropped_windows)
         yield counter("predictions", "Predictions made.", c.predictions)
+        served = pipeline.worker.predictor.fallback_windows
+        yield counter(
+            "fallback_windows", "Windows served by the fallback model trained without a "
+            "modality, by that modality.", None, ["without"],
+            [((k,), v) for k, v in served.items()],
+        )  # fmt: skip
         yield counter("records_published", "Records given to the publishers.", c.published)
         rows = []
         for p in pipeline.publishers:

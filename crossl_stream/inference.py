@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -84,6 +84,10 @@ class Predictor:
     every window is encoded whole: on CUDA from pinned staging tensors copied with
     ``non_blocking=True``, or with ``onnx`` (an exported session of the same weights) in
     onnxruntime on the CPU, about 3x eager torch one window at a time here.
+
+    ``fallbacks`` maps a modality to a predictor of a model trained without it: a window
+    missing exactly that modality goes there (its record's ``model`` names the fallback,
+    its ``mask`` still says what was missing); ``fallback_windows`` counts them.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class Predictor:
         model_id: str = "crossl",
         onnx: OnnxModel | None = None,
         streaming: StreamingCroSSL | None = None,
+        fallbacks: Mapping[str, Predictor] | None = None,
     ) -> None:
         self.device = pick_device(device)
         if onnx is not None and self.device.type != "cpu":
@@ -115,6 +120,20 @@ class Predictor:
         self._mask = np.zeros((max_batch, len(model.modalities)), dtype=bool)
         self._names = model.modality_names
         self._name_set = set(self._names)
+        self.fallbacks = dict(fallbacks or {})
+        for missing, fallback in self.fallbacks.items():
+            others = [n for n in self._names if n != missing]
+            if missing not in self._name_set or fallback._names != others:
+                raise InputError(
+                    f"fallback without {missing!r}: its modalities {fallback._names} are not "
+                    f"the model's {self._names} less {missing!r}"
+                )
+            if fallback.model.classes != model.classes:
+                raise InputError(
+                    f"fallback without {missing!r}: classes {fallback.model.classes} differ "
+                    f"from the model's {model.classes}"
+                )
+        self.fallback_windows = dict.fromkeys(self.fallbacks, 0)
 
     @property
     def runtime(self) -> str:
@@ -131,6 +150,8 @@ class Predictor:
         """Drop the encoder features kept for a subject that left."""
         if self.streaming is not None:
             self.streaming.forget(subject)
+        for fallback in self.fallbacks.values():
+            fallback.forget(subject)
 
     def check(self, window: Window) -> None:
         """Raise InputError when a window does not match the model's modalities."""
@@ -141,6 +162,36 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, windows: Sequence[Window]) -> list[Prediction]:
+        if self.fallbacks:
+            route = [self._fallback_of(w) for w in windows]
+            if any(r is not None for r in route):
+                return self._routed(windows, route)
+        return self._predict(windows)
+
+    def _fallback_of(self, w: Window) -> str | None:
+        """The modality whose fallback serves ``w``: the only one it misses, if any."""
+        missing = [n for n in self._names if not w.available.get(n, False)]
+        if len(missing) == 1 and missing[0] in self.fallbacks:
+            return missing[0]
+        return None
+
+    def _routed(self, windows: Sequence[Window], route: list[str | None]) -> list[Prediction]:
+        """Each window through the model its ``route`` names (None: this one), in order."""
+        out: list[Prediction | None] = [None] * len(windows)
+        for key in dict.fromkeys(route):
+            index = [i for i, r in enumerate(route) if r == key]
+            if key is None:
+                preds = self._predict([windows[i] for i in index])
+            else:
+                preds = self.fallbacks[key]._predict([_without(windows[i], key) for i in index])
+                self.fallback_windows[key] += len(index)
+                for i, p in zip(index, preds, strict=True):
+                    p.mask = dict(windows[i].available)
+            for i, p in zip(index, preds, strict=True):
+                out[i] = p
+        return out  # type: ignore[return-value]
+
+    def _predict(self, windows: Sequence[Window]) -> list[Prediction]:
         usable = [w for w in windows if any(w.available.values())]
         out: list[Prediction] = []
         for start in range(0, len(usable), self.max_batch):
@@ -219,6 +270,16 @@ class Predictor:
                 )
             )
         return preds
+
+
+def _without(w: Window, missing: str) -> Window:
+    """``w`` as a window of a model that lacks ``missing``."""
+    return replace(
+        w,
+        data={k: v for k, v in w.data.items() if k != missing},
+        available={k: v for k, v in w.available.items() if k != missing},
+        marks={k: v for k, v in w.marks.items() if k != missing},
+    )
 
 
 @dataclass

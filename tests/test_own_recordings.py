@@ -312,3 +312,78 @@ def test_eval_holds_out_each_person_when_asked(tmp_path):
     result = cli("eval", str(spec), "--by", "subject", "--quiet", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "--by subject: the spec's evaluation.folds name sessions" in result.stderr
+
+
+def test_train_with_fallbacks_serves_a_missing_sensor_with_the_model_trained_without_it(
+    sessions, tmp_path
+):
+    spec = sessions / "spec-fallbacks.yaml"
+    spec.write_text(
+        SPEC.replace("evaluation:", "recipe: supervised\nevaluation:").replace(
+            "finetune: {", "finetune: {fallbacks: true, "
+        )
+    )
+    out = tmp_path / "m"
+    result = cli("train", str(spec), "--out", str(out), "--quiet", cwd=sessions)
+    assert result.returncode == 0, result.stderr
+    assert "fallback models trained (validation macro-F1: without ecg" in result.stdout
+    for missing in ("ecg", "eda", "acc"):
+        folder = out / "fallback" / f"without-{missing}"
+        meta = json.loads((folder / "model.json").read_text())
+        assert meta["info"]["stage"] == "fallback" and meta["info"]["without"] == missing
+        assert [m["name"] for m in meta["modalities"]] == [
+            m for m in ("ecg", "eda", "acc") if m != missing
+        ]
+        assert meta["classes"] == CLASSES and (folder / "stream.onnx").is_file()
+    assert "| `eda` | `fallback/without-eda` | `ecg`, `acc` |" in (out / "README.md").read_text()
+    # a replay that loses EDA for 20 s: those windows come from the model without it
+    run_cfg = tmp_path / "run.yaml"
+    run_cfg.write_text(
+        "sensors:\n"
+        "  ecg: {channels: 1, rate_hz: 128}\n  eda: {channels: 1, rate_hz: 16}\n"
+        "  acc: {channels: 3, rate_hz: 32}\n"
+        f"readers: [{{kind: replay, path: {sessions / 'sub-p03_ses-1.xdf'}, speed: max,\n"
+        "  dropouts: [{sensor: eda, start_s: 30, length_s: 20}]}]\n"
+        f"inference: {{model: {out}}}\n"
+        "publishers: []\n"
+    )
+    jsonl = tmp_path / "predictions.jsonl"
+    result = cli("run", str(run_cfg), "--out", str(jsonl), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    main = records[0]["model"]
+    without_eda = [r for r in records if r["mask"] == {"ecg": True, "eda": False, "acc": True}]
+    assert len(without_eda) >= 30
+    assert {r["model"] for r in without_eda} == {f"{main}/without-eda@" + _digest(out, "eda")}
+    assert all(r["label"] in CLASSES for r in without_eda)
+    whole = [r for r in records if all(r["mask"].values())]
+    assert len(whole) > 100 and {r["model"] for r in whole} == {main}
+    # switched off in the config, the main model serves every window
+    run_cfg.write_text(
+        run_cfg.read_text().replace("inference: {", "inference: {fallbacks: false, ")
+    )
+    result = cli("run", str(run_cfg), "--out", str(jsonl), "--append", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    again = [json.loads(line) for line in jsonl.read_text().splitlines()][len(records) :]
+    assert len(again) == len(records) and {r["model"] for r in again} == {main}
+    # a fallback of other weights is refused by name, not served
+    meta_path = out / "fallback" / "without-acc" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["info"]["holdout"] = ["p02"]
+    meta_path.write_text(json.dumps(meta))
+    run_cfg.write_text(run_cfg.read_text().replace("fallbacks: false, ", ""))
+    result = cli("run", str(run_cfg), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "without-acc: not a fallback of" in result.stderr and "holdout ['p02']" in result.stderr
+    # retrained without fallbacks, the folder keeps none that would belong to other weights
+    spec.write_text(spec.read_text().replace("fallbacks: true, ", ""))
+    result = cli("train", str(spec), "--out", str(out), "--quiet", "--fresh", cwd=sessions)
+    assert result.returncode == 0, result.stderr
+    assert not (out / "fallback").exists() and "finetune.fallbacks is off" in result.stdout
+
+
+def _digest(model: Path, missing: str) -> str:
+    import hashlib
+
+    weights = model / "fallback" / f"without-{missing}" / "model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:12]

@@ -24,6 +24,21 @@ FORMAT = "crossl-stream/checkpoint"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "model.json"
+FALLBACKS = "fallback"
+
+
+def fallback_dir(directory: str | Path, missing: str) -> Path:
+    """Where a model folder keeps the model that serves windows without ``missing``."""
+    return Path(directory) / FALLBACKS / f"without-{missing}"
+
+
+def fallback_dirs(directory: str | Path) -> dict[str, Path]:
+    """The fallback models a model folder holds, by the modality each does without."""
+    root = Path(directory) / FALLBACKS
+    if not root.is_dir():
+        return {}
+    found = sorted(p for p in root.glob("without-*") if (p / META).is_file())
+    return {p.name.removeprefix("without-"): p for p in found}
 
 
 def save_model(model: CroSSL, directory: str | Path, info: dict[str, Any] | None = None) -> Path:

@@ -77,6 +77,25 @@ class Windows:
             self.t_end[index],
         )
 
+    def without(self, modality: str) -> Windows:
+        """These windows as if ``modality`` were never recorded: its arrays and availability
+        column dropped, and the windows that had nothing else dropped too."""
+        keys = list(self.x)
+        if modality not in keys:
+            raise DatasetError(f"no modality {modality!r} in the windows; they hold {keys}")
+        j = keys.index(modality)
+        available = np.delete(self.available, j, axis=1)
+        left = np.flatnonzero(available.any(axis=1))
+        return Windows(
+            {k: v[left] for k, v in self.x.items() if k != modality},
+            self.y[left],
+            self.subject[left],
+            self.recording[left],
+            available[left],
+            self.session[left],
+            self.t_end[left],
+        )
+
 
 def fit_normalisation(windows: Windows) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-modality, per-channel (mean, std) over the samples of the windows where that

@@ -1504,9 +1504,14 @@ def _augment_text(augment: dict[str, Any] | None) -> str | None:
     return ", ".join(parts) if parts else None
 
 
-def render_card(meta: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
+def render_card(
+    meta: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    fallbacks: dict[str, dict[str, Any]] | None = None,
+) -> str:
     """The model card (``README.md`` of a model folder) from its model.json and, when given,
-    the metrics.json of an evaluation of the same recipe."""
+    the metrics.json of an evaluation of the same recipe and the model.json of each
+    fallback model (by the modality it does without)."""
     v = _info_views(meta)
     info, cfg = v["info"], v["cfg"]
     arch = meta.get("model") or {}
@@ -1607,6 +1612,8 @@ def render_card(meta: dict[str, Any], metrics: dict[str, Any] | None = None) -> 
             lines.append(f"Labels came {rules}.")
 
     lines += ["", "## Training", ""] + _training_lines(info, cfg, v["stage"])
+    if fallbacks and not pretrained_only:
+        lines += ["", "## A sensor missing", "", *_fallback_lines(fallbacks)]
     if v["selection"] and not pretrained_only:
         lines += ["", *_selection_lines(v["selection"], metrics)]
     lines += ["", "## Data", ""] + _data_lines(v, name)
@@ -1947,13 +1954,40 @@ def _metrics_lines(metrics: dict[str, Any], name: str, arm: str = "crossl") -> l
     return lines
 
 
+def _fallback_lines(fallbacks: dict[str, dict[str, Any]]) -> list[str]:
+    """What serves a window that misses one modality, from each fallback's model.json."""
+    lines = [
+        "A window that misses exactly one modality is not run through this model with that "
+        "modality's latent masked: a fallback model trained without it serves it (its "
+        "records name it in `model`). Each is the supervised recipe on the same labelled "
+        "windows and validation group, on the other modalities only.",
+        "",
+        "| missing | served by | trained on | validation macro-F1 | best epoch |",
+        "|---|---|---|---|---|",
+    ]
+    for missing, meta in sorted(fallbacks.items()):
+        info = meta.get("info") or {}
+        names = ", ".join(f"`{m.get('name')}`" for m in meta.get("modalities") or [])
+        f1 = info.get("best_val_f1")
+        lines.append(
+            f"| `{missing}` | `fallback/without-{missing}` | {names} | "
+            f"{'—' if f1 is None else f'{100 * f1:.1f}'} | {info.get('best_epoch', '—')} |"
+        )
+    return lines
+
+
 def write_card(model_dir: Path, metrics: dict[str, Any] | None = None) -> Path:
-    """Write ``model_dir/README.md`` from its model.json (and ``metrics``, else the folder's
-    metrics.json when there is one); returns the path."""
+    """Write ``model_dir/README.md`` from its model.json and its fallbacks' (and
+    ``metrics``, else the folder's metrics.json when there is one); returns the path."""
+    from crossl_stream.model.checkpoint import fallback_dirs
+
     model_dir = Path(model_dir)
     meta = json.loads((model_dir / "model.json").read_text())
     if metrics is None:
         metrics = _load(model_dir / "metrics.json")
+    fallbacks = {
+        k: json.loads((d / "model.json").read_text()) for k, d in fallback_dirs(model_dir).items()
+    }
     path = model_dir / "README.md"
-    path.write_text(render_card(meta, metrics))
+    path.write_text(render_card(meta, metrics, fallbacks))
     return path

@@ -11,7 +11,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,16 @@ class LoadedData:
     files: list[SourceFile]
     unmapped: Counter[str] = field(default_factory=Counter)
     matched: Counter[str] = field(default_factory=Counter)
+
+    def without(self, modality: str) -> LoadedData:
+        """This data set as if ``modality`` were never recorded (``Windows.without``)."""
+        if len(self.modalities) < 2:
+            raise DatasetError(f"{self.name}: {modality!r} is its only modality")
+        return replace(
+            self,
+            windows=self.windows.without(modality),
+            modalities=[m for m in self.modalities if m.name != modality],
+        )
 
     def require_classes(self, where: str) -> None:
         """DatasetError unless the windows carry at least two classes."""

@@ -21,7 +21,7 @@ import torch
 
 from crossl_stream.config import TrainConfig
 from crossl_stream.errors import CheckpointError, DatasetError
-from crossl_stream.model.checkpoint import read_meta, save_model
+from crossl_stream.model.checkpoint import fallback_dir, read_meta, save_model
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.training.experiments import (
     finetune,
@@ -187,13 +187,16 @@ def run_supervised(
     out: Path,
     fraction: float = 1.0,
     progress: bool = True,
+    stage: str = "supervised",
+    extra: dict[str, Any] | None = None,
 ) -> CroSSL:
     """The ``supervised`` recipe: the architecture from scratch on ``fraction`` of the
     training subjects' labelled windows (modality dropout and early stopping as in
-    fine-tuning), saved to ``out``. Resumes from ``out/finetune.state``."""
+    fine-tuning), saved to ``out`` as ``stage`` (with ``extra`` in its info). Resumes from
+    ``out/finetune.state``."""
     data.require_classes(cfg.data.name or data.name)
     index = training_windows(cfg, data)
-    finished = _finished(out / FINETUNE_STATE, out, "supervised")
+    finished = _finished(out / FINETUNE_STATE, out, stage)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     windows = data.windows.take(index)
@@ -204,10 +207,11 @@ def run_supervised(
         return model
     info = provenance(cfg, data, index)
     info.update(
-        stage="supervised",
+        stage=stage,
         labels_fraction=fraction,
         finetune_seconds=round(time.perf_counter() - start, 1),
         **_stop_info(result),
+        **(extra or {}),
     )
     save_model(model, out, info)
     _save_curves(out, {"finetune": result.history})
@@ -215,6 +219,35 @@ def run_supervised(
 
 
 CANDIDATES = "candidates"
+
+
+def run_fallbacks(
+    cfg: TrainConfig,
+    data: LoadedData,
+    out: Path,
+    fraction: float = 1.0,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """One fallback model per modality: the ``supervised`` recipe on every other modality
+    (the same labelled windows and validation group), saved to ``out/fallback/without-<m>``.
+
+    A window missing exactly that modality is served by its fallback instead of the main
+    model with a masked latent (``inference.Predictor``): on the watch data a model trained
+    on one sensor keeps 94-96% of the two-sensor macro-F1, the two-sensor model with one
+    sensor masked 85-87% (docs/results.md). Returns each fallback's stop information."""
+    if len(data.modalities) < 2:
+        raise DatasetError(
+            f"finetune.fallbacks: {data.name} has one modality; there is nothing to fall back on"
+        )
+    stops = {}
+    for m in data.modalities:
+        folder = fallback_dir(out, m.name)
+        others = data.without(m.name)
+        log.info("fallback for windows without %s", m.name)
+        run_supervised(cfg, others, folder, fraction, progress, "fallback", {"without": m.name})
+        info = read_meta(folder)["info"]
+        stops[m.name] = {k: info.get(k) for k in ("best_val_f1", "best_epoch", "stopped")}
+    return stops
 
 
 def run_best(
