@@ -13,6 +13,7 @@ import torch
 from crossl_stream.clock import host_clock
 from crossl_stream.errors import InputError
 from crossl_stream.inference import InferenceWorker, Prediction, Predictor
+from crossl_stream.model import CroSSL
 from crossl_stream.states import StreamState
 from crossl_stream.windower import Window
 
@@ -61,6 +62,34 @@ def test_record_follows_the_wire_contract(model, excerpt):
     assert set(record["latency_ms"]) == {"window", "queue", "infer"}
     assert all(v >= 0 for v in record["latency_ms"].values())
     assert record["latency_ms"]["window"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_window_missing_one_sensor_goes_to_the_fallback_trained_without_it(model, specs, excerpt):
+    torch.manual_seed(1)
+    acc_only = CroSSL([s for s in specs if s.name == "acc"], model.classes).eval()
+    fallback = Predictor(acc_only, device="cpu", model_id="m@1/without-gyro@2")
+    predictor = Predictor(model, device="cpu", max_batch=5, fallbacks={"gyro": fallback})
+    windows = windows_of(excerpt)  # gyro missing in every third window
+    preds = predictor(windows)
+    assert [p.seq for p in preds] == [w.seq for w in windows]
+    missing = np.array([i % 3 == 0 for i in range(len(windows))])
+    assert [p.model for p in preds] == ["m@1/without-gyro@2" if m else "crossl" for m in missing]
+    got = np.array([list(p.probs.values()) for p in preds])
+    want = acc_only.predict_proba({"acc": excerpt.x["acc"][missing]})
+    np.testing.assert_allclose(got[missing], want, rtol=1e-5, atol=1e-6)
+    both = model.predict_proba({k: v[~missing] for k, v in excerpt.x.items()})
+    np.testing.assert_allclose(got[~missing], both, rtol=1e-5, atol=1e-6)
+    assert preds[0].mask == {"acc": True, "gyro": False}  # what the window missed
+    assert predictor.fallback_windows == {"gyro": int(missing.sum())}
+    # a window missing the sensor that has no fallback is the main model's, masked
+    no_acc = dataclasses.replace(windows[1], available={"acc": False, "gyro": True})
+    assert predictor([no_acc])[0].model == "crossl"
+    # a fallback that is not the model less that sensor is refused by name
+    with pytest.raises(InputError, match="fallback without 'acc'"):
+        Predictor(model, device="cpu", fallbacks={"acc": fallback})
+    other = Predictor(CroSSL(acc_only.modalities, ["x", "y"]), device="cpu")
+    with pytest.raises(InputError, match="classes"):
+        Predictor(model, device="cpu", fallbacks={"gyro": other})
 
 
 def test_mismatched_windows_and_devices_are_refused(model, excerpt):

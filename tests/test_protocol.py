@@ -13,6 +13,7 @@ import torch
 from crossl_stream.config import EvaluationConfig, TrainConfig, load_config
 from crossl_stream.errors import ConfigError, DatasetError
 from crossl_stream.training.experiments import (
+    fallbacks_table,
     merged,
     run_ablation,
     run_fold,
@@ -81,12 +82,20 @@ def scrambled(data: LoadedData, group: str) -> LoadedData:
 def test_no_arm_sees_the_test_subjects_labels():
     torch.set_num_threads(1)
     cfg, data = watch()
+    cfg = merged(cfg, {"finetune": {"fallbacks": True}})
     a = run_fold(data, cfg, "1", progress=False, full=True)
     b = run_fold(scrambled(data, "1"), cfg, "1", progress=False, full=True)
     assert sorted(a.predictions) == sorted(f"{arm}@{f}" for arm, fs in ARMS.items() for f in fs)
     for key in a.predictions:
         np.testing.assert_array_equal(a.predictions[key], b.predictions[key], err_msg=key)
         assert set(a.missing[key]) == {"acc", "gyro"}
+    # the fallback models (one per sensor, trained without it) see no test label either
+    assert set(a.fallbacks) == {"acc", "gyro"} and len(a.fallbacks["acc"]) == len(a.y_true)
+    for m in a.fallbacks:
+        np.testing.assert_array_equal(a.fallbacks[m], b.fallbacks[m], err_msg=m)
+    table = fallbacks_table([a], len(data.classes))["0"]["1"]
+    assert set(table["without"]) == {"acc", "gyro"} and 0 <= table["without"]["acc"] <= 1
+    assert table["stops"]["gyro"]["stopped"] in ("patience", "max_epochs")
     assert (a.y_true != b.y_true).any()  # the labels differed; the models did not
 
 

@@ -23,6 +23,7 @@ from crossl_stream.training.report import (
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ["s1", "s2", "s3", "s4"]
+FALLBACK_METAS = ("fallback/without-acc/model.json", "fallback/without-gyro/model.json")
 
 # macro-F1 per seed, then per subject (s1..s4), of each run; fraction 1.0 has seed 0 only
 SCORES = {
@@ -302,6 +303,33 @@ def test_write_eval_writes_every_file_and_the_report(tmp_path):
     assert "## How to read these numbers" in text
     assert "with 4 subjects it cannot reach p < 0.05 at all" in text
     assert "validation subject drawn from the training subjects" in text
+
+
+def test_fallback_models_keep_their_share_of_each_full_label_run(tmp_path):
+    results = _results()
+    without = {"gyro": (0.80, 0.78, 0.76, 0.80), "acc": (0.78, 0.70, 0.80, 0.79)}
+    results["fallbacks"] = {
+        "0": {
+            g: {"without": {m: v[i] for m, v in without.items()}, "stops": {}}
+            for i, g in enumerate(GROUPS)
+        }
+    }
+    metrics = write_eval(results, tmp_path / "eval", None, "2 CPU cores", "crossl-stream eval x")
+    fb = metrics["fallbacks"]
+    assert fb["without"] == {"gyro": 0.785, "acc": 0.7675}
+    # supervised@1.0 has 0.84 (s1..s4: 0.86, 0.82, 0.84, 0.84), crossl@1.0 0.85
+    assert fb["kept"]["supervised@1.0"] == {"gyro": round(0.785 / 0.84, 6), "acc": 0.913690}
+    assert fb["kept"]["crossl@1.0"]["acc"] == round(0.7675 / 0.85, 6)
+    # per subject: without acc keeps 0.70 of s2's 0.82 (85%) only
+    assert fb["kept"]["supervised@1.0 per subject"] == {"gyro": 4, "acc": 3}
+    goal = {t["name"]: t for t in metrics["targets"]}
+    t = goal["supervised@1.0 with fallbacks kept >= 0.9 with one modality missing"]
+    assert t["met"] and t["modality"] == "acc" and t["value"] == 0.91369
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## One modality missing, with fallback models" in report
+    assert "| supervised@1.0 | 84.0 | 78.5 (93%; 4/4) | 76.8 (91%; 3/4) |" in report
+    card = render_card({"classes": ["rock", "paper"], "info": {"stage": "supervised"}}, metrics)
+    assert "keeps 93% without gyro, 91% without acc of this recipe's macro-F1: it meets" in card
 
 
 def test_one_modality_data_has_no_missing_modality_table(tmp_path):
@@ -900,7 +928,8 @@ def test_the_shipped_model_card_is_what_its_model_json_renders(tmp_path):
     from crossl_stream import default_model_dir
 
     shipped = default_model_dir()
-    for name in ("model.json", "metrics.json"):
+    for name in ("model.json", "metrics.json", *FALLBACK_METAS):
         if (shipped / name).is_file():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(shipped / name, tmp_path / name)
     assert write_card(tmp_path).read_text() == (shipped / "README.md").read_text()

@@ -214,6 +214,7 @@ class FoldOutcome:
     y_true: np.ndarray
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
     missing: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    fallbacks: dict[str, np.ndarray] = field(default_factory=dict)  # without m: predictions
     stops: dict[str, dict[str, Any]] = field(default_factory=dict)
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -303,6 +304,17 @@ def run_fold(
                     base, train, data.classes, cfg, fraction, "finetune", progress
                 )
             score(key, model, result, began)
+    if cfg.finetune.fallbacks and full and len(names) > 1:
+        for m in names:  # what serves a window without m (workflow.run_fallbacks)
+            began = time.perf_counter()
+            others, without = data.without(m), test.without(m)
+            model, result = supervised(others, train.without(m), cfg, 1.0, progress=progress)
+            out.fallbacks[m] = predict(model, without).argmax(1)
+            out.stops[f"fallback-without-{m}"] = {
+                "stopped": result.stopped,
+                "best_epoch": result.best_epoch,
+                "seconds": round(time.perf_counter() - began, 1),
+            }
     out.seconds = time.perf_counter() - start
     return out
 
@@ -482,6 +494,7 @@ def run_folds(
         "windows": len(data.windows),
         "labelled_windows": len(data.windows.labelled),
         "runs": runs_table(folds, n),
+        "fallbacks": fallbacks_table(folds, n),
         "confusion": confusions(folds, n),
         "curves": first.curves,
         "curves_fold": first.group,
@@ -507,6 +520,19 @@ def runs_table(folds: list[FoldOutcome], n_classes: int) -> dict[str, Any]:
                     m: macro_f1(f.y_true, p, n_classes) for m, p in f.missing[key].items()
                 }
             table.setdefault(key, {}).setdefault(str(f.seed), {})[f.group] = entry
+    return table
+
+
+def fallbacks_table(folds: list[FoldOutcome], n_classes: int) -> dict[str, Any]:
+    """Per seed, per group: each fallback's test macro-F1 (by the modality it does without),
+    and how it stopped."""
+    table: dict[str, Any] = {}
+    for f in folds:
+        if f.fallbacks:
+            table.setdefault(str(f.seed), {})[f.group] = {
+                "without": {m: macro_f1(f.y_true, p, n_classes) for m, p in f.fallbacks.items()},
+                "stops": {m: f.stops[f"fallback-without-{m}"] for m in f.fallbacks},
+            }
     return table
 
 

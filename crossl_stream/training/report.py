@@ -395,6 +395,39 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def fallback_summary(
+    results: dict[str, Any], summaries: dict[str, dict], groups: list[str]
+) -> dict[str, Any] | None:
+    """The fallback models (``finetune.fallbacks``): per modality they do without, the
+    per-subject and mean macro-F1 of the windows without it, and the share of each full-label
+    arm's macro-F1 that serving those windows with the fallback keeps (None: no fallbacks)."""
+    table = results.get("fallbacks") or {}
+    if not table:
+        return None
+    per: dict[str, dict[str, list[float]]] = {}
+    for by_group in table.values():
+        for g, entry in by_group.items():
+            for m, v in (entry.get("without") or {}).items():
+                per.setdefault(m, {}).setdefault(str(g), []).append(float(v))
+    per_subject = {m: {g: float(np.mean(v[g])) for g in groups if g in v} for m, v in per.items()}
+    without = {m: float(np.mean(list(v.values()))) for m, v in per_subject.items() if v}
+    kept = {}
+    for key, s in summaries.items():  # the recipes a model folder can hold (not the probe)
+        if split_key(key)[1] == 1.0 and split_key(key)[0] != "probe" and s["macro_f1"]:
+            arm = s["per_subject"]
+            kept[key] = {m: v / s["macro_f1"] for m, v in without.items()}
+            kept[key + " per subject"] = {
+                m: sum(1 for g, x in per_subject[m].items() if g in arm and x >= GOAL_KEPT * arm[g])
+                for m in without
+            }
+    return {
+        "without": without,
+        "per_subject": per_subject,
+        "kept": kept,
+        "source": results.get("fallbacks_source"),
+    }
+
+
 def _pairs(runs: dict[str, Any], keys: list[str], groups: list[str]) -> dict[str, dict]:
     """Every comparison of ``PAIRS`` at each label fraction, over ``groups``."""
     pairs = {}
@@ -477,8 +510,37 @@ def eval_metrics(
         "machine": machine,
         "seconds": _round(results.get("total_seconds", results.get("seconds"))),
     }
+    fb = fallback_summary(results, summaries, groups)
+    metrics["fallbacks"] = None if fb is None else _fallbacks_json(fb)
+    if fb:
+        for key, shares in fb["kept"].items():
+            if key.endswith(" per subject"):
+                continue
+            worst = min(shares, key=shares.get)
+            metrics["targets"].append(
+                _target(
+                    f"{key} with fallbacks kept >= {GOAL_KEPT:g} with one modality missing",
+                    shares[worst],
+                    GOAL_KEPT,
+                    modality=worst,
+                )
+            )
     metrics["summary"] = _summary(metrics)
     return metrics
+
+
+def _fallbacks_json(fb: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "without": {m: _round(v) for m, v in fb["without"].items()},
+        "per_subject": {
+            m: {g: _round(x) for g, x in v.items()} for m, v in fb["per_subject"].items()
+        },
+        "kept": {
+            k: {m: (x if k.endswith(" per subject") else _round(x)) for m, x in v.items()}
+            for k, v in fb["kept"].items()
+        },
+        "source": fb.get("source"),
+    }
 
 
 def write_eval(
@@ -651,6 +713,8 @@ def _protocol(results: dict[str, Any]) -> list[str]:
         bits.append(
             "early stopping on the mean validation macro-F1 with every modality and each alone"
         )
+    if ft.get("fallbacks"):
+        bits.append("fallback models for one modality missing")
     if bits:
         lines += ["", "Settings: " + "; ".join(bits) + "."]
     return lines
@@ -794,6 +858,42 @@ def _missing_section(metrics: dict[str, Any], modalities: list[str]) -> list[str
             f"With {len(modalities)} modalities, one alone is harder than one missing: these "
             "are lower bounds.",
         ]
+    return lines
+
+
+def _fallbacks_section(metrics: dict[str, Any]) -> list[str]:
+    fb = metrics.get("fallbacks")
+    if not fb or not fb.get("without"):
+        return []
+    missing = list(fb["without"])
+    n = len(metrics["folds"])
+    lines = [
+        "",
+        "## One modality missing, with fallback models",
+        "",
+        "With `finetune.fallbacks`, a window that misses one modality is served by a "
+        "supervised model trained without it (seed 0, every label, the fold's training "
+        "groups), not by the full model with that modality masked. Its macro-F1 on the test "
+        "windows without that modality, and the share of each full-label run's macro-F1 it "
+        "keeps (in brackets: the groups where it keeps at least "
+        f"{GOAL_KEPT:.0%} of that run's macro-F1 on the same group, of {n}).",
+        "",
+        "| run | all modalities | "
+        + " | ".join(f"without {m}: fallback (kept)" for m in missing)
+        + " |",
+        "|---" * (len(missing) + 2) + "|",
+    ]
+    for key, shares in fb["kept"].items():
+        if key.endswith(" per subject"):
+            continue
+        counts = fb["kept"].get(key + " per subject", {})
+        cells = [
+            f"{_pct(fb['without'][m])} ({shares[m]:.0%}; {counts.get(m, '—')}/{n})" for m in missing
+        ]
+        full = _pct(metrics["macro_f1"].get(key))
+        lines.append(f"| {key} | {full} | " + " | ".join(cells) + " |")
+    if fb.get("source"):
+        lines += ["", f"The fallback runs: {fb['source']}."]
     return lines
 
 
@@ -1125,6 +1225,7 @@ def render_eval(
     lines += _main_table(metrics, results.get("runs") or {})
     lines += _targets_section(metrics)
     lines += _missing_section(metrics, list(results.get("modalities") or []))
+    lines += _fallbacks_section(metrics)
     lines += _per_subject_section(metrics, by)
     if ablation:
         lines += _ablation_section(ablation, results, metrics)
@@ -1942,6 +2043,18 @@ def _metrics_lines(metrics: dict[str, Any], name: str, arm: str = "crossl") -> l
             f"its macro-F1 with its weakest modality alone ({worst} only): it "
             + ("meets" if met else "misses")
             + f" the goal of keeping {GOAL_KEPT:.0%} with one modality missing.",
+        ]
+    fb = metrics.get("fallbacks") or {}
+    shares = (fb.get("kept") or {}).get(run_key(arm, 1.0)) or {}
+    if shares:
+        worst = min(shares, key=shares.get)
+        met = shares[worst] >= GOAL_KEPT - 1e-12
+        lines += [
+            "",
+            "With its fallback models (below), a window missing one modality keeps "
+            + ", ".join(f"{shares[m]:.0%} without {m}" for m in shares)
+            + f" of this recipe's macro-F1: it {'meets' if met else 'misses'} the goal of "
+            f"{GOAL_KEPT:.0%}.",
         ]
     goals = metrics.get("targets") or []
     if goals:
