@@ -240,9 +240,11 @@ def test_healthz_and_metrics_answer_on_loopback_only(daemon_of, tmp_path):
     assert report["streams"]["default"] == {"acc": "live", "gyro": "live"}
     assert report["publishers"]["jsonl"]["state"] == "ok"
     assert 0 <= report["last_record_age_s"] < 5
+    assert report["fallbacks"] == ["acc", "gyro"]  # the default model's, one per sensor
     _, text = d.get("/metrics")
     for name in (
         b"crossl_windows_total",
+        b'crossl_fallback_windows_total{without="gyro"}',
         b'crossl_samples_total{sensor="acc"}',
         b'crossl_latency_seconds_bucket{le="0.001",stage="infer"}',
         b'crossl_latency_seconds_count{stage="age"}',

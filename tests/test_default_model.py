@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from crossl_stream.model import load_model
@@ -34,3 +35,27 @@ def test_default_model_predicts_the_held_out_subject(model, shipped):
     w = shipped.windows.take(shipped.windows.labelled)
     pred = model.predict_proba(w.x, w.available).argmax(1)
     assert macro_f1(w.y, pred, 7) > 0.5  # chance is 1/7
+
+
+def test_default_model_ships_a_fallback_per_sensor_that_beats_masking(model, shipped):
+    """Each fallback is trained on the other sensor, on the same subjects, and on the held-out
+    subject does better with a sensor missing than the main model with it masked."""
+    from crossl_stream.model.checkpoint import fallback_dirs
+
+    info = json.loads((DEFAULT / "model.json").read_text())["info"]
+    found = fallback_dirs(DEFAULT)
+    assert sorted(found) == ["acc", "gyro"]
+    w = shipped.windows.take(shipped.windows.labelled)
+    w = w.take(np.flatnonzero(w.available.all(axis=1)))
+    for missing, folder in found.items():
+        fallback = load_model(folder)
+        theirs = json.loads((folder / "model.json").read_text())["info"]
+        assert theirs["stage"] == "fallback" and theirs["without"] == missing
+        assert theirs["data"]["subjects"] == info["data"]["subjects"]
+        assert fallback.classes == model.classes
+        assert fallback.modality_names == [m for m in ("acc", "gyro") if m != missing]
+        only = {k: v for k, v in w.x.items() if k != missing}
+        served = macro_f1(w.y, fallback.predict_proba(only).argmax(1), 7)
+        masked = macro_f1(w.y, model.predict_proba(only).argmax(1), 7)
+        print(f"without {missing}: fallback {served:.3f}, main model masked {masked:.3f}")
+        assert served > masked
