@@ -389,7 +389,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from itertools import islice
 
     from crossl_stream.config import WindowConfig
-    from crossl_stream.model.checkpoint import load_model, read_meta
+    from crossl_stream.model.checkpoint import load_fallbacks, load_model, read_meta
     from crossl_stream.readers.replay import Recording
     from crossl_stream.training.datasets import shipped_recording
     from crossl_stream.training.spec import iter_windows, model_streams
@@ -398,6 +398,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = load_model(model_dir)
     if not model.classes:
         raise CrosslError(f"{model_dir}: pretrained only (no class head); fine-tune it first")
+    fallbacks = {} if args.no_fallbacks else load_fallbacks(model, model_dir)
     trained = read_meta(model_dir).get("info", {}).get("data", {}) or {}
     window = WindowConfig.model_validate(trained.get("window") or {"length_s": model.window_s})
     if args.hop:
@@ -420,7 +421,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         while batch := list(islice(windows, 512)):  # a long recording never sits in memory
             x = {m: np.stack([w.data[m] for w in batch]) for m in names}
             available = np.array([[w.available[m] for m in names] for w in batch])
-            mine += [model.classes[i] for i in model.predict_proba(x, available).argmax(1)]
+            probs = model.predict_proba(x, available)
+            for missing, fallback in fallbacks.items():  # as the pipeline serves them
+                j = names.index(missing)
+                rows = ~available[:, j] & (available.sum(axis=1) == len(names) - 1)
+                if rows.any():
+                    only = {m: x[m][rows] for m in fallback.modality_names}
+                    probs[rows] = fallback.predict_proba(only)
+            mine += [model.classes[i] for i in probs.argmax(1)]
             ends += [w.t_end for w in batch]
             gone += [[m for m in names if not w.available[m]] for w in batch]
         if not mine:
@@ -876,6 +884,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hop", type=float, default=None, help="seconds between windows")
     p.add_argument("--stream", action="append", default=[], metavar="MODALITY=STREAM")
     p.add_argument("--labels", default=None, help="label rules to score with (a spec YAML)")
+    p.add_argument(
+        "--no-fallbacks",
+        action="store_true",
+        help="windows missing a sensor through the main model (masked), not its fallback",
+    )
     p.set_defaults(func=cmd_predict)
     return parser
 

@@ -31,7 +31,8 @@ from crossl_stream.logs import RateLimited
 from crossl_stream.metrics import Metrics
 from crossl_stream.model.checkpoint import (
     WEIGHTS,
-    fallback_dirs,
+    fallback_dir,
+    load_fallbacks,
     load_model,
     model_id,
     read_meta,
@@ -419,8 +420,9 @@ def build_worker(cfg: PipelineConfig, model: CroSSL, model_dir: Path, source: st
     onnx = None if streaming else _onnx_session(model_dir, inf.runtime, device, source)
     main_id = model_id(model_dir)
     fallbacks = {}
-    for missing, folder in fallback_dirs(model_dir).items() if inf.fallbacks else ():
-        fallback = _fallback_model(model, model_dir, missing, folder).to(device)
+    for missing, fallback in (load_fallbacks(model, model_dir) if inf.fallbacks else {}).items():
+        folder = fallback_dir(model_dir, missing)
+        fallback.to(device)
         fb_streaming = _streaming(fallback, inf, cfg.window.hop_s, source, cfg, folder)
         fb_onnx = None if fb_streaming else _onnx_session(folder, inf.runtime, device, source)
         fb_id = f"{main_id}/{model_id(folder)}"
@@ -437,32 +439,6 @@ def build_worker(cfg: PipelineConfig, model: CroSSL, model_dir: Path, source: st
         )
         backpressure = "block" if recorded else "drop_oldest"
     return InferenceWorker(predictor, inf.queue_size, inf.max_wait_ms, backpressure)
-
-
-def _fallback_model(model: CroSSL, model_dir: Path, missing: str, folder: Path) -> CroSSL:
-    """The fallback in ``folder``, checked to be ``model`` less ``missing``, trained on the
-    same classes, subjects and holdout (CheckpointError naming the folder otherwise)."""
-    fallback = load_model(folder)
-    others = [m for m in model.modalities if m.name != missing]
-    ours = read_meta(model_dir).get("info", {})
-    theirs = read_meta(folder).get("info", {})
-    problems = []
-    if [m.model_dump() for m in fallback.modalities] != [m.model_dump() for m in others]:
-        problems.append(f"modalities {fallback.modality_names}, not {[m.name for m in others]}")
-    if fallback.classes != model.classes:
-        problems.append(f"classes {fallback.classes}, not {model.classes}")
-    for key in ("holdout",):
-        if ours.get(key) != theirs.get(key):
-            problems.append(f"{key} {theirs.get(key)}, not {ours.get(key)}")
-    subjects = [(i.get("data") or {}).get("subjects") for i in (ours, theirs)]
-    if subjects[0] != subjects[1]:
-        problems.append(f"training subjects {subjects[1]}, not {subjects[0]}")
-    if problems:
-        raise CheckpointError(
-            f"{folder}: not a fallback of {model_dir} (" + "; ".join(problems) + "); retrain "
-            "with `crossl-stream train` (finetune.fallbacks) or set inference.fallbacks: false"
-        )
-    return fallback
 
 
 def build_publishers(cfg: PipelineConfig, ctx: BuildContext) -> list[Publisher]:

@@ -120,3 +120,33 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Cro
             )
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def load_fallbacks(model: CroSSL, directory: str | Path) -> dict[str, CroSSL]:
+    """The fallback models of the folder ``model`` came from, by the modality each does
+    without; each checked to be ``model`` less that modality, trained on the same classes,
+    subjects and holdout (CheckpointError naming the folder otherwise)."""
+    out = {}
+    ours = read_meta(directory).get("info", {})
+    for missing, folder in fallback_dirs(directory).items():
+        fallback = load_model(folder)
+        others = [m for m in model.modalities if m.name != missing]
+        theirs = read_meta(folder).get("info", {})
+        problems = []
+        if [m.model_dump() for m in fallback.modalities] != [m.model_dump() for m in others]:
+            problems.append(f"modalities {fallback.modality_names}, not {[m.name for m in others]}")
+        if fallback.classes != model.classes:
+            problems.append(f"classes {fallback.classes}, not {model.classes}")
+        if ours.get("holdout") != theirs.get("holdout"):
+            problems.append(f"holdout {theirs.get('holdout')}, not {ours.get('holdout')}")
+        subjects = [(i.get("data") or {}).get("subjects") for i in (ours, theirs)]
+        if subjects[0] != subjects[1]:
+            problems.append(f"training subjects {subjects[1]}, not {subjects[0]}")
+        if problems:
+            raise CheckpointError(
+                f"{folder}: not a fallback of {directory} (" + "; ".join(problems) + "); "
+                "retrain with `crossl-stream train` (finetune.fallbacks) or set "
+                "inference.fallbacks: false"
+            )
+        out[missing] = fallback
+    return out
