@@ -710,6 +710,17 @@ def print_summary(pipeline, wall: float, scorer=None) -> None:
             f"{m} {s.reused}/{s.reused + s.full}" for m, s in streaming.counters.items()
         )
         print(f"windows encoding only their new samples (streaming): {shares}")
+    predictor = pipeline.worker.predictor
+    for missing, fallback in predictor.fallbacks.items():
+        served = predictor.fallback_windows[missing]
+        if served and fallback.streaming is not None:
+            shares = ", ".join(
+                f"{m} {s.reused}/{s.reused + s.full}"
+                for m, s in fallback.streaming.counters.items()
+            )
+            print(f"served without {missing} by its fallback model: {served} (streaming: {shares})")
+        elif served:
+            print(f"served without {missing} by its fallback model: {served}")
     shown = [p for p in pipeline.publishers if p is not scorer]
     faults = [
         f"{p.name} sent {p.counters.sent}/{p.counters.given}, failed {p.counters.failed}, "

@@ -37,9 +37,9 @@ def test_default_model_predicts_the_held_out_subject(model, shipped):
     assert macro_f1(w.y, pred, 7) > 0.5  # chance is 1/7
 
 
-def test_default_model_ships_a_fallback_per_sensor_that_beats_masking(model, shipped):
+def test_default_model_ships_a_fallback_per_sensor_that_keeps_90_percent(model, shipped):
     """Each fallback is trained on the other sensor, on the same subjects, and on the held-out
-    subject does better with a sensor missing than the main model with it masked."""
+    subject keeps at least 90% of the main model's macro-F1 with both sensors."""
     from crossl_stream.model.checkpoint import fallback_dirs
 
     info = json.loads((DEFAULT / "model.json").read_text())["info"]
@@ -47,6 +47,7 @@ def test_default_model_ships_a_fallback_per_sensor_that_beats_masking(model, shi
     assert sorted(found) == ["acc", "gyro"]
     w = shipped.windows.take(shipped.windows.labelled)
     w = w.take(np.flatnonzero(w.available.all(axis=1)))
+    both = macro_f1(w.y, model.predict_proba(w.x).argmax(1), 7)
     for missing, folder in found.items():
         fallback = load_model(folder)
         theirs = json.loads((folder / "model.json").read_text())["info"]
@@ -57,5 +58,5 @@ def test_default_model_ships_a_fallback_per_sensor_that_beats_masking(model, shi
         only = {k: v for k, v in w.x.items() if k != missing}
         served = macro_f1(w.y, fallback.predict_proba(only).argmax(1), 7)
         masked = macro_f1(w.y, model.predict_proba(only).argmax(1), 7)
-        print(f"without {missing}: fallback {served:.3f}, main model masked {masked:.3f}")
-        assert served > masked
+        print(f"both {both:.3f}; without {missing}: fallback {served:.3f}, masked {masked:.3f}")
+        assert served >= 0.9 * both

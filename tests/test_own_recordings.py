@@ -358,6 +358,12 @@ def test_train_with_fallbacks_serves_a_missing_sensor_with_the_model_trained_wit
     assert all(r["label"] in CLASSES for r in without_eda)
     whole = [r for r in records if all(r["mask"].values())]
     assert len(whole) > 100 and {r["model"] for r in whole} == {main}
+    # offline, `predict` serves the windows in the ACC gap of the session with its fallback
+    for flag in ([], ["--no-fallbacks"]):
+        result = cli("predict", str(sessions / "sub-p03_ses-1.xdf"), "--model", str(out), *flag,
+                     cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "  with acc masked: accuracy" in result.stdout
     # switched off in the config, the main model serves every window
     run_cfg.write_text(
         run_cfg.read_text().replace("inference: {", "inference: {fallbacks: false, ")
