@@ -33,6 +33,7 @@ def one_sensor_spec(spec: dict, sensor: str) -> dict:
     out = json.loads(json.dumps(spec))
     out["data"]["sensors"] = {sensor: spec["data"]["sensors"][sensor]}
     out["finetune"]["modality_dropout"] = 0.0
+    out["finetune"]["fallbacks"] = False  # one sensor: nothing to fall back on
     ev = out["evaluation"]
     # no ablation, and no absolute goal: the spec's is for the model of every sensor
     for key in (
