@@ -105,7 +105,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     info = pretrained_info(source)  # a missing or foreign folder: said before reading data
     if out.resolve() == source.resolve():
         raise CrosslError(f"--out {out}: the pretrained folder itself; fine-tune into another")
-    if info.get("stage") in ("finetuned", "supervised"):
+    if info.get("stage") in ("finetuned", "supervised", "fallback"):
         raise CrosslError(
             f"--from {source}: already fine-tuned (on {info.get('labels_fraction', 1.0):.0%} of "
             "the labels); fine-tune from the pretrained folder it came from"
@@ -113,6 +113,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg, data = _spec(args)
     _resume(args, out / FINETUNE_STATE)
     run_finetune(cfg, data, load_model(source), out, args.labels_fraction, not args.quiet, info)
+    _drop_fallbacks(out, "they belong to the weights `train` wrote there before")
     _finish(out)
     return 0
 
@@ -132,6 +133,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = _out_dir(args)
     cfg, data = _spec(args)
     data.require_classes(_shown(args.spec))
+    if cfg.finetune.fallbacks and len(data.modalities) < 2:
+        raise CrosslError(
+            f"{_shown(args.spec)}: finetune.fallbacks: one modality "
+            f"({data.modalities[0].name}); there is nothing to fall back on"
+        )
     start = time.perf_counter()
     if cfg.recipe == "best":
         for recipe in ("crossl", "supervised"):
@@ -159,20 +165,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_fallbacks(args: argparse.Namespace, cfg, data, out: Path) -> None:
     """The fallback models ``finetune.fallbacks`` asks for; without it, none: fallbacks
-    that an earlier run left in ``out`` belong to other weights and are removed."""
-    from crossl_stream.model.checkpoint import FALLBACKS, fallback_dir
+    that an earlier run left in ``out`` belong to other weights and are removed (so are
+    those of a modality the model no longer has)."""
+    from crossl_stream.model.checkpoint import fallback_dir, fallback_dirs
     from crossl_stream.training.workflow import FINETUNE_STATE, run_fallbacks
 
     if not cfg.finetune.fallbacks:
-        if (out / FALLBACKS).is_dir():
-            shutil.rmtree(out / FALLBACKS)
-            print(f"removed {_shown(out / FALLBACKS)} (finetune.fallbacks is off)")
+        _drop_fallbacks(out, "finetune.fallbacks is off")
         return
-    for m in data.modalities:
-        _resume(args, fallback_dir(out, m.name) / FINETUNE_STATE)
+    names = [m.name for m in data.modalities]
+    for missing, folder in fallback_dirs(out).items():
+        if missing not in names:
+            shutil.rmtree(folder)
+            print(f"removed {_shown(folder)} (the model has no {missing!r})")
+    for m in names:
+        _resume(args, fallback_dir(out, m) / FINETUNE_STATE)
     stops = run_fallbacks(cfg, data, out, args.labels_fraction, not args.quiet)
-    scores = ", ".join(f"without {k} {v['best_val_f1']:.3f}" for k, v in stops.items())
+    scores = ", ".join(
+        f"without {k} " + ("—" if v["best_val_f1"] is None else f"{v['best_val_f1']:.3f}")
+        for k, v in stops.items()
+    )
     print(f"fallback models trained (validation macro-F1: {scores})")
+
+
+def _drop_fallbacks(out: Path, why: str) -> None:
+    """Remove ``out``'s fallback models, saying why."""
+    from crossl_stream.model.checkpoint import FALLBACKS
+
+    if (out / FALLBACKS).is_dir():
+        shutil.rmtree(out / FALLBACKS)
+        print(f"removed {_shown(out / FALLBACKS)} ({why})")
 
 
 def _export(model_dir: Path) -> list[Path]:

@@ -336,7 +336,10 @@ class InferenceWorker:
 
     def swap(self, other: InferenceWorker) -> None:
         """Take ``other``'s predictor and settings (a reloaded model); queued windows stay
-        and go to the new predictor."""
+        and go to the new predictor, which counts on from this one's fallback windows."""
+        for missing, n in self.predictor.fallback_windows.items():
+            if missing in other.predictor.fallback_windows:
+                other.predictor.fallback_windows[missing] += n
         self.predictor = other.predictor
         self.queue_size = other.queue_size
         self.max_wait = other.max_wait

@@ -402,6 +402,8 @@ def load_served_model(cfg: PipelineConfig, base: Path, source: str) -> tuple[Cro
             f"fine-tune it first: crossl-stream finetune SPEC --from {model_dir}"
         )
     check_against_model(cfg, model, source)
+    if cfg.inference.fallbacks:
+        load_fallbacks(model, model_dir)  # refused here, before a reload stops anything
     return model, model_dir
 
 

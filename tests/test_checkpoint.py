@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -68,3 +69,27 @@ def test_damaged_checkpoints_say_what_is_wrong(tmp_path, model, specs):
     (tmp_path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="invalid model description"):
         load_model(tmp_path)
+
+
+def test_fallbacks_load_only_when_the_main_model_json_vouches_for_their_weights(
+    tmp_path, model, specs
+):
+    from crossl_stream.model.checkpoint import fallback_digests, fallback_dir, load_fallbacks
+
+    main = tmp_path / "m"
+    info = {"holdout": ["s9"], "data": {"subjects": ["s1", "s2"]}}
+    save_model(model, main, info)
+    acc_only = CroSSL([s for s in specs if s.name == "acc"], model.classes)
+    save_model(acc_only, fallback_dir(main, "gyro"), info)
+    with pytest.raises(CheckpointError, match="records none"):  # written after the main model
+        load_fallbacks(model, main)
+    save_model(model, main, {**info, "fallbacks": fallback_digests(main)})
+    assert list(load_fallbacks(model, main)) == ["gyro"]
+    torch.manual_seed(5)  # other weights in its place: refused
+    save_model(CroSSL(acc_only.modalities, model.classes), fallback_dir(main, "gyro"), info)
+    with pytest.raises(CheckpointError, match="records another"):
+        load_fallbacks(model, main)
+    shutil.rmtree(fallback_dir(main, "gyro"))
+    save_model(acc_only, fallback_dir(main, "mag"), info)  # a modality the model lacks
+    with pytest.raises(CheckpointError, match="without 'mag', a modality the model"):
+        load_fallbacks(model, main)

@@ -23,6 +23,7 @@ from crossl_stream.training.report import (
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ["s1", "s2", "s3", "s4"]
+MISSING_OTHER = (("gyro", "acc"), ("acc", "gyro"))
 FALLBACK_METAS = ("fallback/without-acc/model.json", "fallback/without-gyro/model.json")
 
 # macro-F1 per seed, then per subject (s1..s4), of each run; fraction 1.0 has seed 0 only
@@ -324,12 +325,15 @@ def test_fallback_models_keep_their_share_of_each_full_label_run(tmp_path):
     assert fb["kept"]["supervised@1.0 per subject"] == {"gyro": 4, "acc": 3}
     goal = {t["name"]: t for t in metrics["targets"]}
     t = goal["supervised@1.0 with fallbacks kept >= 0.9 with one modality missing"]
-    assert t["met"] and t["modality"] == "acc" and t["value"] == 0.91369
+    assert t["met"] and t["without"] == "acc" and t["value"] == 0.91369
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## One modality missing, with fallback models" in report
     assert "| supervised@1.0 | 84.0 | 78.5 (93%; 4/4) | 76.8 (91%; 3/4) |" in report
-    card = render_card({"classes": ["rock", "paper"], "info": {"stage": "supervised"}}, metrics)
-    assert "keeps 93% without gyro, 91% without acc of this recipe's macro-F1: it meets" in card
+    meta = {"classes": ["rock", "paper"], "info": {"stage": "supervised"}}
+    claim = "keeps 93% without gyro, 91% without acc of this recipe's macro-F1: it meets"
+    fallbacks = {m: {"modalities": [{"name": o}], "info": {}} for m, o in MISSING_OTHER}
+    assert claim in render_card(meta, metrics, fallbacks)
+    assert claim not in render_card(meta, metrics)  # a folder without them claims nothing
 
 
 def test_one_modality_data_has_no_missing_modality_table(tmp_path):

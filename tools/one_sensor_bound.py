@@ -10,9 +10,11 @@ beat a model trained for that sensor alone.
     python tools/one_sensor_bound.py configs/train-watch.yaml \
         --against docs/results/watch --out docs/results/watch-one-sensor --jobs 2
 
-With two sensors, a model on one sensor is exactly the fallback model (``finetune.fallbacks``)
-that serves windows without the other; ``--into`` writes these runs into ``--against`` as its
-fallback runs (for an evaluation that ran without them) and renders its report again.
+With two sensors, a model on one sensor is trained by the recipe of the fallback model
+(``finetune.fallbacks``) that serves windows without the other, though on windows cut from
+that sensor's stream alone and scored on all of them, not only on those that have both:
+``--into`` writes these runs into ``--against`` as a stand-in for its fallback runs (for an
+evaluation that ran without them, saying so in its report) and renders it again.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{against} evaluates {both.get('dataset')!r}, the spec {spec['data']['name']!r}")
     if "supervised@1.0" not in both["macro_f1"]:
         p.error(f"{against}: no supervised@1.0 run to compare with (evaluation.arms)")
+    if args.into and len(spec["data"]["sensors"]) != 2:
+        p.error(f"--into: {len(spec['data']['sensors'])} sensors; one alone stands in for a "
+                "fallback with two only")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for sensor in spec["data"]["sensors"]:
@@ -107,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))
     if args.into:
-        sensors = list(spec["data"]["sensors"])
-        if len(sensors) != 2:
-            p.error(f"--into: {len(sensors)} sensors; one alone is a fallback with two only")
-        into(args.against, args.out, sensors)
+        into(args.against, args.out, list(spec["data"]["sensors"]))
     return 0
 
 
@@ -131,8 +133,10 @@ def into(against: Path, out: Path, sensors: list[str]) -> None:
                 entry["stops"][other] = {k: e.get(k) for k in ("stopped", "best_epoch", "seconds")}
     results["fallbacks"] = table
     results["fallbacks_source"] = (
-        f"the runs of `{out}` (`make one-sensor`: the same recipe on one sensor, on windows cut "
-        "from that sensor's stream alone), written in by `tools/one_sensor_bound.py --into`"
+        f"the runs of `{out}` (`make one-sensor`: the same recipe on one sensor, trained on "
+        "windows cut from that sensor's stream alone and scored on every test window that has "
+        "it, not only on those with both sensors), written in by `tools/one_sensor_bound.py "
+        "--into` because this evaluation ran without fallbacks"
     )
     metrics = json.loads((against / "metrics.json").read_text())
     report = (against / "report.md").read_text()

@@ -122,13 +122,39 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Cro
     return model.to(device).eval()
 
 
+def fallback_digests(directory: str | Path) -> dict[str, str]:
+    """Each fallback's weights digest, by the modality it does without: what the main
+    model.json records (``info.fallbacks``) once they are trained for its weights."""
+    return {
+        m: hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()
+        for m, d in fallback_dirs(directory).items()
+    }
+
+
 def load_fallbacks(model: CroSSL, directory: str | Path) -> dict[str, CroSSL]:
     """The fallback models of the folder ``model`` came from, by the modality each does
-    without; each checked to be ``model`` less that modality, trained on the same classes,
-    subjects and holdout (CheckpointError naming the folder otherwise)."""
+    without; each checked to be the one trained for these weights (its digest in the main
+    model.json), ``model`` less that modality, on the same classes, subjects and holdout
+    (CheckpointError naming the folder otherwise)."""
     out = {}
     ours = read_meta(directory).get("info", {})
+    recorded = ours.get("fallbacks") or {}
     for missing, folder in fallback_dirs(directory).items():
+        advice = (
+            "retrain with `crossl-stream train` (finetune.fallbacks), or serve without them "
+            "(inference.fallbacks: false; predict --no-fallbacks)"
+        )
+        if missing not in model.modality_names:
+            raise CheckpointError(
+                f"{folder}: a fallback for windows without {missing!r}, a modality the model "
+                f"in {directory} does not have ({model.modality_names}); remove it"
+            )
+        digest = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
+        if recorded.get(missing) != digest:
+            raise CheckpointError(
+                f"{folder}: not the fallback trained for the weights in {directory} (its "
+                f"model.json records {'another' if missing in recorded else 'none'}); {advice}"
+            )
         fallback = load_model(folder)
         others = [m for m in model.modalities if m.name != missing]
         theirs = read_meta(folder).get("info", {})
@@ -144,9 +170,7 @@ def load_fallbacks(model: CroSSL, directory: str | Path) -> dict[str, CroSSL]:
             problems.append(f"training subjects {subjects[1]}, not {subjects[0]}")
         if problems:
             raise CheckpointError(
-                f"{folder}: not a fallback of {directory} (" + "; ".join(problems) + "); "
-                "retrain with `crossl-stream train` (finetune.fallbacks) or set "
-                "inference.fallbacks: false"
+                f"{folder}: not a fallback of {directory} (" + "; ".join(problems) + f"); {advice}"
             )
         out[missing] = fallback
     return out

@@ -514,7 +514,7 @@ def eval_metrics(
     metrics["fallbacks"] = None if fb is None else _fallbacks_json(fb)
     if fb:
         for key, shares in fb["kept"].items():
-            if key.endswith(" per subject"):
+            if key.endswith(" per subject") or not shares:
                 continue
             worst = min(shares, key=shares.get)
             metrics["targets"].append(
@@ -522,7 +522,7 @@ def eval_metrics(
                     f"{key} with fallbacks kept >= {GOAL_KEPT:g} with one modality missing",
                     shares[worst],
                     GOAL_KEPT,
-                    modality=worst,
+                    without=worst,
                 )
             )
     metrics["summary"] = _summary(metrics)
@@ -790,6 +790,8 @@ def _targets_section(metrics: dict[str, Any]) -> list[str]:
                         f"against {TITLES.get(arm, arm)}, the stronger baseline "
                         f"({_pct(f1.get(base))} vs {vs}); {notes}"
                     )
+        elif "without" in t:
+            notes = f"worst: without {t['without']}"
         elif "modality" in t:
             notes = f"worst: {t['modality']} only"
         lines.append(
@@ -872,11 +874,11 @@ def _fallbacks_section(metrics: dict[str, Any]) -> list[str]:
         "## One modality missing, with fallback models",
         "",
         "With `finetune.fallbacks`, a window that misses one modality is served by a "
-        "supervised model trained without it (seed 0, every label, the fold's training "
-        "groups), not by the full model with that modality masked. Its macro-F1 on the test "
-        "windows without that modality, and the share of each full-label run's macro-F1 it "
-        "keeps (in brackets: the groups where it keeps at least "
-        f"{GOAL_KEPT:.0%} of that run's macro-F1 on the same group, of {n}).",
+        "supervised model trained without it (every label, the fold's training groups, "
+        "the seeds of the full-label runs), not by the full model with that modality "
+        "masked. Its macro-F1 on the test windows without that modality, and the share "
+        "of each full-label run's macro-F1 it keeps (in brackets: the groups where it "
+        f"keeps at least {GOAL_KEPT:.0%} of that run's macro-F1 on the same group, of {n}).",
         "",
         "| run | all modalities | "
         + " | ".join(f"without {m}: fallback (kept)" for m in missing)
@@ -1620,7 +1622,7 @@ def render_card(
     name = v["name"] or "unnamed data"
     modalities = meta.get("modalities") or []
     pretrained_only = not classes
-    supervised_only = v["stage"] == "supervised"
+    supervised_only = v["stage"] in ("supervised", "fallback")
     dropout = _dropout_of(cfg.get("finetune") or {})
 
     if pretrained_only:
@@ -1723,7 +1725,7 @@ def render_card(
         lines += ["", "### Attribution and licence", "", text]
 
     if metrics and metrics.get("macro_f1"):
-        lines += ["", *_metrics_lines(metrics, name, v["arm"])]
+        lines += ["", *_metrics_lines(metrics, name, v["arm"], bool(fallbacks))]
 
     lines += [
         "",
@@ -1973,7 +1975,9 @@ def _data_lines(v: dict[str, Any], name: str) -> list[str]:
     return out
 
 
-def _metrics_lines(metrics: dict[str, Any], name: str, arm: str = "crossl") -> list[str]:
+def _metrics_lines(
+    metrics: dict[str, Any], name: str, arm: str = "crossl", served: bool = False
+) -> list[str]:
     """The card's section from an evaluation's metrics.json (also the older one, which had
     ``crossl_minus_supervised`` and ``missing_modality_macro_f1``); ``arm`` is this model's
     recipe (``crossl`` or ``supervised``), whose kept share with one modality is checked
@@ -2045,13 +2049,13 @@ def _metrics_lines(metrics: dict[str, Any], name: str, arm: str = "crossl") -> l
             + f" the goal of keeping {GOAL_KEPT:.0%} with one modality missing.",
         ]
     fb = metrics.get("fallbacks") or {}
-    shares = (fb.get("kept") or {}).get(run_key(arm, 1.0)) or {}
+    shares = (fb.get("kept") or {}).get(run_key(arm, 1.0)) or {} if served else {}
     if shares:
         worst = min(shares, key=shares.get)
         met = shares[worst] >= GOAL_KEPT - 1e-12
         lines += [
             "",
-            "With its fallback models (below), a window missing one modality keeps "
+            "With its fallback models (above), a window missing one modality keeps "
             + ", ".join(f"{shares[m]:.0%} without {m}" for m in shares)
             + f" of this recipe's macro-F1: it {'meets' if met else 'misses'} the goal of "
             f"{GOAL_KEPT:.0%}.",

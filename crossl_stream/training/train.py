@@ -619,7 +619,8 @@ def fit_classifier(
     ckpt = None
     if checkpoint is not None:
         run = {
-            "finetune": cfg.model_dump(mode="json"),
+            # fallbacks: whether `train` adds other models after this one, not how it trains
+            "finetune": cfg.model_dump(mode="json", exclude={"fallbacks"}),
             "masker": [masker.strategy, masker.keep],
             "augment": augment.model_dump(mode="json") if augment else None,
             "seed": seed,

@@ -21,7 +21,13 @@ import torch
 
 from crossl_stream.config import TrainConfig
 from crossl_stream.errors import CheckpointError, DatasetError
-from crossl_stream.model.checkpoint import fallback_dir, read_meta, save_model
+from crossl_stream.model.checkpoint import (
+    META,
+    fallback_digests,
+    fallback_dir,
+    read_meta,
+    save_model,
+)
 from crossl_stream.model.crossl import CroSSL
 from crossl_stream.training.experiments import (
     finetune,
@@ -247,6 +253,9 @@ def run_fallbacks(
         run_supervised(cfg, others, folder, fraction, progress, "fallback", {"without": m.name})
         info = read_meta(folder)["info"]
         stops[m.name] = {k: info.get(k) for k in ("best_val_f1", "best_epoch", "stopped")}
+    meta = read_meta(out)  # the main model vouches for these fallbacks (load_fallbacks)
+    meta["info"]["fallbacks"] = fallback_digests(out)
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     return stops
 
 
