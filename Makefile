@@ -59,8 +59,9 @@ train: data
 	$(BIN)/crossl-stream train configs/train-watch.yaml --out models/default --fresh \
 	    --device $(DEVICE)
 
-## results: the watch protocol (ablation on validation subjects, then 10 folds x 3 seeds;
-## 87 min on 2 CPU cores) -> docs/results/watch/report.md and the shipped model's
+## results: the watch protocol (ablation on validation subjects, then 10 folds x 3 seeds,
+## and the fallback models per fold; about 115 min on 2 CPU cores, 88 without the fallbacks)
+## -> docs/results/watch/report.md and the shipped model's
 ## metrics.json and card; JOBS folds at once (one per core); on a GPU machine
 ## `make results DEVICE=cuda` (every job on the one GPU)
 JOBS ?= 2
@@ -80,8 +81,8 @@ results-more: data
 	$(BIN)/crossl-stream eval configs/train-emg.yaml --by subject \
 	    --out docs/results/emg-cross-person --jobs $(JOBS) --device $(DEVICE)
 
-## one-sensor: the ceiling for "keep 90% with a sensor missing": supervised trained on each
-## watch sensor alone, leave-one-subject-out (28 min on 2 CPU cores)
+## one-sensor: supervised trained on each watch sensor alone, leave-one-subject-out (28 min
+## on 2 CPU cores): with two sensors, what the fallback models do
 one-sensor: data
 	$(BIN)/python tools/one_sensor_bound.py configs/train-watch.yaml --against docs/results/watch \
 	    --out docs/results/watch-one-sensor --jobs $(JOBS) --device $(DEVICE)

@@ -2043,7 +2043,8 @@ def _metrics_lines(
         met = ours[worst] >= GOAL_KEPT - 1e-12
         lines += [
             "",
-            f"This model's recipe ({TITLES[arm]}, 100% of labels) keeps {ours[worst]:.0%} of "
+            ("Served without its fallbacks (the modality's latent masked), t" if served else "T")
+            + f"his model's recipe ({TITLES[arm]}, 100% of labels) keeps {ours[worst]:.0%} of "
             f"its macro-F1 with its weakest modality alone ({worst} only): it "
             + ("meets" if met else "misses")
             + f" the goal of keeping {GOAL_KEPT:.0%} with one modality missing.",
