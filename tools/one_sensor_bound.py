@@ -10,11 +10,6 @@ beat a model trained for that sensor alone.
     python tools/one_sensor_bound.py configs/train-watch.yaml \
         --against docs/results/watch --out docs/results/watch-one-sensor --jobs 2
 
-With two sensors, a model on one sensor is trained by the recipe of the fallback model
-(``finetune.fallbacks``) that serves windows without the other, though on windows cut from
-that sensor's stream alone and scored on all of them, not only on those that have both:
-``--into`` writes these runs into ``--against`` as a stand-in for its fallback runs (for an
-evaluation that ran without them, saying so in its report) and renders it again.
 """
 
 from __future__ import annotations
@@ -59,11 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--reuse", action="store_true", help="keep a sensor's finished evaluation")
-    p.add_argument(
-        "--into",
-        action="store_true",
-        help="two sensors: write the runs into --against as its fallback models' runs",
-    )
     args = p.parse_args(argv)
 
     against = args.against / "metrics.json"
@@ -75,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{against} evaluates {both.get('dataset')!r}, the spec {spec['data']['name']!r}")
     if "supervised@1.0" not in both["macro_f1"]:
         p.error(f"{against}: no supervised@1.0 run to compare with (evaluation.arms)")
-    if args.into and len(spec["data"]["sensors"]) != 2:
-        p.error(f"--into: {len(spec['data']['sensors'])} sensors; one alone stands in for a "
-                "fallback with two only")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for sensor in spec["data"]["sensors"]:
@@ -111,42 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     (args.out / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    if args.into:
-        into(args.against, args.out, list(spec["data"]["sensors"]))
     return 0
-
-
-def into(against: Path, out: Path, sensors: list[str]) -> None:
-    """Write each one-sensor run into ``against``'s results.json as the fallback run without
-    the other sensor, and render its report, metrics and plots again."""
-    from crossl_stream.training.report import write_eval
-
-    results = json.loads((against / "results.json").read_text())
-    table: dict = {}
-    for sensor in sensors:
-        other = next(s for s in sensors if s != sensor)
-        runs = json.loads((out / sensor / "results.json").read_text())["runs"][ARM]
-        for seed, groups in runs.items():
-            for group, e in groups.items():
-                entry = table.setdefault(seed, {}).setdefault(group, {"without": {}, "stops": {}})
-                entry["without"][other] = e["macro_f1"]
-                entry["stops"][other] = {k: e.get(k) for k in ("stopped", "best_epoch", "seconds")}
-    results["fallbacks"] = table
-    results["fallbacks_source"] = (
-        f"the runs of `{out}` (`make one-sensor`: the same recipe on one sensor, trained on "
-        "windows cut from that sensor's stream alone and scored on every test window that has "
-        "it, not only on those with both sensors), written in by `tools/one_sensor_bound.py "
-        "--into` because this evaluation ran without fallbacks"
-    )
-    metrics = json.loads((against / "metrics.json").read_text())
-    report = (against / "report.md").read_text()
-    command = next(
-        (x.split("`")[1] for x in report.splitlines() if x.startswith("Command: `")), None
-    )
-    ablation_path = against / "ablation.json"
-    ablation = json.loads(ablation_path.read_text()) if ablation_path.is_file() else None
-    write_eval(results, against, ablation, metrics.get("machine"), command)
-    print(f"wrote the fallback runs into {against}")
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def run_fallbacks(
 
     A window missing exactly that modality is served by its fallback instead of the main
     model with a masked latent (``inference.Predictor``): on the watch data a model trained
-    on one sensor keeps 93-96% of the two-sensor macro-F1, the two-sensor model with one
+    on one sensor keeps 91-94% of the two-sensor macro-F1, the two-sensor model with one
     sensor masked 85-90% (docs/results.md). Returns each fallback's stop information."""
     if len(data.modalities) < 2:
         raise DatasetError(
