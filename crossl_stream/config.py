@@ -93,6 +93,12 @@ class PretrainConfig(_Strict):
         "expander, dropped after pretraining); empty: the loss acts on the embedding",
     )
     augment: AugmentConfig = AugmentConfig()
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: the convolutions and linear layers run in bfloat16 while "
+        "training (torch autocast; weights, optimiser, loss and evaluation stay fp32): about "
+        "1.3x faster on CPUs with AVX512-BF16/AMX and on GPUs, slower on CPUs without",
+    )
 
 
 class FinetuneConfig(_Strict):
@@ -127,6 +133,12 @@ class FinetuneConfig(_Strict):
         False,
         description="apply pretrain.augment to classifier training too (every arm but the "
         "probe, whose encoder is frozen)",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: the convolutions and linear layers run in bfloat16 while "
+        "training (torch autocast; weights, optimiser, loss and evaluation stay fp32): about "
+        "1.3x faster on CPUs with AVX512-BF16/AMX and on GPUs, slower on CPUs without",
     )
     fallbacks: bool = Field(
         False,

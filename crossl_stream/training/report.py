@@ -715,6 +715,10 @@ def _protocol(results: dict[str, Any]) -> list[str]:
         )
     if ft.get("fallbacks"):
         bits.append("fallback models for one modality missing")
+    precisions = {k: c.get("precision") for k, c in (("pretraining", pre), ("classifiers", ft))}
+    bf16 = [k for k, v in precisions.items() if v == "bf16"]
+    if bf16:
+        bits.append(f"{' and '.join(bf16)} in bf16 autocast")
     if bits:
         lines += ["", "Settings: " + "; ".join(bits) + "."]
     return lines

@@ -126,6 +126,11 @@ def _tensors(
     return x, torch.from_numpy(available[index]).to(device)
 
 
+def _autocast(model: CroSSL, precision: str) -> torch.autocast:
+    """The training forward pass in ``precision`` (``bf16``: autocast to bfloat16)."""
+    return torch.autocast(_device(model).type, torch.bfloat16, enabled=precision == "bf16")
+
+
 def _device(model: CroSSL) -> torch.device:
     return model.mask_token.device
 
@@ -436,7 +441,9 @@ def pretrain(
     def view(x: dict[str, torch.Tensor], avail: torch.Tensor) -> torch.Tensor:
         if aug is not None:
             x = aug(x, avail, generator)
-        return head(model(x, avail, masker=masker, generator=generator).embedding)
+        with _autocast(model, cfg.precision):
+            out = head(model(x, avail, masker=masker, generator=generator).embedding)
+        return out.float()  # the loss's statistics in fp32
 
     with tqdm(
         total=cfg.steps, initial=step, desc="pretrain", disable=not progress, leave=False
@@ -717,7 +724,9 @@ def fit_classifier(
                     x, avail = _tensors(windows, index, available, device=_device(model))
                     if aug is not None:
                         x = aug(x, avail, generator)
-                    logits = model(x, avail, masker=masker, generator=generator).logits
+                    with _autocast(model, cfg.precision):
+                        logits = model(x, avail, masker=masker, generator=generator).logits
+                    logits = logits.float()
                 loss = torch.nn.functional.cross_entropy(logits, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
