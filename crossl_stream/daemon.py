@@ -232,8 +232,8 @@ class Daemon:
             await self._swapped.wait()
             return
         # the streams stay: a new model (and inference settings) and publishers
-        model, model_dir = load_served_model(cfg, self.base, self.source)
-        worker = build_worker(cfg, model, model_dir, self.source)
+        served = load_served_model(cfg, self.base, self.source)
+        worker = build_worker(cfg, served, self.source)
         kept = list(pipeline.publishers)
         reused: list = [None] * len(cfg.publishers)
         for i, p in enumerate(cfg.publishers):  # an unchanged publisher keeps running
@@ -249,7 +249,7 @@ class Daemon:
             }
         )
         ctx = BuildContext(
-            cfg, self.base, self.source, model, worker.predictor.model_id,
+            cfg, self.base, self.source, served.model, worker.predictor.model_id,
             admission=pipeline.admission,
         )  # fmt: skip
         for publisher in kept:  # no longer configured: closed first (a file, a client id)

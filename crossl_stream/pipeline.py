@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -390,8 +390,18 @@ def run_pipeline(
     return Pipeline([reader], windower, worker, publishers).run()
 
 
-def load_served_model(cfg: PipelineConfig, base: Path, source: str) -> tuple[CroSSL, Path]:
-    """The model a pipeline config serves, checked against the config (ConfigError)."""
+class ServedModel(NamedTuple):
+    """The model a pipeline serves, its folder, and the fallback models it vouches for (by
+    the modality each does without; none with ``inference.fallbacks: false``)."""
+
+    model: CroSSL
+    directory: Path
+    fallbacks: dict[str, CroSSL]
+
+
+def load_served_model(cfg: PipelineConfig, base: Path, source: str) -> ServedModel:
+    """The model a pipeline config serves and its fallbacks, checked against the config
+    (ConfigError) and each other (CheckpointError) before anything is built or stopped."""
     model_dir = cfg.inference.model
     model_dir = (model_dir if model_dir.is_absolute() else base / model_dir) if model_dir else None
     model_dir = model_dir or default_model_dir()
@@ -402,13 +412,13 @@ def load_served_model(cfg: PipelineConfig, base: Path, source: str) -> tuple[Cro
             f"fine-tune it first: crossl-stream finetune SPEC --from {model_dir}"
         )
     check_against_model(cfg, model, source)
-    if cfg.inference.fallbacks:
-        load_fallbacks(model, model_dir)  # refused here, before a reload stops anything
-    return model, model_dir
+    fallbacks = load_fallbacks(model, model_dir) if cfg.inference.fallbacks else {}
+    return ServedModel(model, model_dir, fallbacks)
 
 
-def build_worker(cfg: PipelineConfig, model: CroSSL, model_dir: Path, source: str):
-    """The inference worker of ``cfg`` around ``model``, on its device and runtime."""
+def build_worker(cfg: PipelineConfig, served: ServedModel, source: str):
+    """The inference worker of ``cfg`` around the served model, on its device and runtime."""
+    model, model_dir = served.model, served.directory
     inf = cfg.inference
     device = pick_device(inf.device)
     model.to(device)
@@ -422,7 +432,7 @@ def build_worker(cfg: PipelineConfig, model: CroSSL, model_dir: Path, source: st
     onnx = None if streaming else _onnx_session(model_dir, inf.runtime, device, source)
     main_id = model_id(model_dir)
     fallbacks = {}
-    for missing, fallback in (load_fallbacks(model, model_dir) if inf.fallbacks else {}).items():
+    for missing, fallback in served.fallbacks.items():
         folder = fallback_dir(model_dir, missing)
         fallback.to(device)
         fb_streaming = _streaming(fallback, inf, cfg.window.hop_s, source, cfg, folder)
@@ -480,7 +490,8 @@ def name_publishers(publishers: list[Publisher]) -> list[Publisher]:
 
 
 def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
-    model, model_dir = load_served_model(cfg, base, source)
+    served = load_served_model(cfg, base, source)
+    model = served.model
     modality_of = {s: cfg.modality_of(s) for s in cfg.sensors}
     sensor_of = {m: s for s, m in modality_of.items()}
     windower = Windower.from_config(
@@ -490,7 +501,7 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
         stale_s={m: cfg.sensors[s].stale_s for m, s in sensor_of.items()},
         emit_empty=True,
     )
-    worker = build_worker(cfg, model, model_dir, source)
+    worker = build_worker(cfg, served, source)
     subjects = cfg.subjects
     admission = Admission(subjects.allow, subjects.pattern, subjects.max)
     ctx = BuildContext(
@@ -499,7 +510,7 @@ def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
         source,
         model,
         worker.predictor.model_id,
-        (read_meta(model_dir).get("info", {}).get("data") or {}).get("sensors", {}),
+        (read_meta(served.directory).get("info", {}).get("data") or {}).get("sensors", {}),
         admission,
     )
     readers = []
