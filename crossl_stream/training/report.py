@@ -424,7 +424,6 @@ def fallback_summary(
         "without": without,
         "per_subject": per_subject,
         "kept": kept,
-        "source": results.get("fallbacks_source"),
     }
 
 
@@ -539,7 +538,6 @@ def _fallbacks_json(fb: dict[str, Any]) -> dict[str, Any]:
             k: {m: (x if k.endswith(" per subject") else _round(x)) for m, x in v.items()}
             for k, v in fb["kept"].items()
         },
-        "source": fb.get("source"),
     }
 
 
@@ -898,8 +896,6 @@ def _fallbacks_section(metrics: dict[str, Any]) -> list[str]:
         ]
         full = _pct(metrics["macro_f1"].get(key))
         lines.append(f"| {key} | {full} | " + " | ".join(cells) + " |")
-    if fb.get("source"):
-        lines += ["", f"The fallback runs: {fb['source']}."]
     return lines
 
 
@@ -1786,6 +1782,8 @@ def _pretrain_line(info: dict[str, Any], cfg: dict[str, Any]) -> str:
     if "augment" in pre:
         augment = _augment_text(pre["augment"])
         line += f"; augmentations: {augment}" if augment else "; no signal augmentation"
+    if pre.get("precision") == "bf16":
+        line += "; in bfloat16 autocast"
     seconds = info.get("pretrain_seconds")
     if seconds is not None:
         line += f"; {seconds:g} s"
@@ -1832,6 +1830,8 @@ def _training_lines(info: dict[str, Any], cfg: dict[str, Any], stage: str) -> li
                     ft_parts.append(f"early stopping with patience {ft['patience']} epochs")
                 if ft.get("max_epochs") is not None:
                     ft_parts.append(f"at most {ft['max_epochs']} epochs")
+        if ft.get("precision") == "bf16":
+            ft_parts.append("in bfloat16 autocast")
         if ft_parts:
             line += f" ({', '.join(ft_parts)})"
         seconds = info.get("finetune_seconds")
