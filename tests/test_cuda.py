@@ -120,3 +120,30 @@ def test_training_on_cuda_follows_the_cpu():
     for cpu, gpu in zip(histories["cpu"], histories["cuda"], strict=True):
         assert len(cpu) == len(gpu) or cpu[:5]
         np.testing.assert_allclose(gpu[:5], cpu[:5], rtol=2e-2, atol=2e-3)
+
+
+@cuda
+def test_bf16_training_on_cuda_learns_and_keeps_fp32_weights():
+    """The bf16 autocast path on the GPU: finite losses that fall, fp32 weights, and the
+    same first losses as fp32 within bfloat16's precision."""
+    from crossl_stream.config import LossConfig
+    from crossl_stream.model.masking import LatentMasker
+    from crossl_stream.training.train import fit_classifier, pretrain
+    from tests.test_training import FINE, PRE, small_model, synthetic
+
+    w, masker = synthetic(), LatentMasker("spatial", 0.5)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = small_model().to("cuda")
+        pre = PRE.model_copy(update={"expander": (32, 32), "precision": precision})
+        fine = FINE.model_copy(update={"precision": precision})
+        ssl = pretrain(model, w, masker, pre, LossConfig(), seed=1, progress=False)
+        fit = fit_classifier(model, w, "finetune", fine, masker, 1, False)
+        assert all(t.dtype == torch.float32 for t in model.state_dict().values())
+        losses[precision] = [h["loss"] for h in ssl], [h["loss"] for h in fit.history]
+    for fp32, bf16 in zip(losses["fp32"], losses["bf16"], strict=True):
+        assert np.isfinite(bf16).all()
+        np.testing.assert_allclose(bf16[:3], fp32[:3], rtol=0.1)
+    fit = losses["bf16"][1]
+    assert np.mean(fit[-10:]) < np.mean(fit[:10])
