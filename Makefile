@@ -60,7 +60,8 @@ train: data
 	    --device $(DEVICE)
 
 ## results: the watch protocol (ablation on validation subjects, then 10 folds x 3 seeds,
-## and the fallback models per fold; 67 min on 2 CPU cores with AVX512-BF16)
+## and the fallback models per fold; 67 min on 2 CPU cores with AVX512-BF16 and AMX, in bf16;
+## on CPUs without BF16 set precision: fp32 in the spec, about 113 min)
 ## -> docs/results/watch/report.md and the shipped model's
 ## metrics.json and card; JOBS folds at once (one per core); on a GPU machine
 ## `make results DEVICE=cuda` (every job on the one GPU)

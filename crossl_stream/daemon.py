@@ -28,6 +28,7 @@ from crossl_stream.health import HealthServer, assess
 from crossl_stream.pipeline import (
     BuildContext,
     Pipeline,
+    ServedModel,
     build_publishers,
     build_worker,
     load_served_model,
@@ -91,6 +92,7 @@ class Daemon:
         self.reloads = {"applied": 0, "refused": 0, "restarts": 0}
         self._stopping = False
         self._restart_cfg: PipelineConfig | None = None  # what a restart reload runs next
+        self._restart_served: ServedModel | None = None  # its model, loaded and checked
         self._swapped: asyncio.Event | None = None  # set once the restart took place
         self._run_task: asyncio.Task | None = None
         self._reloading: asyncio.Task | None = None
@@ -155,8 +157,9 @@ class Daemon:
         """The old pipeline has drained and closed: start the one the reload asked for,
         or the old config again when it cannot start."""
         cfg, self._restart_cfg = self._restart_cfg, None
+        served, self._restart_served = self._restart_served, None
         try:
-            self.pipeline = Pipeline.from_config(cfg, self.base, self.source)
+            self.pipeline = Pipeline.from_config(cfg, self.base, self.source, served)
             self.cfg = cfg
             self.reloads["restarts"] += 1
             log.warning("daemon: pipeline restarted with the new config")
@@ -223,10 +226,10 @@ class Daemon:
         if any(getattr(cfg, k) != getattr(old, k) for k in STREAM_KEYS):
             # checked before anything stops (the model loads and fits the sensors); built
             # once the old pipeline has drained and closed its files and connections
-            load_served_model(cfg, self.base, self.source)
+            served = load_served_model(cfg, self.base, self.source)
             changed = [k for k in STREAM_KEYS if getattr(cfg, k) != getattr(old, k)]
             log.warning("daemon: %s changed: restarting the pipeline", ", ".join(changed))
-            self._restart_cfg = cfg
+            self._restart_cfg, self._restart_served = cfg, served
             self._swapped = asyncio.Event()
             pipeline.stop(cfg.daemon.stop_deadline_s)
             await self._swapped.wait()

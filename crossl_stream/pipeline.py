@@ -111,14 +111,19 @@ class Pipeline:
 
     @classmethod
     def from_config(
-        cls, cfg: PipelineConfig, base: str | Path = ".", source: str = "config"
+        cls,
+        cfg: PipelineConfig,
+        base: str | Path = ".",
+        source: str = "config",
+        served: ServedModel | None = None,
     ) -> Pipeline:
-        """Build every part of ``cfg``; relative paths resolve against ``base``.
+        """Build every part of ``cfg``; relative paths resolve against ``base``;
+        ``served``: the model ``load_served_model`` already loaded and checked for ``cfg``.
 
         Raises ConfigError (naming ``source`` and the key) when the config and the model
         disagree, and the readers' own errors for missing or unreadable recordings.
         """
-        return _build(cfg, Path(base), source)
+        return _build(cfg, Path(base), source, served)
 
     @property
     def model(self) -> CroSSL:
@@ -489,8 +494,10 @@ def name_publishers(publishers: list[Publisher]) -> list[Publisher]:
     return publishers
 
 
-def _build(cfg: PipelineConfig, base: Path, source: str) -> Pipeline:
-    served = load_served_model(cfg, base, source)
+def _build(
+    cfg: PipelineConfig, base: Path, source: str, served: ServedModel | None = None
+) -> Pipeline:
+    served = served or load_served_model(cfg, base, source)
     model = served.model
     modality_of = {s: cfg.modality_of(s) for s in cfg.sensors}
     sensor_of = {m: s for s, m in modality_of.items()}

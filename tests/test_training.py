@@ -104,7 +104,7 @@ def test_tiny_crossl_learns_on_real_data():
     assert float(np.mean(acc_only == test.y)) > chance
 
 
-def test_bf16_training_learns_as_fp32_does_and_keeps_fp32_weights():
+def test_bf16_training_learns_within_a_seeds_spread_of_fp32_and_keeps_fp32_weights():
     ds, specs, train, test = _split()
     pre = TINY_PRETRAIN.model_copy(update={"precision": "bf16"})
     fine = TINY_FINETUNE.model_copy(update={"precision": "bf16"})

@@ -214,7 +214,7 @@ class CroSSL(nn.Module):
             x = tensors[name] if everyone else tensors[name][rows]
             features = self.encode(name, x)
             keep_t = masker.time_mask(x.shape[0], features.shape[2], generator, device)
-            z = masked_mean_pool(features, keep_t).to(latents.dtype)  # bf16 under autocast
+            z = masked_mean_pool(features, keep_t).to(latents.dtype)  # bf16 under autocast: fp32
             if everyone:
                 latents[:, i] = z
             else:

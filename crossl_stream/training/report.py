@@ -810,7 +810,9 @@ def _targets_section(metrics: dict[str, Any]) -> list[str]:
     ]
     if absent:
         lines += ["", f"Not measured (no such run): {', '.join(absent)}."]
-    if any("p" in t for t in metrics["targets"]):
+    if any("supervised-aug@" in t.get("baseline", "") for t in metrics["targets"]) or any(
+        k.startswith("supervised-aug@") for k in metrics["macro_f1"]
+    ):
         lines += [
             "",
             "CroSSL's targets are judged against the stronger supervised baseline at each "

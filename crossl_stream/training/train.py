@@ -128,7 +128,20 @@ def _tensors(
 
 def _autocast(model: CroSSL, precision: str) -> torch.autocast:
     """The training forward pass in ``precision`` (``bf16``: autocast to bfloat16)."""
-    return torch.autocast(_device(model).type, torch.bfloat16, enabled=precision == "bf16")
+    device = _device(model)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError(
+            f"precision: bf16, but {torch.cuda.get_device_name(device)} has no bfloat16; "
+            "set pretrain.precision and finetune.precision to fp32"
+        )
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+
+def _settings(cfg: PretrainConfig | FinetuneConfig, *exclude: str) -> dict[str, Any]:
+    """A stage's settings as a checkpoint identity: fp32, the default, is left out so
+    that a state written before ``precision`` existed still resumes."""
+    skip = set(exclude) | ({"precision"} if cfg.precision == "fp32" else set())
+    return cfg.model_dump(mode="json", exclude=skip)
 
 
 def _device(model: CroSSL) -> torch.device:
@@ -398,7 +411,7 @@ def pretrain(
     ckpt = None
     if checkpoint is not None:
         run = {
-            "pretrain": cfg.model_dump(mode="json"),
+            "pretrain": _settings(cfg),
             "loss": loss_cfg.model_dump(mode="json"),
             "masker": [masker.strategy, masker.keep],
             "seed": seed,
@@ -627,7 +640,7 @@ def fit_classifier(
     if checkpoint is not None:
         run = {
             # fallbacks: whether `train` adds other models after this one, not how it trains
-            "finetune": cfg.model_dump(mode="json", exclude={"fallbacks"}),
+            "finetune": _settings(cfg, "fallbacks"),
             "masker": [masker.strategy, masker.keep],
             "augment": augment.model_dump(mode="json") if augment else None,
             "seed": seed,
