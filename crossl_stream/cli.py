@@ -250,8 +250,13 @@ def _machine(device: str = "cpu") -> str:
     import torch
 
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    cpu = [platform.machine(), torch.backends.cpu.get_cpu_capability()]
+    probes = {"BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+    extras = [k for k, fn in probes.items() if getattr(torch.cpu, fn, lambda: False)()]
+    if extras:  # what bf16 training's speed depends on
+        cpu[-1] += " with " + " and ".join(extras)
     return (
-        f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}"
+        f"{os.cpu_count()} CPU cores ({', '.join(cpu)}), torch {torch.__version__}"
         f" with {torch.get_num_threads()} threads{gpu}; models trained on {device}"
     )
 
