@@ -80,6 +80,17 @@ class AugmentConfig(_Strict):
         return any((self.scale, self.jitter, self.rotate_deg, self.time_warp))
 
 
+TrainingPrecision = Annotated[
+    Literal["fp32", "bf16"],
+    Field(
+        description="bf16: the convolutions and linear layers run in bfloat16 while "
+        "training (torch autocast; weights, optimiser, loss and evaluation stay fp32): a "
+        "watch training step took 0.75x the fp32 time on a CPU with AVX512-BF16 and AMX; "
+        "CPUs without BF16 emulate it (slower); GPUs need bfloat16 support (Ampere or newer)"
+    ),
+]
+
+
 class PretrainConfig(_Strict):
     """Self-supervised pretraining: budget, expander and augmentations of the two views."""
 
@@ -93,13 +104,7 @@ class PretrainConfig(_Strict):
         "expander, dropped after pretraining); empty: the loss acts on the embedding",
     )
     augment: AugmentConfig = AugmentConfig()
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32",
-        description="bf16: the convolutions and linear layers run in bfloat16 while "
-        "training (torch autocast; weights, optimiser, loss and evaluation stay fp32): a "
-        "watch training step took 0.75x the fp32 time on a CPU with AVX512-BF16 and AMX; "
-        "CPUs without BF16 emulate it (slower); GPUs need bfloat16 support (Ampere or newer)",
-    )
+    precision: TrainingPrecision = "fp32"
 
 
 class FinetuneConfig(_Strict):
@@ -135,13 +140,7 @@ class FinetuneConfig(_Strict):
         description="apply pretrain.augment to classifier training too (every arm but the "
         "probe, whose encoder is frozen)",
     )
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32",
-        description="bf16: the convolutions and linear layers run in bfloat16 while "
-        "training (torch autocast; weights, optimiser, loss and evaluation stay fp32): a "
-        "watch training step took 0.75x the fp32 time on a CPU with AVX512-BF16 and AMX; "
-        "CPUs without BF16 emulate it (slower); GPUs need bfloat16 support (Ampere or newer)",
-    )
+    precision: TrainingPrecision = "fp32"
     fallbacks: bool = Field(
         False,
         description="`train` also trains, for each modality, a supervised model on the "
