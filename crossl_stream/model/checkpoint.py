@@ -80,11 +80,14 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+def weights_digest(directory: str | Path) -> str:
+    """The sha256 of a model folder's weights file."""
+    return hashlib.sha256((Path(directory) / WEIGHTS).read_bytes()).hexdigest()
+
+
 def model_id(directory: str | Path) -> str:
     """``<folder>@<first 12 hex of the weights' sha256>``: names the exact weights."""
-    directory = Path(directory)
-    digest = hashlib.sha256((directory / WEIGHTS).read_bytes()).hexdigest()[:12]
-    return f"{directory.resolve().name}@{digest}"
+    return f"{Path(directory).resolve().name}@{weights_digest(directory)[:12]}"
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> CroSSL:
@@ -125,10 +128,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Cro
 def fallback_digests(directory: str | Path) -> dict[str, str]:
     """Each fallback's weights digest, by the modality it does without: what the main
     model.json records (``info.fallbacks``) once they are trained for its weights."""
-    return {
-        m: hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()
-        for m, d in fallback_dirs(directory).items()
-    }
+    return {m: weights_digest(d) for m, d in fallback_dirs(directory).items()}
 
 
 def load_fallbacks(model: CroSSL, directory: str | Path) -> dict[str, CroSSL]:
@@ -149,8 +149,7 @@ def load_fallbacks(model: CroSSL, directory: str | Path) -> dict[str, CroSSL]:
                 f"{folder}: a fallback for windows without {missing!r}, a modality the model "
                 f"in {directory} does not have ({model.modality_names}); remove it"
             )
-        digest = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
-        if recorded.get(missing) != digest:
+        if recorded.get(missing) != weights_digest(folder):
             raise CheckpointError(
                 f"{folder}: not the fallback trained for the weights in {directory} (its "
                 f"model.json records {'another' if missing in recorded else 'none'}); {advice}"

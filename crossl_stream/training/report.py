@@ -2056,7 +2056,7 @@ def _metrics_lines(
             + f" the goal of keeping {GOAL_KEPT:.0%} with one modality missing.",
         ]
     fb = metrics.get("fallbacks") or {}
-    shares = (fb.get("kept") or {}).get(run_key(arm, 1.0)) or {} if served else {}
+    shares = ((fb.get("kept") or {}).get(run_key(arm, 1.0)) or {}) if served else {}
     if shares:
         worst = min(shares, key=shares.get)
         met = shares[worst] >= GOAL_KEPT - 1e-12

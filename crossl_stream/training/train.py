@@ -127,7 +127,8 @@ def _tensors(
 
 
 def _autocast(model: CroSSL, precision: str) -> torch.autocast:
-    """The training forward pass in ``precision`` (``bf16``: autocast to bfloat16)."""
+    """The context of a training forward pass in ``precision`` (``bf16``: autocast to
+    bfloat16); made once per run and entered at every step."""
     device = _device(model)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise InputError(
@@ -451,10 +452,12 @@ def pretrain(
             out["expander"] = head.state_dict()
         return out
 
+    autocast = _autocast(model, cfg.precision)
+
     def view(x: dict[str, torch.Tensor], avail: torch.Tensor) -> torch.Tensor:
         if aug is not None:
             x = aug(x, avail, generator)
-        with _autocast(model, cfg.precision):
+        with autocast:
             out = head(model(x, avail, masker=masker, generator=generator).embedding)
         return out.float()  # the loss's statistics in fp32
 
@@ -656,6 +659,7 @@ def fit_classifier(
     y_all = torch.from_numpy(np.asarray(windows.y)).long().to(_device(model))
     features = val_features = None
     aug = augmenter(model, augment) if mode != "probe" else None
+    autocast = _autocast(model, cfg.precision)
     try:
         if mode == "probe":
             for p in model.parameters():
@@ -737,7 +741,7 @@ def fit_classifier(
                     x, avail = _tensors(windows, index, available, device=_device(model))
                     if aug is not None:
                         x = aug(x, avail, generator)
-                    with _autocast(model, cfg.precision):
+                    with autocast:
                         logits = model(x, avail, masker=masker, generator=generator).logits
                     logits = logits.float()
                 loss = torch.nn.functional.cross_entropy(logits, y)

@@ -238,9 +238,9 @@ def run_fallbacks(
     (the same labelled windows and validation group), saved to ``out/fallback/without-<m>``.
 
     A window missing exactly that modality is served by its fallback instead of the main
-    model with a masked latent (``inference.Predictor``): on the watch data a model trained
-    on one sensor keeps 91-94% of the two-sensor macro-F1, the two-sensor model with one
-    sensor masked 85-90% (docs/results.md). Returns each fallback's stop information."""
+    model with a masked latent (``inference.Predictor``): on the watch data it keeps more
+    of the two-sensor macro-F1 than the masked model does (docs/results.md). Returns each
+    fallback's stop information."""
     if len(data.modalities) < 2:
         raise DatasetError(
             f"finetune.fallbacks: {data.name} has one modality; there is nothing to fall back on"
