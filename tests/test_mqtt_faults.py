@@ -865,7 +865,27 @@ def test_a_wrong_ca_is_said_once_and_a_ca_that_is_not_pem_is_a_config_error(
 # -- the player ----------------------------------------------------------------------------
 
 
-def test_the_player_counts_what_it_could_not_send_and_returns(broker, caplog):
+class _BrokerDiesMidTurn:
+    """The player's replay, except that the broker is killed (SIGKILL, waited for) just
+    before the chunk due ``at_s`` into the section is handed over, inside one turn of the
+    event loop: the player's next publish meets a connection its client has not yet seen
+    close. aiomqtt then waits for a confirmation that never comes."""
+
+    def __init__(self, replay, broker: Mosquitto, at_s: float) -> None:
+        self.replay, self.broker, self.at_s = replay, broker, at_s
+        self.killed = asyncio.Event()
+
+    async def chunks(self):
+        async for chunk in self.replay.chunks():
+            if not self.killed.is_set() and chunk.arrival - self.replay._origin >= self.at_s:
+                self.broker.proc.kill()
+                self.broker.proc.wait()
+                time.sleep(0.05)  # the broker's sockets are closed; the loop has not looked
+                self.killed.set()
+            yield chunk
+
+
+def test_the_player_counts_what_it_could_not_send_and_keeps_its_pace(broker, caplog):
     from crossl_stream.players.mqtt import MqttPlayer
     from crossl_stream.readers.replay import Recording
     from crossl_stream.training.datasets import shipped_recording
@@ -874,11 +894,11 @@ def test_the_player_counts_what_it_could_not_send_and_returns(broker, caplog):
     player = MqttPlayer(
         recording, Broker(port=broker.port), section=(100.0, 103.0), backoff_s=(0.05, 0.2)
     )
+    player.replay = dies = _BrokerDiesMidTurn(player.replay, broker, at_s=1.0)
 
     async def main():
-        async def outage():
-            await asyncio.sleep(1.0)
-            await asyncio.to_thread(broker.stop)
+        async def outage():  # 1 s without a broker, then the same one again
+            await dies.killed.wait()
             await asyncio.sleep(1.0)
             await asyncio.to_thread(broker.start)
 
@@ -903,6 +923,9 @@ def test_the_player_counts_what_it_could_not_send_and_returns(broker, caplog):
     for name in player.names:
         assert published[name] + player.unsent[name] == pytest.approx(total[name], abs=3)
         assert published[name] > 50 and player.unsent[name] > 10
+    # a device keeps its pace: the dead connection held it for PUBLISH_TIMEOUT_S at most
+    # (aiomqtt's own 10 s made this 11 s)
+    assert took < 6.0
     assert sum(nowhere.published.values()) == 0 and nowhere.lost >= 95
     assert "Traceback" not in caplog.text
     assert sum("connection refused" in r.getMessage() for r in caplog.records) == 1

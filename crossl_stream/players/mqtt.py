@@ -17,6 +17,12 @@ from crossl_stream.readers.replay import Recording, Replay
 
 log = logging.getLogger(__name__)
 
+# A publish not done by then (written, at QoS 0; acknowledged, above): the connection is
+# dead. A broker that dies between two turns of the event loop leaves the next publish
+# waiting for a confirmation that never comes, aiomqtt's 10 s by default, which would hold
+# the device's pace that long.
+PUBLISH_TIMEOUT_S = 1.0
+
 
 class MqttPlayer:
     """Owns a replay of a recording and publishes each chunk as a device would.
@@ -84,7 +90,8 @@ class MqttPlayer:
                 t0 = float(chunk.timestamps[0]) + self.device_offset
                 topic = self.topic.format(subject=self.subject, stream=chunk.sensor)
                 try:
-                    await client.publish(topic, self.encode(seq, t0, chunk.values), qos=self.qos)
+                    payload = self.encode(seq, t0, chunk.values)
+                    await client.publish(topic, payload, qos=self.qos, timeout=PUBLISH_TIMEOUT_S)
                 except Exception as exc:  # the broker went away: count, go on at pace
                     self.unsent[chunk.sensor] += len(chunk.values)
                     if self._client is client:
