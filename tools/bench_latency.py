@@ -452,7 +452,7 @@ def main() -> None:
         "p50, <= 2.0 ms p99):"
     )
     for t, (p50, p99) in added.items():
-        print(f"  {t:<5} +{p50:.2f} ms p50, +{p99:.2f} ms p99")
+        print(f"  {t:<5} {p50:+.2f} ms p50, {p99:+.2f} ms p99")
     if len(added) == 2:
         verdict = "no more" if added["mqtt"][0] <= added["lsl"][0] else "more"
         print(f"  MQTT adds {verdict} than LSL at p50")
