@@ -353,6 +353,24 @@ def test_small_live_hops_in_the_onnx_hop_graph_match_torch(tmp_path):
         OnnxStep(path, model, "digest-2")
 
 
+def test_one_subject_in_the_hop_graph_around_its_ring_and_with_a_sensor_away(tmp_path):
+    """The one-window hop (slices, not index arrays) wraps the ring of feature columns
+    ("fast": 55 columns, 10 a hop, so hop 6 wraps) and runs with a modality masked."""
+    from crossl_stream.model.export import OnnxStep, export_stream
+
+    model, streams = MODELS["mlp"], Streams(seconds=10.0)
+    path = export_stream(model, tmp_path / "stream.onnx", "digest-1")
+    fused = StreamingCroSSL(model, step=OnnxStep(path, model, "digest-1"))
+    for k in range(16):
+        marks, data = streams.window("s1", k)
+        available = np.array([[True, k not in (9, 10)]])  # "slow" away for two hops
+        got = fused(["s1"], [data], available, [marks])
+        np.testing.assert_allclose(got, full_model(model, [data], available), atol=2e-5)
+    # whole at 0; "slow" back at 11 after 15 of its 5 columns: it starts over in torch
+    assert fused.fused_hops == 14
+    assert fused.counters["fast"].full == 1 and fused.counters["slow"].full == 2
+
+
 def test_a_call_that_fails_part_way_leaves_no_state_to_trust(monkeypatch):
     """The state moves on before the head runs: a failure there (a CUDA OOM, an interrupt)
     must not leave a subject building on it. float64 windows are taken as float32."""

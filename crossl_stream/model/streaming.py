@@ -132,6 +132,10 @@ class _Modality:
         ]
         self.ring = grow(self.ring if old else None, (self.span, d))
         self.sums = grow(self.sums if old else None, (d,), torch.float64)
+        # numpy views of the state, for the onnxruntime hop (CPU only)
+        self.state_np = None
+        if dev.type == "cpu":
+            self.state_np = ([t.numpy() for t in self.tails], self.ring.numpy(), self.sums.numpy())
         for name in ("pos", "epoch", "start", "valid"):
             arr = getattr(self, name)
             new = np.zeros(slots, dtype=arr.dtype)
@@ -417,7 +421,8 @@ class StreamingCroSSL:
             if not rows:
                 jobs.append(None)
                 continue
-            x = np.stack(xs, dtype=np.float32)
+            one = len(xs) == 1 and xs[0].dtype == np.float32  # a view; copied once, in _fused
+            x = xs[0][None] if one else np.stack(xs, dtype=np.float32)
             if not np.isfinite(x).all():
                 return None
             at = np.array([slots[i] for i in rows], dtype=np.int64)
@@ -445,6 +450,8 @@ class StreamingCroSSL:
         numpy."""
         assert self.step is not None
         n, feed, jobs = len(available), [], list(jobs)
+        if n == 1:
+            return self._fused_one(jobs, available)
         for j, (m, job) in enumerate(zip(self._mods, jobs, strict=True)):
             d = m.widths[-1]
             if job is None:  # no window has this modality: zeros, masked in the graph
@@ -458,14 +465,13 @@ class StreamingCroSSL:
             _, rows, at, shift, x = job
             every = len(rows) == n
             feed.append(np.ascontiguousarray(x) if every else _rows(x, rows, n))
-            for t in m.tails:
-                kept = t.numpy()[at]
+            tails_np, ring_np, sums_np = m.state_np
+            for t in tails_np:
+                kept = t[at]
                 feed.append(kept if every else _rows(kept, rows, n))
             cols = at[:, None] * m.span + (m.pos[at, None] + np.arange(shift)) % m.span
-            leaving = m.ring.numpy().reshape(-1, d)[cols.reshape(-1)]
-            base = m.sums.numpy()[at] - leaving.reshape(len(at), shift, d).sum(
-                axis=1, dtype=np.float64
-            )
+            leaving = ring_np.reshape(-1, d)[cols.reshape(-1)]
+            base = sums_np[at] - leaving.reshape(len(at), shift, d).sum(axis=1, dtype=np.float64)
             base32 = base.astype(np.float32)
             feed.append(base32 if every else _rows(base32, rows, n))
             jobs[j] = (*job, cols, base)
@@ -478,11 +484,58 @@ class StreamingCroSSL:
             f, *tails = out[1 + 4 * j : 5 + 4 * j]
             f = f[rows] if len(rows) != n else f
             d = f.shape[2]
-            m.ring.numpy().reshape(-1, d)[cols.reshape(-1)] = f.reshape(-1, d)
-            m.sums.numpy()[at] = base + f.sum(axis=1, dtype=np.float64)
-            for t, new in zip(m.tails, tails, strict=True):
-                t.numpy()[at] = new[rows] if len(rows) != n else new
+            tails_np, ring_np, sums_np = m.state_np
+            ring_np.reshape(-1, d)[cols.reshape(-1)] = f.reshape(-1, d)
+            sums_np[at] = base + f.sum(axis=1, dtype=np.float64)
+            for t, new in zip(tails_np, tails, strict=True):
+                t[at] = new[rows] if len(rows) != n else new
             m.pos[at] = (m.pos[at] + f.shape[1]) % m.span
+        self.fused_hops += 1
+        return out[0]
+
+    def _fused_one(self, jobs: list[tuple | None], available: np.ndarray) -> np.ndarray:
+        """``_fused`` for one window, the latency case: the slot's state is read and
+        written through slices (the ring's columns wrap at most once), not index arrays."""
+        assert self.step is not None
+        feed, spans = [], []
+        for m, job in zip(self._mods, jobs, strict=True):
+            d = m.widths[-1]
+            if job is None:
+                feed.append(np.zeros((1, 1, m.channels), np.float32))
+                feed += [
+                    np.zeros((1, la.k - 1, w), np.float32)
+                    for la, w in zip(m.layers, m.widths, strict=False)
+                ]
+                feed.append(np.zeros((1, d), np.float32))
+                spans.append(None)
+                continue
+            _, _, at, shift, x = job
+            slot = int(at[0])
+            tails, ring, sums = m.state_np
+            feed.append(np.ascontiguousarray(x))
+            feed += [t[slot : slot + 1] for t in tails]
+            pos = int(m.pos[slot])
+            cut = min(shift, m.span - pos)  # columns before the ring wraps
+            base = sums[slot] - ring[slot, pos : pos + cut].sum(axis=0, dtype=np.float64)
+            if cut < shift:
+                base -= ring[slot, : shift - cut].sum(axis=0, dtype=np.float64)
+            feed.append(base.astype(np.float32)[None])
+            spans.append((slot, pos, cut, base))
+        feed.append(available)
+        out = self.step(feed)
+        for j, (m, span) in enumerate(zip(self._mods, spans, strict=True)):
+            if span is None:
+                continue
+            slot, pos, cut, base = span
+            f, *tails = out[1 + 4 * j : 5 + 4 * j]
+            f = f[0]
+            kept_tails, ring, sums = m.state_np
+            ring[slot, pos : pos + cut] = f[:cut]
+            ring[slot, : len(f) - cut] = f[cut:]
+            sums[slot] = base + f.sum(axis=0, dtype=np.float64)
+            for t, new in zip(kept_tails, tails, strict=True):
+                t[slot] = new[0]
+            m.pos[slot] = (pos + len(f)) % m.span
         self.fused_hops += 1
         return out[0]
 
