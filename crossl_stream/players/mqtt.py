@@ -17,12 +17,6 @@ from crossl_stream.readers.replay import Recording, Replay
 
 log = logging.getLogger(__name__)
 
-# A publish not done by then (written, at QoS 0; acknowledged, above): the connection is
-# dead. A broker that dies between two turns of the event loop leaves the next publish
-# waiting for a confirmation that never comes, aiomqtt's 10 s by default, which would hold
-# the device's pace that long.
-PUBLISH_TIMEOUT_S = 1.0
-
 
 class MqttPlayer:
     """Owns a replay of a recording and publishes each chunk as a device would.
@@ -65,6 +59,7 @@ class MqttPlayer:
         self.messages = dict.fromkeys(self.names, 0)  # also each stream's next seq
         self.link = Link(broker, "MQTT player", log, every_s=30.0)
         self._client = None  # connected, or None
+        self._sending: asyncio.Timeout | None = None  # the publish under way, if any
 
     @property
     def lost(self) -> int:
@@ -91,14 +86,19 @@ class MqttPlayer:
                 topic = self.topic.format(subject=self.subject, stream=chunk.sensor)
                 try:
                     payload = self.encode(seq, t0, chunk.values)
-                    await client.publish(topic, payload, qos=self.qos, timeout=PUBLISH_TIMEOUT_S)
+                    async with asyncio.timeout(None) as self._sending:  # see _give_up
+                        await client.publish(topic, payload, qos=self.qos)
                 except Exception as exc:  # the broker went away: count, go on at pace
                     self.unsent[chunk.sensor] += len(chunk.values)
-                    if self._client is client:
+                    if isinstance(exc, TimeoutError):
+                        log.debug("MQTT player: publish given up: the connection ended")
+                    elif self._client is client:
                         self._client = None
                         lost.set()
                         log.debug("MQTT player: publish failed: %r", exc)
                     continue
+                finally:
+                    self._sending = None
                 self.published[chunk.sensor] += len(chunk.values)
         finally:
             keeper.cancel()
@@ -106,6 +106,15 @@ class MqttPlayer:
                 await keeper
             self._client = None
         return self.published
+
+    def _give_up(self) -> None:
+        """End the publish under way now: its connection ended. aiomqtt leaves a publish
+        on a lost connection waiting for a confirmation that never comes (10 s by
+        default), and a broker that dies between two turns of the event loop would hold
+        the device's pace that long. At QoS 1 and 2 a message given up on may still have
+        reached the broker."""
+        if self._sending is not None:
+            self._sending.reschedule(asyncio.get_running_loop().time())
 
     async def _keep_connected(self, lost: asyncio.Event, tried: asyncio.Event) -> None:
         """Hold a connection for ``play``; retry with backoff while there is none
@@ -126,6 +135,7 @@ class MqttPlayer:
                         await asyncio.wait({watch, waiter}, return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         self._client = None
+                        self._give_up()
                         watch.cancel()
                         waiter.cancel()
                         await asyncio.gather(watch, waiter, return_exceptions=True)
