@@ -73,12 +73,13 @@ def run_case(case: str, hops: int, spin_s: float, warm_s: float, folder: Path) -
     window_ms, infer_ms, last = [], [], None
     paced = case != "back to back"
     t0 = time.monotonic()
-    cpu0, timed = 0.0, 0
+    cpu0, timed, first, off_phase = 0.0, 0, None, 0
     for k in range(warm_steps + hops * steps_per_hop):
         if k == warm_steps:
             cpu0 = time.process_time()
         due = t0 + (k + 1) * STEP_S
-        completes = (k + 1) % steps_per_hop == 0  # this step's chunks complete a window
+        # this step's chunks complete a window: the steps of the first one's phase
+        completes = first is not None and (k - first) % steps_per_hop == 0
         if paced:
             lead = {"paced + spin": spin_s, "paced + warm": warm_s}.get(case, 0.0)
             if completes and lead:
@@ -102,10 +103,16 @@ def run_case(case: str, hops: int, spin_s: float, warm_s: float, folder: Path) -
             predictor([window])
             last = window
         done = time.perf_counter()
+        if windows and first is None:
+            first = k
+        elif windows and not completes:
+            off_phase += 1
         if windows and k >= warm_steps:
             window_ms.append(1000 * (cut - start))
             infer_ms.append(1000 * (done - cut) / len(windows))
             timed += len(windows)
+    if off_phase:  # the spin or warm-up would have come before the wrong step
+        raise RuntimeError(f"{case}: {off_phase} windows came out of phase with the hop")
     cpu_ms = 1000 * (time.process_time() - cpu0) / max(timed, 1)
     return {
         "case": case,
