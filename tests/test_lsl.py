@@ -68,8 +68,9 @@ def reader(name: str, **kw) -> LslReader:
     return LslReader({"imu": (SensorInfo("imu", 3, 50.0), selector)}, **kw)
 
 
-async def collect(r: LslReader, seconds: float, until=None) -> list:
-    """Chunks for ``seconds`` (or until ``until(chunks)`` holds), then stop the reader."""
+async def collect(r: LslReader, seconds: float, until=None, stop=None) -> list:
+    """Chunks for ``seconds`` (or until ``until(chunks)`` holds, or ``stop()``, looked at
+    every 50 ms), then stop the reader."""
     chunks = []
 
     async def pull():
@@ -79,8 +80,19 @@ async def collect(r: LslReader, seconds: float, until=None) -> list:
                 if until and until(chunks):
                     return
 
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(pull(), seconds)
+    async def watch():
+        while not stop():
+            await asyncio.sleep(0.05)
+
+    tasks = {asyncio.ensure_future(pull())}
+    if stop is not None:
+        tasks.add(asyncio.ensure_future(watch()))
+    done, pending = await asyncio.wait(tasks, timeout=seconds, return_when="FIRST_COMPLETED")
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        task.result()
     return chunks
 
 
@@ -137,10 +149,10 @@ def test_a_stream_that_goes_away_turns_stale_then_lost_and_is_found_again():
 
 
 def test_a_stream_of_the_wrong_shape_is_refused_and_counted():
-    proc = producer("lsl-test-c", 1.5)
+    proc = rated_producer("lsl-test-c", 50.0, "lsl-test-c-src", 5.0)  # 3 channels, up now
     selector = LslSelector(name="lsl-test-c")
     r = LslReader({"emg": (SensorInfo("emg", 8, 50.0), selector)}, resolve_s=0.2)
-    chunks = asyncio.run(collect(r, 1.0))
+    chunks = asyncio.run(collect(r, 10.0, stop=lambda: r.errors["emg"] >= 1))
     proc.kill()  # it waits for a consumer that never comes
     proc.wait(timeout=10)
     assert chunks == [] and r.errors["emg"] >= 1

@@ -201,8 +201,9 @@ def test_outside_publishers_are_read_and_malformed_payloads_counted(broker):
     np.testing.assert_allclose(acc[0].values, values)
     assert reader.counters.malformed == {"json": 1, "channels": 1, "nan": 1, "clock": 1, "short": 1}
     # device times 200 ms apart land about 200 ms apart on the host clock (less when a later
-    # mosquitto_pub process starts faster and lowers the envelope), never after their receipt
-    assert np.allclose(np.diff([c.timestamps[0] for c in acc]), 0.2, atol=0.1)
+    # mosquitto_pub process starts faster and lowers the envelope: the first one starts
+    # cold), never after their receipt
+    assert np.allclose(np.diff([c.timestamps[0] for c in acc]), 0.2, atol=0.15)
     assert all(c.timestamps[-1] <= c.received + 1e-6 for c in chunks)
 
 
