@@ -898,7 +898,7 @@ def test_the_player_counts_what_it_could_not_send_and_keeps_its_pace(broker, cap
     from crossl_stream.training.datasets import shipped_recording
 
     recording = Recording.load(shipped_recording())
-    section = (100.0, 103.0)
+    section = (100.0, 105.0)  # the broker dies at 1 s and is back at 2 s
     player = MqttPlayer(
         recording, Broker(port=broker.port), section=section, backoff_s=(0.05, 0.2), qos=qos
     )
@@ -926,15 +926,15 @@ def test_the_player_counts_what_it_could_not_send_and_keeps_its_pace(broker, cap
         caplog.clear()
         nowhere = MqttPlayer(recording, Broker(port=free_port()), section=(100.0, 101.0))
         asyncio.run(nowhere.play())
-    total = {name: 150 for name in player.names}  # 3 s at 50 Hz
+    total = {name: 250 for name in player.names}  # 5 s at 50 Hz
     print(
-        f"\nQoS {qos}: played 3 s in {took:.2f} s through a 1 s outage, longest wait between "
+        f"\nQoS {qos}: played 5 s in {took:.2f} s through a 1 s outage, longest wait between "
         f"chunks {dies.longest_s * 1000:.0f} ms: published {published}, could not send "
         f"{player.unsent}; with no broker at all: unsent {nowhere.unsent}"
     )
     for name in player.names:
         assert published[name] + player.unsent[name] == pytest.approx(total[name], abs=3)
-        assert published[name] > 50 and player.unsent[name] > 10
+        assert published[name] > 60 and player.unsent[name] > 10  # 50 before, more after
     # a device keeps its pace: no publish held it (aiomqtt's own wait made this 10 s)
     assert dies.longest_s < 0.5
     assert sum(nowhere.published.values()) == 0 and nowhere.lost >= 95
