@@ -142,6 +142,15 @@ class _Modality:
             new[:old] = arr[:old]
             setattr(self, name, new)
 
+    def absent_feed(self, n: int) -> list[np.ndarray]:
+        """The hop graph's inputs for n rows without this modality: zeros (masked there)."""
+        zeros = [np.zeros((n, 1, self.channels), np.float32)]
+        zeros += [
+            np.zeros((n, la.k - 1, w), np.float32)
+            for la, w in zip(self.layers, self.widths, strict=False)
+        ]
+        return [*zeros, np.zeros((n, self.widths[-1]), np.float32)]
+
     def encode(self, x: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, list]:
         """Features [G, L', D] of raw input [G, L, C] (time-major), continuing the kept
         tails of slots ``idx`` (None: whole windows); and each layer's new input tail."""
@@ -455,12 +464,7 @@ class StreamingCroSSL:
         for j, (m, job) in enumerate(zip(self._mods, jobs, strict=True)):
             d = m.widths[-1]
             if job is None:  # no window has this modality: zeros, masked in the graph
-                feed.append(np.zeros((n, 1, m.channels), np.float32))
-                feed += [
-                    np.zeros((n, la.k - 1, w), np.float32)
-                    for la, w in zip(m.layers, m.widths, strict=False)
-                ]
-                feed.append(np.zeros((n, d), np.float32))
+                feed += m.absent_feed(n)
                 continue
             _, rows, at, shift, x = job
             every = len(rows) == n
@@ -499,14 +503,8 @@ class StreamingCroSSL:
         assert self.step is not None
         feed, spans = [], []
         for m, job in zip(self._mods, jobs, strict=True):
-            d = m.widths[-1]
             if job is None:
-                feed.append(np.zeros((1, 1, m.channels), np.float32))
-                feed += [
-                    np.zeros((1, la.k - 1, w), np.float32)
-                    for la, w in zip(m.layers, m.widths, strict=False)
-                ]
-                feed.append(np.zeros((1, d), np.float32))
+                feed += m.absent_feed(1)
                 spans.append(None)
                 continue
             _, _, at, shift, x = job
@@ -520,22 +518,22 @@ class StreamingCroSSL:
             if cut < shift:
                 base -= ring[slot, : shift - cut].sum(axis=0, dtype=np.float64)
             feed.append(base.astype(np.float32)[None])
-            spans.append((slot, pos, cut, base))
+            spans.append((slot, pos, shift, cut, base))
         feed.append(available)
         out = self.step(feed)
         for j, (m, span) in enumerate(zip(self._mods, spans, strict=True)):
             if span is None:
                 continue
-            slot, pos, cut, base = span
+            slot, pos, shift, cut, base = span
             f, *tails = out[1 + 4 * j : 5 + 4 * j]
-            f = f[0]
+            f = f[0]  # [shift, D]
             kept_tails, ring, sums = m.state_np
             ring[slot, pos : pos + cut] = f[:cut]
-            ring[slot, : len(f) - cut] = f[cut:]
+            ring[slot, : shift - cut] = f[cut:]
             sums[slot] = base + f.sum(axis=0, dtype=np.float64)
             for t, new in zip(kept_tails, tails, strict=True):
                 t[slot] = new[0]
-            m.pos[slot] = (pos + len(f)) % m.span
+            m.pos[slot] = (pos + shift) % m.span
         self.fused_hops += 1
         return out[0]
 

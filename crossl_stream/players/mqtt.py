@@ -59,7 +59,8 @@ class MqttPlayer:
         self.messages = dict.fromkeys(self.names, 0)  # also each stream's next seq
         self.link = Link(broker, "MQTT player", log, every_s=30.0)
         self._client = None  # connected, or None
-        self._sending: asyncio.Timeout | None = None  # the publish under way, if any
+        self._publishing: asyncio.Task | None = None  # the task awaiting a publish, if any
+        self._given_up = False  # _give_up cancelled that publish
 
     @property
     def lost(self) -> int:
@@ -85,20 +86,14 @@ class MqttPlayer:
                 t0 = float(chunk.timestamps[0]) + self.device_offset
                 topic = self.topic.format(subject=self.subject, stream=chunk.sensor)
                 try:
-                    payload = self.encode(seq, t0, chunk.values)
-                    async with asyncio.timeout(None) as self._sending:  # see _give_up
-                        await client.publish(topic, payload, qos=self.qos)
+                    await self._publish(client, topic, self.encode(seq, t0, chunk.values))
                 except Exception as exc:  # the broker went away: count, go on at pace
                     self.unsent[chunk.sensor] += len(chunk.values)
-                    if isinstance(exc, TimeoutError):
-                        log.debug("MQTT player: publish given up: the connection ended")
-                    elif self._client is client:
+                    log.debug("MQTT player: publish failed: %r", exc)
+                    if self._client is client:
                         self._client = None
                         lost.set()
-                        log.debug("MQTT player: publish failed: %r", exc)
                     continue
-                finally:
-                    self._sending = None
                 self.published[chunk.sensor] += len(chunk.values)
         finally:
             keeper.cancel()
@@ -107,14 +102,32 @@ class MqttPlayer:
             self._client = None
         return self.published
 
+    async def _publish(self, client, topic: str, payload: bytes) -> None:
+        """``client.publish`` in this task (a task of its own would start it a loop turn
+        later, after aiomqtt may have closed the socket), ended by ``_give_up`` with
+        ConnectionError."""
+        task = asyncio.current_task()
+        self._publishing = task
+        try:
+            await client.publish(topic, payload, qos=self.qos)
+        except asyncio.CancelledError:
+            if not self._given_up:
+                raise  # cancelled from outside: the play ends
+            if hasattr(task, "uncancel"):  # Python 3.11+: this cancel is handled here
+                task.uncancel()
+            raise ConnectionError("publish given up: the connection ended") from None
+        finally:
+            self._publishing, self._given_up = None, False
+
     def _give_up(self) -> None:
         """End the publish under way now: its connection ended. aiomqtt leaves a publish
         on a lost connection waiting for a confirmation that never comes (10 s by
         default), and a broker that dies between two turns of the event loop would hold
         the device's pace that long. At QoS 1 and 2 a message given up on may still have
         reached the broker."""
-        if self._sending is not None:
-            self._sending.reschedule(asyncio.get_running_loop().time())
+        if self._publishing is not None and not self._given_up:
+            self._given_up = True
+            self._publishing.cancel()
 
     async def _keep_connected(self, lost: asyncio.Event, tried: asyncio.Event) -> None:
         """Hold a connection for ``play``; retry with backoff while there is none
