@@ -396,3 +396,35 @@ def test_a_call_that_fails_part_way_leaves_no_state_to_trust(monkeypatch):
         np.testing.assert_allclose(got, full_model(model, [data], BOTH), atol=2e-5)
     # windows 0 and 3 (after the failure) whole, the rest reused
     assert streaming.counters["fast"].full == 2 and streaming.counters["fast"].reused == 5
+
+
+def test_bf16_at_hops_large_enough_for_the_conv2d_path_stays_close_to_fp32():
+    """oneDNN's bf16 conv2d gives wrong outputs for layers of few input channels on some CPUs
+    (AMX, torch 2.13): such a layer must fall back to the GEMM, where the error is bf16's."""
+    spec = ModalitySpec(name="emg", channels=8, rate_hz=500, samples=500)
+    torch.manual_seed(0)
+    model = CroSSL([spec], ["a", "b", "c"], ModelConfig(code_size=32)).eval()
+    rng = np.random.default_rng(0)
+    subjects, hop = 24, 50  # 24 x 50 new columns a hop: past _Layer.CONV_ROWS
+    stream = rng.normal(size=(subjects, 8, 500 + 4 * hop)).astype(np.float32)
+    exact = StreamingCroSSL(model, precision="fp32")
+    half = StreamingCroSSL(model, precision="bf16")
+    keys, every, worst = list(range(subjects)), np.ones((subjects, 1), dtype=bool), 0.0
+    for k in range(5):
+        data = [{"emg": stream[i, :, k * hop : k * hop + 500]} for i in keys]
+        marks = [{"emg": Mark(1, k * hop)} for _ in keys]
+        a, b = exact(keys, data, every, marks), half(keys, data, every, marks)
+        worst = max(worst, float(np.abs(a - b).max()))
+    assert half.counters["emg"].reused == 4 * subjects
+    assert 0 < worst < 5e-3  # 3.7e-4 here; 0.038 with the wrong conv2d
+
+
+def test_a_low_precision_conv_that_disagrees_with_its_gemm_is_not_used():
+    from crossl_stream.model.streaming import _conv_agrees
+
+    w = torch.randn(16, 6, 8, generator=torch.Generator().manual_seed(1))
+    conv = w.unsqueeze(2).bfloat16().contiguous(memory_format=torch.channels_last)
+    gemm = w.permute(2, 1, 0).reshape(8 * 6, 16).bfloat16()
+    bias = torch.zeros(16, dtype=torch.bfloat16)
+    assert _conv_agrees(conv.float(), bias.float(), gemm.float())
+    assert not _conv_agrees(conv.float(), bias.float(), gemm.flip(0).float())

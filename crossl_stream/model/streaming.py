@@ -55,22 +55,25 @@ class StreamingCounters:
 class _Layer:
     """One conv block on time-major activations: [G, L, C] -> [G, L - k + 1, O].
 
-    The conv is one GEMM over the unfolded input, or in fp32 for large hops a 1 x k conv2d
-    on the channels-last view of the time-major tensor (oneDNN or cuDNN, no copy in or
-    out). Measured on the lab load in one process: at 200 subjects conv2d is 0.81x the
-    GEMM's time, at 4 subjects 1.29x; in bf16 the GEMM is the faster one.
+    The conv is one GEMM over the unfolded input, or for large hops a 1 x k conv2d on the
+    channels-last view of the time-major tensor (oneDNN or cuDNN, no copy in or out).
+    Measured on the lab model's layers, 2 threads: at 200 subjects the conv2d takes 0.5-0.75x
+    the GEMM's time in fp32 and 0.3-1.1x in bf16; at 4 subjects 1.29x (fp32). In bf16
+    only the conv is: torch's bf16 LayerNorm and PReLU kernels on the CPU took 1.4-20x the
+    time of their fp32 ones, more than the conversions cost. Takes the layer's dtype (the
+    caller casts it, as kept tails are in it), returns float32.
     """
 
-    CONV_ROWS = 1024  # output columns in a call from which fp32 takes the conv2d
+    CONV_ROWS = 1024  # output columns in a call from which the conv2d is taken
 
     def __init__(self, block, dtype: torch.dtype) -> None:
         w = block.conv.weight.detach()  # [O, C, k]
         self.out, channels, self.k = w.shape
         self.weight = w.permute(2, 1, 0).reshape(self.k * channels, self.out).to(dtype)
-        self.conv = None
-        if dtype == torch.float32:
-            self.conv = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)
         self.bias = block.conv.bias.detach().to(dtype)
+        self.conv = w.unsqueeze(2).to(dtype).contiguous(memory_format=torch.channels_last)
+        if dtype != torch.float32 and not _conv_agrees(self.conv, self.bias, self.weight):
+            self.conv = None  # this machine's bf16 conv2d is wrong for the layer: GEMM only
         self.norm_w = block.norm_weight.detach()[:, 0].float()
         self.norm_b = block.norm_bias.detach()[:, 0].float()
         self.prelu = block.act.weight.detach().float()
@@ -83,11 +86,26 @@ class _Layer:
             y = F.conv2d(h.permute(0, 2, 1).unsqueeze(2), self.conv, self.bias)
             y = y.squeeze(2).permute(0, 2, 1).reshape(g * n, -1)  # channels-last: a view
         else:
-            h = h.to(self.dtype)  # before the unfold: the copy it makes is then half the size
             cols = h.unfold(1, self.k, 1).transpose(2, 3).reshape(g * n, self.k * c)
-            y = torch.addmm(self.bias, cols, self.weight).float()
+            y = torch.addmm(self.bias, cols, self.weight)
+        y = y.float()
         y = F.layer_norm(y, (y.shape[1],), self.norm_w, self.norm_b, 1e-5)
         return F.prelu(y, self.prelu).view(g, n, -1)
+
+
+def _conv_agrees(conv: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the low-precision conv2d of ``_Layer`` gives its GEMM's result on one batch
+    of this layer's shape. oneDNN's bf16 conv2d on CPUs with AMX (torch 2.13) returns wrong
+    values when a layer has few input channels (6 or 8 of the lab model's; error of the
+    order of the outputs themselves), and which kernels it picks depends on the CPU."""
+    out, channels, _, k = conv.shape
+    g, n = 64, 32  # past CONV_ROWS, as a large hop
+    x = torch.randn((g, n + k - 1, channels), generator=torch.Generator().manual_seed(0))
+    x = x.to(conv.device, conv.dtype)
+    y = F.conv2d(x.permute(0, 2, 1).unsqueeze(2), conv, bias).squeeze(2).permute(0, 2, 1)
+    cols = x.unfold(1, k, 1).transpose(2, 3).reshape(g * n, k * channels)
+    ref = torch.addmm(bias, cols, weight).view(g, n, out).float()
+    return bool(((y.float() - ref).abs() <= 0.05 * (1 + ref.abs())).all())
 
 
 class _Modality:
@@ -104,7 +122,7 @@ class _Modality:
         self.std = getattr(model, f"norm_std_{spec.name}").detach().clone()
         self.layers = [_Layer(b, dtype) for b in model.encoders[spec.name].blocks]
         self.widths = [spec.channels] + [la.out for la in self.layers]
-        self.device = device
+        self.device, self.dtype = device, dtype  # the state's dtype: the layers' own
         self.counters = StreamingCounters()
         self.tails: list[torch.Tensor] = []
         self.ring = self.sums = torch.zeros(0)
@@ -119,7 +137,7 @@ class _Modality:
         old = len(self.valid)
         dev, d = self.device, self.widths[-1]
 
-        def grow(t: torch.Tensor | None, shape: tuple, dtype=torch.float32) -> torch.Tensor:
+        def grow(t: torch.Tensor | None, shape: tuple, dtype=self.dtype) -> torch.Tensor:
             new = torch.zeros((slots, *shape), dtype=dtype, device=dev)
             if t is not None and old:
                 new[:old] = t[:old]
@@ -130,11 +148,11 @@ class _Modality:
             grow(t, (la.k - 1, w))
             for t, la, w in zip(tails, self.layers, self.widths, strict=False)
         ]
-        self.ring = grow(self.ring if old else None, (self.span, d))
+        self.ring = grow(self.ring if old else None, (self.span, d), torch.float32)
         self.sums = grow(self.sums if old else None, (d,), torch.float64)
-        # numpy views of the state, for the onnxruntime hop (CPU only)
+        # numpy views of the state, for the onnxruntime hop (CPU, fp32 only)
         self.state_np = None
-        if dev.type == "cpu":
+        if dev.type == "cpu" and self.dtype == torch.float32:
             self.state_np = ([t.numpy() for t in self.tails], self.ring.numpy(), self.sums.numpy())
         for name in ("pos", "epoch", "start", "valid"):
             arr = getattr(self, name)
@@ -157,6 +175,7 @@ class _Modality:
         h = (x - self.mean) / self.std
         tails = []
         for i, layer in enumerate(self.layers):
+            h = h.to(self.dtype)  # before the tail is joined: bf16 tails are kept as bf16
             if idx is not None:
                 h = torch.cat([self.tails[i].index_select(0, idx), h], dim=1)
             tails.append(h[:, h.shape[1] - layer.k + 1 :])
@@ -173,9 +192,10 @@ class _Modality:
         flat = torch.from_numpy(cols.reshape(-1)).to(self.device, non_blocking=True)
         ring = self.ring.view(-1, d)
         leaving = ring.index_select(0, flat).view(g, shift, d)
-        self.sums.index_add_(
-            0, idx, f.sum(dim=1, dtype=torch.float64) - leaving.sum(dim=1, dtype=torch.float64)
-        )
+        # a hop's few columns are summed in float32 and only the [G, D] sums widened: a
+        # sum with dtype=float64 first copied every column to float64 (15% of a
+        # 200-subject hop's CPU in the profiler); the running sum stays float64
+        self.sums.index_add_(0, idx, f.sum(dim=1).double() - leaving.sum(dim=1).double())
         ring.index_copy_(0, flat, f.reshape(-1, d))
         for t, new in zip(self.tails, tails, strict=True):
             t.index_copy_(0, idx, new)
