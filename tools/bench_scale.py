@@ -159,7 +159,9 @@ def made_hops(model: CroSSL, n: int, hops: int) -> list[list[Window]]:
     rng = np.random.default_rng(0)
     shift = {m.name: round(HOP_S * m.rate_hz) for m in model.modalities}
     bank = {
-        m.name: rng.normal(size=(m.channels, m.samples + 64 * shift[m.name])).astype(np.float32)
+        m.name: rng.normal(size=(m.channels, m.samples + (32 + hops) * shift[m.name])).astype(
+            np.float32
+        )
         for m in model.modalities
     }
     offsets = rng.integers(0, 32, size=n)
