@@ -419,12 +419,43 @@ def test_bf16_at_hops_large_enough_for_the_conv2d_path_stays_close_to_fp32():
     assert 0 < worst < 5e-3  # 3.7e-4 here; 0.038 with the wrong conv2d
 
 
-def test_a_low_precision_conv_that_disagrees_with_its_gemm_is_not_used():
-    from crossl_stream.model.streaming import _conv_agrees
+def test_a_low_precision_conv_that_disagrees_with_its_gemm_is_not_used(monkeypatch):
+    from crossl_stream.model import streaming
 
     w = torch.randn(16, 6, 8, generator=torch.Generator().manual_seed(1))
-    conv = w.unsqueeze(2).bfloat16().contiguous(memory_format=torch.channels_last)
-    gemm = w.permute(2, 1, 0).reshape(8 * 6, 16).bfloat16()
-    bias = torch.zeros(16, dtype=torch.bfloat16)
-    assert _conv_agrees(conv.float(), bias.float(), gemm.float())
-    assert not _conv_agrees(conv.float(), bias.float(), gemm.flip(0).float())
+    conv = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+    gemm = w.permute(2, 1, 0).reshape(8 * 6, 16)
+    assert streaming._conv_agrees(conv, gemm)
+    for scale in (1.0, 1e-3):  # LayerNorm follows: a wrong conv is wrong at any scale
+        assert not streaming._conv_agrees(conv * scale, gemm.flip(0) * scale)
+    block = make_model().encoders["fast"].blocks[1]
+    for agrees in (True, False):
+        monkeypatch.setattr(streaming, "_conv_agrees", lambda conv, weight, a=agrees: a)
+        layer = streaming._Layer(block, torch.bfloat16)
+        assert (layer.conv is not None) is agrees
+        assert streaming._Layer(block, torch.float32).conv is not None  # fp32: not checked
+
+
+def test_bf16_state_through_replay_batches_evictions_and_leaves_stays_close_to_fp32():
+    model, streams = MODELS["mlp"], Streams(subjects=6, seconds=8.0)
+    exact, half = StreamingCroSSL(model, max_streams=4), StreamingCroSSL(model, 4, "bf16")
+    worst, k = 0.0, {s: 0 for s in streams.data}
+    plan = [["s1", "s2", "s3"], ["s1", "s1", "s1", "s4"], ["s5", "s6", "s2"], ["s1", "s3", "s3"]]
+    for i, keys in enumerate(plan * 3):
+        marks, data = [], []
+        for key in keys:
+            mk, w = streams.window(key, k[key])
+            k[key] += 1
+            marks.append(mk)
+            data.append(w)
+        every = np.ones((len(keys), 2), dtype=bool)
+        every[0, 1] = i % 3 != 1  # a sensor that comes and goes
+        a, b = exact(keys, data, every, marks), half(keys, data, every, marks)
+        worst = max(worst, float(np.abs(a - b).max()))
+        if i == 5:
+            exact.forget("s2"), half.forget("s2")
+    assert half.evicted == exact.evicted > 0 and half.streams == exact.streams
+    assert half.counters["fast"].reused == exact.counters["fast"].reused > 0
+    fast = half._mods[0]
+    assert fast.tails[0].dtype == torch.bfloat16 and fast.ring.dtype == torch.float32
+    assert 0 < worst < 0.05
