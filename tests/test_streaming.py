@@ -459,3 +459,21 @@ def test_bf16_state_through_replay_batches_evictions_and_leaves_stays_close_to_f
     fast = half._mods[0]
     assert fast.tails[0].dtype == torch.bfloat16 and fast.ring.dtype == torch.float32
     assert 0 < worst < 0.05
+
+
+def test_running_sums_are_recomputed_from_the_ring_and_stay_true_over_a_long_stream():
+    from crossl_stream.model.streaming import RESYNC
+
+    model, streams = MODELS["mlp"], Streams(subjects=3, seconds=2.0 + 0.2 * (2 * RESYNC + 5))
+    streaming, subjects = StreamingCroSSL(model), list(streams.data)
+    every = np.ones((3, 2), dtype=bool)
+    for k in range(2 * RESYNC + 5):
+        marks, data = zip(*(streams.window(s, k) for s in subjects), strict=True)
+        probs = streaming(subjects, list(data), every, list(marks))
+        for m in streaming._mods:
+            due = [i for i in range(3) if k > 0 and i % RESYNC == (m.hops - 1) % RESYNC]
+            exact = m.ring.sum(dim=1, dtype=torch.float64)
+            assert torch.equal(m.sums[due], exact[due])  # just recomputed: exact
+            assert float((m.sums[:3] - exact[:3]).abs().max()) < 1e-4  # 1.1e-5 here
+    assert streaming.counters["fast"].reused == 3 * (2 * RESYNC + 4)
+    assert np.allclose(probs, full_model(model, list(data), every), atol=1e-5)

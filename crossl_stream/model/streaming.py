@@ -5,7 +5,8 @@ The encoder's convolutions have no padding, stride or recurrence, so a stream's 
 be computed once: each conv layer keeps the last ``kernel - 1`` columns of its input per
 stream, and a hop runs the three layers over the ``s`` new samples only (20x less work than the
 whole window for 2 s windows every 100 ms). The pooled latent is a running sum over a ring of
-the window's feature columns (float64, so rounding does not build up).
+the window's feature columns (float64, and recomputed from the ring every ``RESYNC`` hops,
+so rounding does not build up).
 
 Every subject's kept state lives in one preallocated tensor per modality and layer, indexed
 by a slot per subject, on the model's device. One hop of N subjects is one batched call per
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 Precision = Literal["fp32", "bf16"]
 FIRST_SLOTS = 8  # state is allocated for this many subjects, doubled as more come
 FUSED_MAX = 8  # hops of up to this many windows go through the onnxruntime hop graph
+RESYNC = 64  # hops between recomputations of a slot's running sum from its ring
 STAGE_ROWS = 4096  # larger groups are staged in buffers of their own, not kept (CUDA)
 
 
@@ -129,6 +131,7 @@ class _Modality:
         self.widths = [spec.channels] + [la.out for la in self.layers]
         self.device, self.dtype = device, dtype  # the tails' (ring: float32, sums: float64)
         self.counters = StreamingCounters()
+        self.hops = 0  # live hops run, to recompute a few slots' sums each hop
         self.tails: list[torch.Tensor] = []
         self.ring = self.sums = torch.zeros(0)
         self.pos = np.zeros(0, dtype=np.int64)  # ring position of the oldest column
@@ -197,8 +200,17 @@ class _Modality:
         flat = torch.from_numpy(cols.reshape(-1)).to(self.device, non_blocking=True)
         ring = self.ring.view(-1, d)
         leaving = ring.index_select(0, flat).view(g, shift, d)
-        self.sums.index_add_(0, idx, _sum64(f) - _sum64(leaving))
+        # a hop's columns summed in float32: sum(dtype=float64) copies them to float64 first,
+        # a fifth of a 200-subject hop. Columns leave in other groups than they came in (a
+        # window's columns are no multiple of the hop), so the rounding would build up in
+        # the running sum: each slot's sum is recomputed from its ring every RESYNC hops.
+        self.sums.index_add_(0, idx, f.sum(dim=1).double() - leaving.sum(dim=1).double())
         ring.index_copy_(0, flat, f.reshape(-1, d))
+        due = slots[slots % RESYNC == self.hops % RESYNC]
+        self.hops += 1
+        if len(due):
+            at = torch.from_numpy(due).to(self.device, non_blocking=True)
+            self.sums[at] = self.ring.index_select(0, at).sum(dim=1, dtype=torch.float64)
         for t, new in zip(self.tails, tails, strict=True):
             t.index_copy_(0, idx, new)
         self.pos[slots] = (self.pos[slots] + shift) % self.span
@@ -239,16 +251,6 @@ class _Modality:
                 t.index_copy_(0, dest, new[k])
             self.pos[slots[keep]] = 0
         return (sums / self.span).float()
-
-
-def _sum64(x: torch.Tensor) -> torch.Tensor:
-    """Sum over axis 1 of float32 [G, s, D], accumulated in float64, so a running sum that
-    adds these and later subtracts them (grouped otherwise) does not drift. On the CPU numpy
-    accumulates without a float64 copy of ``x``: torch's sum(dtype=float64) made one and took
-    about 10x as long, 15% of a 200-subject hop."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(x.numpy().sum(axis=1, dtype=np.float64))
-    return x.sum(dim=1, dtype=torch.float64)
 
 
 def _rows(x: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
