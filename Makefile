@@ -82,7 +82,7 @@ results-more: data
 	$(BIN)/crossl-stream eval configs/train-emg.yaml --by subject \
 	    --out docs/results/emg-cross-person --jobs $(JOBS) --device $(DEVICE)
 
-## one-sensor: supervised trained on each watch sensor alone, leave-one-subject-out (28 min
+## one-sensor: supervised trained on each watch sensor alone, leave-one-subject-out (22 min
 ## on 2 CPU cores): with two sensors, what the fallback models do
 one-sensor: data
 	$(BIN)/python tools/one_sensor_bound.py configs/train-watch.yaml --against docs/results/watch \
