@@ -118,6 +118,31 @@ def test_bf16_training_learns_within_a_seeds_spread_of_fp32_and_keeps_fp32_weigh
     assert scores["bf16"] > 2 / 7 and abs(scores["bf16"] - scores["fp32"]) < 0.15, scores
 
 
+def test_bf16_training_runs_convs_this_machine_gets_wrong_in_fp32(monkeypatch, caplog):
+    """oneDNN's bf16 convolution is wrong for 8 input channels on AMX CPUs (torch 2.13):
+    training in bf16 runs such a conv in fp32 and says so; the other convs stay in bf16."""
+    from crossl_stream.training import train as training
+
+    specs = [ModalitySpec(name="emg", channels=8, rate_hz=100, samples=200)]
+    model = CroSSL(specs, ["a", "b"], TINY_MODEL)
+    monkeypatch.setattr(training, "bf16_conv_faulty", lambda conv: conv.in_channels == 8)
+    with caplog.at_level("WARNING"):
+        autocast = training._autocast(model, "bf16")
+    assert "emg layer 1 (8 channels in), emg layer 2 (8 channels in)" in caplog.text
+    blocks = model.encoders["emg"].blocks
+    assert [b.fp32_conv for b in blocks] == [True, True, False]
+    dtypes = []
+    for b in blocks:
+        b.conv.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    with autocast:
+        model({"emg": torch.randn(4, 8, 200)}, torch.ones(4, 1, dtype=torch.bool))
+    assert dtypes == [torch.float32, torch.float32, torch.bfloat16]
+    training._autocast(model, "fp32")  # an fp32 run keeps the flags and autocast off
+    dtypes.clear()
+    model({"emg": torch.randn(4, 8, 200)}, torch.ones(4, 1, dtype=torch.bool))
+    assert dtypes == [torch.float32] * 3
+
+
 def test_probe_trains_only_the_head():
     ds, specs, train, _ = _split()
     model = _new_model(specs, ds.classes, train)

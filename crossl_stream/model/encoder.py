@@ -7,7 +7,13 @@ from torch import nn
 
 
 class _ConvBlock(nn.Module):
-    """Conv1d (valid) -> LayerNorm over channels at each time step -> PReLU -> Dropout."""
+    """Conv1d (valid) -> LayerNorm over channels at each time step -> PReLU -> Dropout.
+
+    ``fp32_conv`` (set by training when ``bf16_conv_faulty``) runs the conv in float32
+    under autocast.
+    """
+
+    fp32_conv = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, dropout: float) -> None:
         super().__init__()
@@ -18,7 +24,11 @@ class _ConvBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
+        if self.fp32_conv and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                x = self.conv(x.float())
+        else:
+            x = self.conv(x)
         # LayerNorm over the channel axis at each step: the fused kernel on a [B, T, C] view
         # (about twice as fast to train on a CPU as var_mean over the channel axis).
         x = nn.functional.layer_norm(
@@ -70,6 +80,26 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
+
+
+def bf16_conv_faulty(conv: nn.Conv1d) -> bool:
+    """Whether this machine's bfloat16 convolution gets ``conv``'s shape wrong. oneDNN on a
+    CPU with AMX (torch 2.13) returns errors as large as the outputs for 8 input channels
+    (kernels 8, 16, 24) and for 6 with kernel 16, in autocast as in plain bf16
+    (docs/benchmarks.md). Judged on a random batch against float32 of the same rounded
+    values, relative to the outputs' scale.
+
+    >>> bf16_conv_faulty(nn.Conv1d(32, 24, 24))
+    False
+    """
+    w = conv.weight.detach().bfloat16()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((16, conv.in_channels, 4 * w.shape[2] + 64), generator=g)
+    x = x.to(w.device).bfloat16()
+    with torch.no_grad():
+        y = nn.functional.conv1d(x, w).float()
+        ref = nn.functional.conv1d(x.float(), w.float())
+    return bool((y - ref).abs().max() > 0.02 * ref.abs().max())
 
 
 def masked_mean_pool(features: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

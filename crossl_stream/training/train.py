@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from crossl_stream.config import AugmentConfig, FinetuneConfig, LossConfig, PretrainConfig
 from crossl_stream.errors import CheckpointError, InputError
 from crossl_stream.model.crossl import CroSSL
+from crossl_stream.model.encoder import bf16_conv_faulty
 from crossl_stream.model.loss import vicreg_loss
 from crossl_stream.model.masking import NO_MASKING, LatentMasker
 from crossl_stream.training.augment import Augmenter
@@ -41,6 +43,8 @@ after any checkpoint due at that step has been written."""
 
 CHECKPOINT_FORMAT = "crossl-stream-training/1"
 VAL_FRACTION = 0.15
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -135,6 +139,18 @@ def _autocast(model: CroSSL, precision: str) -> torch.autocast:
             f"precision: bf16, but {torch.cuda.get_device_name(device)} has no bfloat16; "
             "set pretrain.precision and finetune.precision to fp32"
         )
+    if precision == "bf16":
+        faulty = []
+        for name, encoder in model.encoders.items():
+            for i, block in enumerate(encoder.blocks):
+                block.fp32_conv = bf16_conv_faulty(block.conv)
+                if block.fp32_conv:
+                    faulty.append(f"{name} layer {i + 1} ({block.conv.in_channels} channels in)")
+        if faulty:
+            log.warning(
+                "bf16 convolution is wrong on this machine for %s: those convs train in fp32",
+                ", ".join(faulty),
+            )
     return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 
