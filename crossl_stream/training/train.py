@@ -45,6 +45,7 @@ CHECKPOINT_FORMAT = "crossl-stream-training/1"
 VAL_FRACTION = 0.15
 
 log = logging.getLogger(__name__)
+_SAID: set[str] = set()  # warnings given (one per set of faulty layers)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -146,10 +147,12 @@ def _autocast(model: CroSSL, precision: str) -> torch.autocast:
                 block.fp32_conv = bf16_conv_faulty(block.conv)
                 if block.fp32_conv:
                     faulty.append(f"{name} layer {i + 1} ({block.conv.in_channels} channels in)")
-        if faulty:
+        said = ", ".join(faulty)
+        if faulty and said not in _SAID:  # once a process, not once a fold
+            _SAID.add(said)
             log.warning(
                 "bf16 convolution is wrong on this machine for %s: those convs train in fp32",
-                ", ".join(faulty),
+                said,
             )
     return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
