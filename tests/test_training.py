@@ -145,6 +145,25 @@ def test_bf16_training_runs_convs_this_machine_gets_wrong_in_fp32(monkeypatch, c
     assert dtypes == [torch.float32] * 3
 
 
+@pytest.mark.parametrize("channels, kernel", [(3, 24), (8, 24), (8, 16), (24, 16), (6, 16)])
+def test_the_bf16_conv_check_predicts_what_autocast_does_on_this_machine(channels, kernel):
+    """Whatever this CPU's kernels do (some shapes are wrong on AMX CPUs, torch 2.13): the
+    check says faulty exactly where a trained-like conv in autocast is off by more than
+    bf16's rounding."""
+    from crossl_stream.model.encoder import bf16_conv_faulty
+
+    torch.manual_seed(channels * 100 + kernel)
+    conv = torch.nn.Conv1d(channels, 24, kernel)
+    x = torch.randn(32, channels, 150).bfloat16().float()
+    with torch.no_grad():
+        ref = conv(x)
+        with torch.autocast("cpu", torch.bfloat16):
+            got = conv(x).float()
+    error = float((got - ref).abs().max() / ref.abs().max())
+    assert error < 0.02 or error > 0.5  # rounding, or a wrong kernel: nothing between
+    assert bf16_conv_faulty(conv) == (error > 0.5)
+
+
 def test_probe_trains_only_the_head():
     ds, specs, train, _ = _split()
     model = _new_model(specs, ds.classes, train)

@@ -100,8 +100,8 @@ def _conv_agrees(conv: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the low-precision conv2d of ``_Layer`` (weights ``conv``) gives its GEMM's
     (``weight``) result, on random batches of this layer's shape as a large hop and as whole
     windows. oneDNN's bf16 conv2d on a CPU with AMX (torch 2.13) returns errors as large as
-    the outputs for layers of 8 input channels (the lab model's EMG first layer) and of 6
-    with kernel 16; which kernels it picks depends on the CPU and the shape. Without the
+    the outputs for some few-channel layers (4 to 14 input channels; the lab model's EMG
+    first layer, 8); which kernels it picks depends on the CPU and the shape. Without the
     bias and relative to the outputs' scale: LayerNorm follows, so weights of any scale
     must be judged alike."""
     out, channels, _, k = conv.shape
