@@ -158,10 +158,9 @@ def made_hops(model: CroSSL, n: int, hops: int) -> list[list[Window]]:
     windowing them live in one process is too slow."""
     rng = np.random.default_rng(0)
     shift = {m.name: round(HOP_S * m.rate_hz) for m in model.modalities}
+    room = 32 + hops  # the largest offset below, then a shift per hop
     bank = {
-        m.name: rng.normal(size=(m.channels, m.samples + (32 + hops) * shift[m.name])).astype(
-            np.float32
-        )
+        m.name: rng.normal(size=(m.channels, m.samples + room * shift[m.name])).astype(np.float32)
         for m in model.modalities
     }
     offsets = rng.integers(0, 32, size=n)
